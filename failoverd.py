@@ -1,0 +1,2747 @@
+"""failoverd: a local supervisor for LLM calls.
+
+Agents on a host send OpenAI chat-completions requests to failoverd over a Unix
+socket (HTTP/1.1, keep-alive). The request's `model` names a route: a chain of
+upstream `PROVIDER/MODEL` slots. failoverd always streams from the upstream, holds
+each attempt to a first-token and a stall deadline, fails over the moment a slot
+hangs, stalls or errors (invisibly, until the first meaningful output has reached
+the client), keeps circuit breakers per provider, model and credential, and appends
+every attempt to a JSONL ledger. Config: `$FAILOVERD_CONFIG`, else
+`/etc/failoverd/failoverd.toml`. Run `failoverd --help` for the commands.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+import contextlib
+import datetime as _dt
+import email.utils
+import hashlib
+import logging
+import math
+import os
+import random
+import re
+import secrets as _secrets
+import signal
+import socket as _socket
+import stat
+import struct
+import sys
+import tempfile
+import time
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from typing import Annotated, Any, Literal
+
+import click
+import h11
+import httpx
+import msgspec
+import trio
+
+log = logging.getLogger("failoverd")
+
+# ---------------------------------------------------------------------------
+# Config
+# msgspec Structs mirroring failoverd.toml (unknown keys are errors), loading with
+# key paths in every error, cross-section checks, and the `check` report.
+# ---------------------------------------------------------------------------
+
+DEFAULT_CONFIG_PATH = "/etc/failoverd/failoverd.toml"
+
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+NonNegative = Annotated[float, msgspec.Meta(ge=0)]
+PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
+
+
+class ConfigError(Exception):
+    """The config cannot be used; the message names the key path and the fix."""
+
+
+class DaemonConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    socket: str = "/run/failoverd/failoverd.sock"
+    socket_mode: Annotated[str, msgspec.Meta(pattern=r"^0?[0-7]{3}$")] = "0660"
+    tcp: str | None = None
+    ledger: str = "/var/lib/failoverd/ledger.jsonl"
+    client_cliff_s: Seconds = 660.0
+    # 16 MiB holds a 1M-token prompt as JSON with room to spare (issue 2's default).
+    max_body_bytes: PositiveInt = 16 * 1024 * 1024
+    # A well-behaved client sends its head in one write; 10 s is generous even
+    # for a loaded host and bounds a byte-at-a-time client.
+    head_timeout_s: Seconds = 10.0
+    body_timeout_s: Seconds = 60.0
+    # Same as nginx's keepalive_timeout default.
+    keepalive_timeout_s: Seconds = 75.0
+    shutdown_grace_s: NonNegative = 30.0
+
+    def __post_init__(self) -> None:
+        if self.tcp is not None:
+            host, _, port = self.tcp.rpartition(":")
+            if not port.isdigit() or host.strip("[]") not in ("127.0.0.1", "::1", "localhost"):
+                raise ValueError(
+                    f"tcp = {self.tcp!r}: expected a loopback HOST:PORT such as "
+                    "'127.0.0.1:8411' (failoverd has no authentication)"
+                )
+
+
+class ProviderConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    kind: Literal["openai", "anthropic"] = "openai"
+    base_url: str
+    api_key_env: str | None = None
+    api_key_file: str | None = None
+    credential: str | None = None
+    connect_timeout_s: Seconds = 5.0
+    headers: dict[str, str] = {}
+
+    def __post_init__(self) -> None:
+        sources = [s for s in (self.api_key_env, self.api_key_file, self.credential) if s]
+        if len(sources) > 1:
+            raise ValueError("set at most one of api_key_env, api_key_file, credential")
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url = {self.base_url!r}: expected an http:// or https:// URL")
+
+
+class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    context_window: PositiveInt | None = None
+    price_in_per_mtok: NonNegative = 0.0
+    price_out_per_mtok: NonNegative = 0.0
+    truncates_silently: bool = False
+    # Anthropic requires max_tokens; used when the client sends none.
+    max_output_tokens: PositiveInt = 4096
+
+
+class Timing(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Deadlines and retry rules; `[defaults]` holds them, a route may override."""
+
+    # SPEC section 1: a hung upstream is abandoned after 30 s, not 600 s.
+    first_token_timeout_s: Seconds = 30.0
+    stall_timeout_s: Seconds = 60.0
+    # Well below the agent runtime's ~660 s cancel cliff.
+    total_timeout_s: Seconds = 300.0
+    retry_same: Annotated[int, msgspec.Meta(ge=0, le=1)] = 1
+    retry_backoff_s: NonNegative = 0.3
+    retry_after_max_s: NonNegative = 3.0
+
+
+class RouteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    chain: Annotated[list[str], msgspec.Meta(min_length=1)]
+    first_token_timeout_s: Seconds | None = None
+    stall_timeout_s: Seconds | None = None
+    total_timeout_s: Seconds | None = None
+    retry_same: Annotated[int, msgspec.Meta(ge=0, le=1)] | None = None
+    retry_backoff_s: NonNegative | None = None
+    retry_after_max_s: NonNegative | None = None
+
+
+class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    daemon: DaemonConfig = DaemonConfig()
+    defaults: Timing = Timing()
+    providers: dict[str, ProviderConfig] = {}
+    models: dict[str, ModelConfig] = {}
+    routes: dict[str, RouteConfig] = {}
+
+
+class Slot(msgspec.Struct, frozen=True):
+    """One entry of a chain: `provider` is the text before the first `/`."""
+
+    provider: str
+    model: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.provider}/{self.model}"
+
+
+class Route(msgspec.Struct, frozen=True):
+    name: str
+    slots: tuple[Slot, ...]
+    timing: Timing
+
+
+NO_MODEL = ModelConfig()
+
+
+def parse_slot(entry: str) -> Slot | None:
+    provider, sep, model = entry.partition("/")
+    return Slot(provider, model) if sep and provider and model else None
+
+
+def resolve_route(cfg: Config, name: str, rc: RouteConfig) -> Route:
+    overrides = {f: getattr(rc, f) for f in Timing.__struct_fields__ if getattr(rc, f) is not None}
+    timing = msgspec.structs.replace(cfg.defaults, **overrides)
+    slots = tuple(s for s in map(parse_slot, rc.chain) if s is not None)
+    return Route(name, slots, timing)
+
+
+_SECTION_TYPES: dict[str, type] = {
+    "providers": ProviderConfig,
+    "models": ModelConfig,
+    "routes": RouteConfig,
+}
+
+
+def _entry_error(section: str, key: str, err: msgspec.ValidationError) -> str:
+    # msgspec reports dict entries as `$.routes[...]`; name the entry instead.
+    text = str(err)
+    return re.sub(r"`\$", f"`{section}.{key}", text) if "`$" in text else f"{text} - at `{section}.{key}`"
+
+
+def config_errors(cfg: Config) -> list[str]:
+    """Cross-section checks msgspec cannot express, each naming its key path."""
+    errors = []
+    declared = ", ".join(sorted(cfg.providers)) or "none"
+    for name in cfg.models:
+        slot = parse_slot(name)
+        if slot is None or slot.provider not in cfg.providers:
+            errors.append(
+                f"models.{name!r}: expected PROVIDER/MODEL with a provider declared under "
+                f"[providers] (declared: {declared})"
+            )
+    for name, rc in cfg.routes.items():
+        for i, entry in enumerate(rc.chain):
+            slot = parse_slot(entry)
+            if slot is None:
+                errors.append(f"routes.{name}.chain[{i}] = {entry!r}: expected PROVIDER/MODEL")
+            elif slot.provider not in cfg.providers:
+                errors.append(
+                    f"routes.{name}.chain[{i}] = {entry!r}: provider {slot.provider!r} is not "
+                    f"declared under [providers] (declared: {declared})"
+                )
+        total = rc.total_timeout_s or cfg.defaults.total_timeout_s
+        if total >= cfg.daemon.client_cliff_s:
+            errors.append(
+                f"routes.{name}.total_timeout_s = {total:g}: must be below "
+                f"daemon.client_cliff_s = {cfg.daemon.client_cliff_s:g}, or the client's "
+                "runtime cancels the turn before failoverd reports the failure"
+            )
+    return errors
+
+
+def parse_config(text: str, source: str = "config") -> Config:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    errors = []
+    for section, typ in _SECTION_TYPES.items():
+        entries = raw.get(section)
+        if not isinstance(entries, dict):
+            continue
+        for key, value in entries.items():
+            try:
+                msgspec.convert(value, typ)
+            except msgspec.ValidationError as e:
+                errors.append(_entry_error(section, key, e))
+    if not errors:
+        try:
+            cfg = msgspec.convert(raw, Config)
+        except msgspec.ValidationError as e:
+            errors.append(str(e))
+        else:
+            errors = config_errors(cfg)
+    if errors:
+        raise ConfigError(f"{source}: " + "\n  ".join(["invalid config:", *errors]))
+    return cfg
+
+
+def load_config(path: str) -> Config:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(
+            f"cannot read config {path}: {e.strerror}; pass --config PATH or set FAILOVERD_CONFIG"
+        ) from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return parse_config(text, path)
+
+
+def resolve_api_key(name: str, p: ProviderConfig, env: Mapping[str, str]) -> str | None:
+    """The provider's key, or None for keyless local servers; ConfigError if unreadable."""
+    if p.api_key_env:
+        key = env.get(p.api_key_env)
+        if not key:
+            raise ConfigError(
+                f"providers.{name}.api_key_env: environment variable {p.api_key_env} is not set; "
+                "export it or use api_key_file / credential"
+            )
+        return key.strip()
+    path = p.api_key_file
+    if p.credential:
+        creds = env.get("CREDENTIALS_DIRECTORY")
+        if not creds:
+            raise ConfigError(
+                f"providers.{name}.credential: $CREDENTIALS_DIRECTORY is not set; add "
+                f"LoadCredential={p.credential}:/path/to/key to the systemd unit"
+            )
+        path = os.path.join(creds, p.credential)
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read().strip()
+        except OSError as e:
+            raise ConfigError(f"providers.{name}: cannot read key file {path}: {e.strerror}") from None
+    return None
+
+
+def connect_budget(cfg: Config, slot: Slot) -> float:
+    return cfg.providers[slot.provider].connect_timeout_s
+
+
+def worst_case_first_byte(cfg: Config, route: Route) -> list[tuple[Slot, float]]:
+    """Per slot, the latest moment it can start if every earlier slot hangs.
+
+    A hang costs a slot its connect plus first-token deadline and is never retried;
+    after one, the provider's other slots are skipped, so each provider pays once.
+    Everything is clipped by the route's total deadline.
+    """
+    t = route.timing
+    starts = []
+    elapsed = 0.0
+    hung: set[str] = set()
+    for slot in route.slots:
+        if slot.provider in hung:
+            continue
+        starts.append((slot, min(elapsed, t.total_timeout_s)))
+        elapsed += connect_budget(cfg, slot) + t.first_token_timeout_s
+        hung.add(slot.provider)
+    return starts
+
+
+def check_report(cfg: Config) -> tuple[list[str], list[str]]:
+    """Lines describing each route's worst case, and warnings (not errors)."""
+    lines, warnings = [], []
+    cliff = cfg.daemon.client_cliff_s
+    for name, rc in cfg.routes.items():
+        route = resolve_route(cfg, name, rc)
+        t = route.timing
+        starts = worst_case_first_byte(cfg, route)
+        last_slot, last_start = starts[-1]
+        worst = min(last_start + connect_budget(cfg, last_slot) + t.first_token_timeout_s,
+                    t.total_timeout_s)
+        margin = cliff - worst
+        lines.append(
+            f"route {name}: {len(route.slots)} slot(s); worst case before first byte or error "
+            f"{worst:g} s (first token {t.first_token_timeout_s:g} s, stall "
+            f"{t.stall_timeout_s:g} s, total {t.total_timeout_s:g} s); client cliff {cliff:g} s, "
+            f"margin {margin:g} s"
+        )
+        for slot, start in starts:
+            lines.append(f"    {slot.key:<40} starts by {start:g} s at the latest")
+            if start >= t.total_timeout_s:
+                warnings.append(
+                    f"routes.{name}: {slot.key} is never reached when earlier slots hang "
+                    f"(it would start at {start:g} s, total_timeout_s is {t.total_timeout_s:g}); "
+                    "lower first_token_timeout_s or shorten the chain"
+                )
+        for slot in route.slots:
+            if slot.key not in cfg.models:
+                warnings.append(
+                    f"routes.{name}: {slot.key} has no [models.\"{slot.key}\"] entry; "
+                    "its context window and prices are unknown"
+                )
+    return lines, warnings
+
+
+# ---------------------------------------------------------------------------
+# Records
+# Ledger rows (a tagged union, one JSON object per line) and the small value
+# types the engine passes around.
+# ---------------------------------------------------------------------------
+
+
+def utc_timestamp(epoch: float | None = None) -> str:
+    """RFC 3339 UTC with milliseconds, as every ledger row's `ts`."""
+    t = _dt.datetime.fromtimestamp(time.time() if epoch is None else epoch, _dt.UTC)
+    return t.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class AttemptRow(msgspec.Struct, tag="attempt", tag_field="kind", kw_only=True):
+    ts: str
+    request_id: str
+    route: str
+    attempt: int
+    provider: str
+    model: str
+    outcome: str
+    skip_reason: str | None = None
+    status: int | None = None
+    error: str | None = None
+    ttft_ms: float | None = None
+    latency_ms: float | None = None
+    max_gap_ms: float | None = None
+    committed: bool = False
+    tokens_in: int | None = None
+    tokens_out: int | None = None
+    tokens_estimated: bool = False
+    cost_usd: float | None = None
+    stream: bool = False
+    client_pid: int | None = None
+    client_uid: int | None = None
+
+
+class RequestRow(msgspec.Struct, tag="request", tag_field="kind", kw_only=True):
+    ts: str
+    request_id: str
+    route: str
+    outcome: Literal["ok", "error"]
+    served_by: str | None
+    attempts: int
+    total_ms: float
+    ttft_ms: float | None
+    status: int
+    stream: bool = False
+    client_pid: int | None = None
+    client_uid: int | None = None
+
+
+class BreakerRow(msgspec.Struct, tag="breaker", tag_field="kind", kw_only=True):
+    ts: str
+    scope: Literal["provider", "model", "credential"]
+    key: str
+    from_: str = msgspec.field(name="from")
+    to: str
+    reason: str
+    open_until: str | None = None
+
+
+LedgerRow = AttemptRow | RequestRow | BreakerRow
+
+
+class Peer(msgspec.Struct, frozen=True):
+    """Who is calling: SO_PEERCRED of a Unix-socket client, None over TCP."""
+
+    pid: int | None = None
+    uid: int | None = None
+
+
+class Failure(Exception):
+    """An attempt that did not produce a complete answer, as data for the engine."""
+
+    def __init__(
+        self,
+        outcome: str,
+        error: str,
+        *,
+        status: int | None = None,
+        body: bytes = b"",
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(error)
+        self.outcome = outcome
+        self.error = error
+        self.status = status
+        self.body = body
+        self.retry_after = retry_after
+
+
+# ---------------------------------------------------------------------------
+# Policy
+# Pure functions: classify an upstream reply, parse rate-limit hints, decide
+# whether a slot may be retried, scrub secrets. No I/O, no clock reads.
+# ---------------------------------------------------------------------------
+
+# SPEC section 5: transient statuses that fail over at once (529 = Anthropic overloaded).
+TRANSIENT_STATUSES = frozenset({408, 425, 500, 502, 503, 504, 529})
+TIMEOUT_OUTCOMES = frozenset({"first_token_timeout", "stall_timeout", "total_timeout"})
+# Outcomes that say nothing about the upstream's health.
+NEUTRAL_OUTCOMES = frozenset({"ok", "bad_request", "client_disconnected", "skipped"})
+# A 5xx that took longer than this to arrive is a gateway timeout in disguise:
+# waiting for it twice costs more than moving to the next slot.
+FAST_FAILURE_S = 2.0
+# SPEC section 5: default hold-out after a 429 without a usable hint, and its cap.
+RATE_LIMIT_DEFAULT_S = 30.0
+RATE_LIMIT_CAP_S = 600.0
+# SPEC section 5: a bad key is isolated for 15 minutes.
+AUTH_ISOLATION_S = 15 * 60.0
+NOT_FOUND_ISOLATION_S = 15 * 60.0
+# How much of an upstream error body is kept (for classification and the ledger).
+ERROR_BODY_LIMIT = 64 * 1024
+
+_CONTEXT_OVERFLOW = re.compile(
+    rb"context_length_exceeded|context length|context window|maximum context|prompt is too long"
+    rb"|too many tokens|reduce the length|input is too long",
+    re.IGNORECASE,
+)
+
+
+class _ErrorDetail(msgspec.Struct):
+    message: Any = None
+    type: Any = None
+    code: Any = None
+
+
+class _ErrorBody(msgspec.Struct):
+    error: _ErrorDetail | str | None = None
+    message: Any = None
+
+
+def error_summary(body: bytes) -> tuple[str, str]:
+    """(message, code) from an OpenAI/Anthropic-style error body, else its first bytes."""
+    try:
+        parsed = msgspec.json.decode(body, type=_ErrorBody)
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
+        text = body[:200].decode("utf-8", "replace").strip()
+        return text or "empty body", ""
+    err = parsed.error
+    if isinstance(err, _ErrorDetail):
+        code = err.code if isinstance(err.code, str) else err.type if isinstance(err.type, str) else ""
+        msg = err.message if isinstance(err.message, str) else code
+        return (msg or "no message")[:300], code
+    if isinstance(err, str):
+        return err[:300], ""
+    return str(parsed.message or body[:200].decode("utf-8", "replace"))[:300], ""
+
+
+def classify_status(status: int, body: bytes) -> tuple[str, str]:
+    """SPEC section 5's table for a non-2xx reply: (outcome, short error)."""
+    message, code = error_summary(body)
+    error = f"HTTP {status}: {message}"
+    if status == 429:
+        return "rate_limited", error
+    if status in (401, 403) or status == 402:  # 402: out of credits, a credential problem
+        return "auth_error", error
+    if status == 404 or code == "model_not_found":
+        return "not_found", error
+    if status == 413 or (status in (400, 422) and _CONTEXT_OVERFLOW.search(body)):
+        return "context_overflow", error
+    if status in (400, 422):
+        return "bad_request", error
+    return "http_error", error
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+_DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+
+
+def parse_duration(text: str) -> float | None:
+    """Go-style durations from x-ratelimit-reset-*: `6m0s`, `1.5s`, `20ms`."""
+    text = text.strip()
+    parts = _DURATION.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        return None
+    return sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+
+
+def parse_retry_after(headers: Mapping[str, str], now_epoch: float) -> float | None:
+    """Seconds the upstream asks us to wait, from the usual headers; None if none."""
+    if (ms := headers.get("retry-after-ms")) is not None:
+        with contextlib.suppress(ValueError):
+            return max(0.0, float(ms) / 1000)
+    if (ra := headers.get("retry-after")) is not None:
+        try:
+            return max(0.0, float(ra))
+        except ValueError:
+            with contextlib.suppress(TypeError, ValueError):
+                when = email.utils.parsedate_to_datetime(ra)
+                return max(0.0, when.timestamp() - now_epoch)
+    resets = [
+        d
+        for name in ("x-ratelimit-reset-requests", "x-ratelimit-reset-tokens")
+        if (v := headers.get(name)) is not None and (d := parse_duration(v)) is not None
+    ]
+    return max(resets) if resets else None
+
+
+def rate_limit_hold(retry_after: float | None) -> float:
+    return min(RATE_LIMIT_CAP_S, RATE_LIMIT_DEFAULT_S if retry_after is None else retry_after)
+
+
+def retry_wait(
+    failure: Failure,
+    *,
+    elapsed: float,
+    remaining: float,
+    timing: Timing,
+    jitter: float,
+) -> float | None:
+    """How long to wait before retrying the same slot once, or None to move on.
+
+    SPEC section 5: retry only where waiting is cheaper than leaving the preferred
+    model: a fast transient failure (jittered backoff) or a 429 whose Retry-After
+    fits the budget. Never after a timeout. `jitter` is uniform in [0, 1).
+    """
+    if timing.retry_same < 1:
+        return None
+    if failure.outcome == "rate_limited":
+        wait = failure.retry_after
+        if wait is None or wait > timing.retry_after_max_s:
+            return None
+    elif failure.outcome in ("http_error", "connect_error") and elapsed <= FAST_FAILURE_S:
+        if failure.outcome == "http_error" and failure.status not in TRANSIENT_STATUSES:
+            return None
+        if failure.outcome == "connect_error" and "timed out" in failure.error:
+            return None
+        wait = timing.retry_backoff_s * (0.5 + jitter)
+    else:
+        return None
+    # The retry must leave room for at least a first-token deadline's worth of work.
+    return wait if wait + min(timing.first_token_timeout_s, 1.0) < remaining else None
+
+
+def failure_status(last: Failure | None) -> int:
+    """HTTP status for a request whose every slot failed."""
+    if last is not None and (last.outcome in TIMEOUT_OUTCOMES or "timed out" in last.error):
+        return 504
+    return 502
+
+
+_SECRET_PATTERNS = re.compile(
+    r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]{8,}"
+    r"|(x-api-key[\"']?\s*[:=]\s*[\"']?)[A-Za-z0-9._~+/=-]{8,}"
+    r"|\b(sk-|sk_|xai-|gsk_|AIza)[A-Za-z0-9_-]{6,}"
+)
+
+
+def scrub(text: str, known: Iterable[str] = ()) -> str:
+    """Remove API keys from text bound for the ledger or a log line."""
+    for secret in known:
+        if secret and len(secret) >= 6:
+            text = text.replace(secret, "[redacted]")
+    return _SECRET_PATTERNS.sub(
+        lambda m: (m.group(1) or m.group(2) or m.group(3) or "") + "[redacted]", text
+    )
+
+
+def cost_usd(model: ModelConfig, tokens_in: int | None, tokens_out: int | None) -> float | None:
+    if not (model.price_in_per_mtok or model.price_out_per_mtok):
+        return None
+    return round(
+        ((tokens_in or 0) * model.price_in_per_mtok + (tokens_out or 0) * model.price_out_per_mtok)
+        / 1e6,
+        8,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Ledger
+# The single JSONL writer: one write() per row, straight to the kernel, tolerant
+# of a torn last line from a crash and of a full disk.
+# ---------------------------------------------------------------------------
+
+
+class Ledger:
+    """Append-only JSONL. Rows are never buffered in the process: a crash loses none."""
+
+    # Warn about a failing disk at most this often (a full disk would flood journald).
+    WARN_EVERY_S = 60.0
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        self.fd: int | None = None
+        self.dropped = 0
+        self._last_warning = -math.inf
+        self._encoder = msgspec.json.Encoder()
+        self._buf = bytearray(1024)
+        if path is not None:
+            self.open()
+
+    def open(self) -> None:
+        assert self.path is not None
+        directory = os.path.dirname(self.path)
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        # A crash can leave a torn last line; start ours on a fresh one so the
+        # torn line stays one bad line instead of corrupting the next row too.
+        size = os.fstat(fd).st_size
+        if size:
+            with open(self.path, "rb") as f:
+                f.seek(size - 1)
+                if f.read(1) != b"\n":
+                    os.write(fd, b"\n")
+        self.fd = fd
+
+    def reopen(self) -> None:
+        """After log rotation (SIGHUP): continue in a fresh file at the same path."""
+        self.close()
+        if self.path is not None:
+            self.open()
+
+    def write(self, row: LedgerRow) -> None:
+        if self.fd is None:
+            return
+        buf = self._buf
+        self._encoder.encode_into(row, buf)
+        buf.extend(b"\n")
+        try:
+            os.write(self.fd, buf)
+        except OSError as e:
+            self.dropped += 1
+            now = time.monotonic()
+            if now - self._last_warning >= self.WARN_EVERY_S:
+                self._last_warning = now
+                log.error(
+                    "ledger %s: write failed (%s); %d row(s) dropped so far, requests are "
+                    "still served; free space or fix permissions, then send SIGHUP",
+                    self.path, e.strerror, self.dropped,
+                )
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def read_ledger(path: str) -> Iterable[tuple[bytes, LedgerRow | None]]:
+    """Each line with its decoded row, or None for a torn or foreign line."""
+    decoder = msgspec.json.Decoder(LedgerRow)
+    with open(path, "rb") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                yield line, decoder.decode(line)
+            except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
+                yield line, None
+
+
+# ---------------------------------------------------------------------------
+# Upstreams
+# OpenAI and Anthropic adapters: build the always-streamed upstream request,
+# parse SSE, decide per event whether it is meaningful output, relay or assemble.
+# ---------------------------------------------------------------------------
+
+# An SSE line longer than this is not an LLM token stream (a runaway upstream).
+MAX_SSE_LINE = 8 * 1024 * 1024
+# Frames held before commit (role-only deltas and the like); bounded so a stream
+# of empty frames cannot grow memory while the first-token deadline runs.
+MAX_PENDING_FRAMES = 64
+
+
+class SSEParser:
+    """Server-sent events from a byte stream: yields (event name, data) per event.
+
+    Comment lines (heartbeats) are counted, never yielded; `id:`, `retry:` and
+    unknown fields are ignored as the SSE spec says.
+    """
+
+    __slots__ = ("_buf", "_event", "_data", "heartbeats", "junk")
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self._event: bytes | None = None
+        self._data: bytes | None = None
+        self.heartbeats = 0
+        self.junk = 0
+
+    def feed(self, chunk: bytes) -> list[tuple[bytes | None, bytes]]:
+        buf = self._buf + chunk if self._buf else chunk
+        lines = buf.split(b"\n")
+        self._buf = lines.pop()
+        if len(self._buf) > MAX_SSE_LINE:
+            raise Failure("protocol_error", f"SSE line longer than {MAX_SSE_LINE} bytes")
+        out = []
+        for line in lines:
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if not line:
+                if self._data is not None:
+                    out.append((self._event, self._data))
+                self._event = self._data = None
+            elif line.startswith(b"data:"):
+                value = line[6:] if line.startswith(b"data: ") else line[5:]
+                self._data = value if self._data is None else self._data + b"\n" + value
+            elif line[0] == 0x3A:  # ':' comment: a heartbeat
+                self.heartbeats += 1
+            elif line.startswith(b"event:"):
+                self._event = line[6:].strip()
+            elif not line.startswith((b"id:", b"retry:")):
+                self.junk += 1
+        return out
+
+    def close(self) -> list[tuple[bytes | None, bytes]]:
+        """At end of stream: an event whose blank line never came still counts."""
+        out = self.feed(b"\n") if self._buf else []
+        if self._data is not None:
+            out.append((self._event, self._data))
+            self._event = self._data = None
+        return out
+
+
+class _Function(msgspec.Struct):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class _ToolCallDelta(msgspec.Struct):
+    index: int = 0
+    id: str | None = None
+    type: str | None = None
+    function: _Function | None = None
+
+
+class _Delta(msgspec.Struct):
+    role: str | None = None
+    content: str | None = None
+    refusal: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+    tool_calls: list[_ToolCallDelta] | None = None
+
+
+class _Choice(msgspec.Struct):
+    index: int = 0
+    delta: _Delta | None = None
+    message: _Delta | None = None  # a non-streamed reply from a server that ignored stream
+    finish_reason: str | None = None
+
+
+class _Chunk(msgspec.Struct):
+    id: str | None = None
+    model: str | None = None
+    created: int | None = None
+    system_fingerprint: str | None = None
+    choices: list[_Choice] | None = None
+    usage: dict[str, Any] | None = None
+    error: Any = None
+
+
+class ChoiceAcc:
+    """One choice of a non-streaming reply, assembled from deltas."""
+
+    __slots__ = ("content", "reasoning", "refusal", "tool_calls", "finish_reason")
+
+    def __init__(self) -> None:
+        self.content: list[str] = []
+        self.reasoning: list[str] = []
+        self.refusal: list[str] = []
+        self.tool_calls: dict[int, dict[str, Any]] = {}
+        self.finish_reason: str | None = None
+
+    def add(self, d: _Delta) -> None:
+        if d.content:
+            self.content.append(d.content)
+        if d.reasoning_content or d.reasoning:
+            self.reasoning.append(d.reasoning_content or d.reasoning or "")
+        if d.refusal:
+            self.refusal.append(d.refusal)
+        for tc in d.tool_calls or ():
+            call = self.tool_calls.setdefault(
+                tc.index, {"id": None, "type": "function", "function": {"name": "", "arguments": ""}}
+            )
+            if tc.id:
+                call["id"] = tc.id
+            if tc.function is not None:
+                if tc.function.name:
+                    call["function"]["name"] += tc.function.name
+                if tc.function.arguments:
+                    call["function"]["arguments"] += tc.function.arguments
+
+    def message(self) -> dict[str, Any]:
+        msg: dict[str, Any] = {
+            "role": "assistant",
+            "content": "".join(self.content) if self.content or not self.tool_calls else None,
+            "refusal": "".join(self.refusal) or None,
+        }
+        if self.reasoning:
+            msg["reasoning_content"] = "".join(self.reasoning)
+        if self.tool_calls:
+            msg["tool_calls"] = [self.tool_calls[i] for i in sorted(self.tool_calls)]
+        return msg
+
+
+class StreamState:
+    """What one attempt has seen of its upstream stream."""
+
+    __slots__ = (
+        "progress", "done", "finish_reason", "usage", "id", "model", "created",
+        "fingerprint", "choices", "want_usage", "events", "tool_index", "anthropic_usage",
+    )
+
+    def __init__(self, *, assemble: bool, want_usage: bool) -> None:
+        self.progress = False  # set when the last event was meaningful output
+        self.done = False  # the upstream said the stream is complete
+        self.finish_reason: str | None = None
+        self.usage: dict[str, Any] | None = None
+        self.id: str | None = None
+        self.model: str | None = None
+        self.created: int | None = None
+        self.fingerprint: str | None = None
+        self.choices: dict[int, ChoiceAcc] | None = {} if assemble else None
+        self.want_usage = want_usage
+        self.events = 0
+        self.tool_index = -1
+        self.anthropic_usage: dict[str, int] = {}
+
+    @property
+    def tokens_in(self) -> int | None:
+        return (self.usage or {}).get("prompt_tokens")
+
+    @property
+    def tokens_out(self) -> int | None:
+        return (self.usage or {}).get("completion_tokens")
+
+    def completion(self, fallback_model: str, request_id: str) -> dict[str, Any]:
+        accs = self.choices or {0: ChoiceAcc()}
+        return {
+            "id": self.id or f"chatcmpl-{request_id}",
+            "object": "chat.completion",
+            "created": self.created or int(time.time()),
+            "model": self.model or fallback_model,
+            "choices": [
+                {
+                    "index": i,
+                    "message": accs[i].message(),
+                    "finish_reason": accs[i].finish_reason or self.finish_reason or "stop",
+                    "logprobs": None,
+                }
+                for i in sorted(accs)
+            ],
+            "usage": self.usage,
+            "system_fingerprint": self.fingerprint,
+        }
+
+
+_chunk_decoder = msgspec.json.Decoder(_Chunk)
+_json_encode = msgspec.json.Encoder().encode
+
+
+def _error_event_text(error: Any) -> str:
+    if isinstance(error, dict):
+        kind = error.get("type") or error.get("code") or "error"
+        return f"{kind}: {error.get('message') or 'no message'}"[:300]
+    return str(error)[:300]
+
+
+class OpenAIAdapter:
+    """Any OpenAI-compatible chat-completions API."""
+
+    kind = "openai"
+
+    @staticmethod
+    def request(
+        base_url: str, model: str, body: dict[str, Any], key: str | None, model_cfg: ModelConfig
+    ) -> tuple[str, dict[str, str], bytes]:
+        upstream = dict(body)
+        upstream["model"] = model
+        upstream["stream"] = True
+        options = dict(upstream.get("stream_options") or {})
+        options["include_usage"] = True
+        upstream["stream_options"] = options
+        headers = {"content-type": "application/json", "accept": "text/event-stream"}
+        if key:
+            headers["authorization"] = f"Bearer {key}"
+        return base_url.rstrip("/") + "/chat/completions", headers, _json_encode(upstream)
+
+    @staticmethod
+    def on_event(event: bytes | None, data: bytes, st: StreamState) -> bytes | None:
+        """Digest one SSE event; return the frame to relay to a streaming client."""
+        if data == b"[DONE]":
+            st.done = True
+            return None
+        if event == b"error":
+            raise Failure("upstream_error_event", "error event: " + data[:300].decode("utf-8", "replace"))
+        try:
+            chunk = _chunk_decoder.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as e:
+            raise Failure("protocol_error", f"unparseable SSE data line: {e}") from None
+        return OpenAIAdapter.digest(chunk, data, st)
+
+    @staticmethod
+    def digest(chunk: _Chunk, data: bytes, st: StreamState) -> bytes | None:
+        if chunk.error is not None:
+            raise Failure("upstream_error_event", _error_event_text(chunk.error))
+        st.events += 1
+        if st.id is None:
+            st.id, st.model, st.created = chunk.id, chunk.model, chunk.created
+            st.fingerprint = chunk.system_fingerprint
+        relay = True
+        if chunk.usage is not None:
+            st.usage = chunk.usage
+            st.progress = True
+            relay = st.want_usage or bool(chunk.choices)
+        for choice in chunk.choices or ():
+            d = choice.delta or choice.message
+            if choice.finish_reason:
+                if choice.finish_reason == "error":
+                    raise Failure("upstream_error_event", "finish_reason: error")
+                st.finish_reason = choice.finish_reason
+                st.progress = True
+            if d is not None and (d.content or d.tool_calls or d.refusal or d.reasoning_content
+                                  or d.reasoning):
+                st.progress = True
+            if st.choices is not None:
+                acc = st.choices.get(choice.index)
+                if acc is None:
+                    acc = st.choices[choice.index] = ChoiceAcc()
+                if d is not None:
+                    acc.add(d)
+                if choice.finish_reason:
+                    acc.finish_reason = choice.finish_reason
+        return data if relay else None
+
+    @staticmethod
+    def whole_body(body: bytes, st: StreamState) -> bytes | None:
+        """A 200 application/json reply from a server that ignored `stream`."""
+        try:
+            chunk = _chunk_decoder.decode(body)
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as e:
+            raise Failure("protocol_error", f"200 with unparseable body: {e}", status=200) from None
+        if chunk.error is not None:
+            raise Failure("upstream_error_event", _error_event_text(chunk.error), status=200)
+        if not chunk.choices:
+            raise Failure("protocol_error", "200 without choices", status=200)
+        OpenAIAdapter.digest(chunk, body, st)
+        st.done = True
+        # Re-shape as one streamed chunk so streaming clients get valid SSE.
+        choices = [
+            {"index": c.index, "delta": msgspec.to_builtins(c.message or c.delta or _Delta()),
+             "finish_reason": c.finish_reason}
+            for c in chunk.choices
+        ]
+        return _json_encode({
+            "id": chunk.id, "object": "chat.completion.chunk", "created": chunk.created,
+            "model": chunk.model, "choices": choices,
+        })
+
+
+# Anthropic's stop reasons in OpenAI's vocabulary.
+_ANTHROPIC_FINISH = {
+    "end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
+    "tool_use": "tool_calls", "refusal": "content_filter", "pause_turn": "stop",
+}
+
+
+class _AnthropicEvent(msgspec.Struct):
+    type: str = ""
+    index: int | None = None
+    delta: dict[str, Any] | None = None
+    content_block: dict[str, Any] | None = None
+    message: dict[str, Any] | None = None
+    usage: dict[str, Any] | None = None
+    error: Any = None
+
+
+_anthropic_decoder = msgspec.json.Decoder(_AnthropicEvent)
+
+
+def _anthropic_content(content: Any) -> Any:
+    if not isinstance(content, list):
+        return content if content is not None else ""
+    blocks = []
+    for part in content:
+        if not isinstance(part, dict):
+            continue
+        if part.get("type") == "text":
+            blocks.append({"type": "text", "text": part.get("text", "")})
+        elif part.get("type") == "image_url":
+            url = (part.get("image_url") or {}).get("url", "")
+            m = re.match(r"data:([^;]+);base64,(.*)", url, re.S)
+            source = (
+                {"type": "base64", "media_type": m.group(1), "data": m.group(2)}
+                if m else {"type": "url", "url": url}
+            )
+            blocks.append({"type": "image", "source": source})
+    return blocks
+
+
+def anthropic_body(model: str, body: dict[str, Any], model_cfg: ModelConfig) -> dict[str, Any]:
+    """An OpenAI chat request as an Anthropic Messages request (streamed)."""
+    system: list[str] = []
+    messages: list[dict[str, Any]] = []
+    for m in body.get("messages") or ():
+        if not isinstance(m, dict):
+            continue
+        role = m.get("role")
+        if role in ("system", "developer"):
+            c = m.get("content")
+            system.append(c if isinstance(c, str) else " ".join(
+                p.get("text", "") for p in c or () if isinstance(p, dict)))
+        elif role == "tool":
+            block = {"type": "tool_result", "tool_use_id": m.get("tool_call_id"),
+                     "content": _anthropic_content(m.get("content"))}
+            if messages and messages[-1]["role"] == "user" and isinstance(
+                    messages[-1]["content"], list):
+                messages[-1]["content"].append(block)
+            else:
+                messages.append({"role": "user", "content": [block]})
+        elif role == "assistant" and m.get("tool_calls"):
+            content = _anthropic_content(m.get("content"))
+            blocks = [{"type": "text", "text": content}] if isinstance(content, str) and content \
+                else (content if isinstance(content, list) else [])
+            for tc in m["tool_calls"]:
+                fn = tc.get("function") or {}
+                try:
+                    args = msgspec.json.decode(fn.get("arguments") or "{}")
+                except msgspec.DecodeError:
+                    args = {}
+                blocks.append({"type": "tool_use", "id": tc.get("id"), "name": fn.get("name"),
+                               "input": args})
+            messages.append({"role": "assistant", "content": blocks})
+        else:
+            messages.append({"role": role, "content": _anthropic_content(m.get("content"))})
+    out: dict[str, Any] = {
+        "model": model,
+        "messages": messages,
+        "max_tokens": body.get("max_completion_tokens") or body.get("max_tokens")
+        or model_cfg.max_output_tokens,
+        "stream": True,
+    }
+    if system:
+        out["system"] = "\n\n".join(system)
+    for name in ("temperature", "top_p"):
+        if body.get(name) is not None:
+            out[name] = body[name]
+    if body.get("stop"):
+        out["stop_sequences"] = [body["stop"]] if isinstance(body["stop"], str) else body["stop"]
+    if body.get("tools"):
+        out["tools"] = [
+            {"name": t["function"].get("name"), "description": t["function"].get("description", ""),
+             "input_schema": t["function"].get("parameters") or {"type": "object"}}
+            for t in body["tools"] if isinstance(t, dict) and isinstance(t.get("function"), dict)
+        ]
+    choice = body.get("tool_choice")
+    if choice == "required":
+        out["tool_choice"] = {"type": "any"}
+    elif choice in ("auto", "none"):
+        out["tool_choice"] = {"type": choice}
+    elif isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        out["tool_choice"] = {"type": "tool", "name": choice["function"].get("name")}
+    return out
+
+
+class AnthropicAdapter:
+    """Anthropic Messages API, translated to and from OpenAI chunks."""
+
+    kind = "anthropic"
+
+    @staticmethod
+    def request(
+        base_url: str, model: str, body: dict[str, Any], key: str | None, model_cfg: ModelConfig
+    ) -> tuple[str, dict[str, str], bytes]:
+        headers = {
+            "content-type": "application/json",
+            "accept": "text/event-stream",
+            "anthropic-version": "2023-06-01",
+        }
+        if key:
+            headers["x-api-key"] = key
+        payload = _json_encode(anthropic_body(model, body, model_cfg))
+        return base_url.rstrip("/") + "/messages", headers, payload
+
+    @staticmethod
+    def _chunk(st: StreamState, delta: dict[str, Any] | None, finish: str | None = None,
+               usage: dict[str, Any] | None = None) -> bytes:
+        return _json_encode({
+            "id": st.id, "object": "chat.completion.chunk", "created": st.created,
+            "model": st.model,
+            "choices": [] if delta is None else
+            [{"index": 0, "delta": delta, "finish_reason": finish}],
+            **({"usage": usage} if usage is not None else {}),
+        })
+
+    @staticmethod
+    def on_event(event: bytes | None, data: bytes, st: StreamState) -> bytes | None:
+        try:
+            ev = _anthropic_decoder.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as e:
+            raise Failure("protocol_error", f"unparseable SSE data line: {e}") from None
+        kind = ev.type
+        acc = st.choices.setdefault(0, ChoiceAcc()) if st.choices is not None else None
+        if kind == "content_block_delta":
+            d = ev.delta or {}
+            dtype = d.get("type")
+            if dtype == "text_delta" and d.get("text"):
+                delta: dict[str, Any] = {"content": d["text"]}
+            elif dtype == "thinking_delta" and d.get("thinking"):
+                delta = {"reasoning_content": d["thinking"]}
+            elif dtype == "input_json_delta" and d.get("partial_json"):
+                delta = {"tool_calls": [{"index": st.tool_index,
+                                         "function": {"arguments": d["partial_json"]}}]}
+            else:
+                return None
+        elif kind == "ping":
+            return None
+        elif kind == "message_start":
+            msg = ev.message or {}
+            st.id = msg.get("id")
+            st.model = msg.get("model")
+            st.created = int(time.time())
+            usage = msg.get("usage") or {}
+            st.anthropic_usage["in"] = (usage.get("input_tokens") or 0) + (
+                usage.get("cache_read_input_tokens") or 0) + (
+                usage.get("cache_creation_input_tokens") or 0)
+            delta = {"role": "assistant", "content": ""}
+            if acc is not None:
+                return None
+            return AnthropicAdapter._chunk(st, delta)
+        elif kind == "content_block_start":
+            block = ev.content_block or {}
+            if block.get("type") != "tool_use":
+                return None
+            st.tool_index += 1
+            delta = {"tool_calls": [{"index": st.tool_index, "id": block.get("id"),
+                                     "type": "function",
+                                     "function": {"name": block.get("name"), "arguments": ""}}]}
+        elif kind == "message_delta":
+            usage = ev.usage or {}
+            if "output_tokens" in usage:
+                st.anthropic_usage["out"] = usage["output_tokens"]
+            reason = (ev.delta or {}).get("stop_reason")
+            if not reason:
+                return None
+            st.finish_reason = _ANTHROPIC_FINISH.get(reason, "stop")
+            st.progress = True
+            if acc is not None:
+                acc.finish_reason = st.finish_reason
+                return None
+            return AnthropicAdapter._chunk(st, {}, st.finish_reason)
+        elif kind == "message_stop":
+            tin, tout = st.anthropic_usage.get("in", 0), st.anthropic_usage.get("out", 0)
+            st.usage = {"prompt_tokens": tin, "completion_tokens": tout,
+                        "total_tokens": tin + tout}
+            st.done = True
+            st.progress = True
+            if acc is not None or not st.want_usage:
+                return None
+            return AnthropicAdapter._chunk(st, None, usage=st.usage)
+        elif kind == "error" or event == b"error":
+            raise Failure("upstream_error_event", _error_event_text(ev.error))
+        else:  # content_block_stop and event types added later
+            return None
+        st.progress = True
+        if acc is not None:
+            acc.add(msgspec.convert(delta, _Delta))
+            return None
+        return AnthropicAdapter._chunk(st, delta)
+
+    @staticmethod
+    def whole_body(body: bytes, st: StreamState) -> bytes | None:
+        raise Failure("protocol_error", "200 with a JSON body to a streamed request", status=200)
+
+
+ADAPTERS: dict[str, type[OpenAIAdapter] | type[AnthropicAdapter]] = {
+    "openai": OpenAIAdapter,
+    "anthropic": AnthropicAdapter,
+}
+
+
+# ---------------------------------------------------------------------------
+# Attempts
+# The daemon's state, slot health, and one request's walk down its chain: each
+# attempt in its own cancel scope carrying the first-token, then stall deadline.
+# ---------------------------------------------------------------------------
+
+# Bound on closing an upstream response from a cancelled attempt (shielded).
+CLOSE_TIMEOUT_S = 1.0
+# nginx's code for "client closed request"; used in the ledger only.
+STATUS_CLIENT_CLOSED = 499
+
+
+class ClientGone(Exception):
+    """Sending to the client failed: it disconnected or stopped reading."""
+
+
+class Hold(msgspec.Struct):
+    until: float
+    reason: str
+    skip_reason: str
+
+
+class Health:
+    """Hold-outs per model and credential: 429 cooldowns, bad keys, missing models."""
+
+    def __init__(self, d: Daemon) -> None:
+        self.d = d
+        self.holds: dict[tuple[str, str], Hold] = {}
+
+    def credential_key(self, provider: str) -> str:
+        """A credential is a provider and its key: a new key is a new credential."""
+        key = self.d.keys.get(provider)
+        if not key:
+            return provider
+        return f"{provider}:{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+
+    def skip_reason(self, slot: Slot, now: float) -> tuple[str, float] | None:
+        """(skip reason, hold end) if the slot must not be tried now."""
+        for key in (("credential", self.credential_key(slot.provider)), ("model", slot.key)):
+            hold = self.holds.get(key)
+            if hold is not None:
+                if hold.until > now:
+                    return hold.skip_reason, hold.until
+                self._release(key, hold)
+        return None
+
+    def _release(self, key: tuple[str, str], hold: Hold) -> None:
+        del self.holds[key]
+        self.d.breaker_row(key[0], key[1], "open", "closed", "hold-out ended", None)
+
+    def hold(self, scope: str, key: str, seconds: float, reason: str, skip: str) -> None:
+        now = trio.current_time()
+        until = now + seconds
+        old = self.holds.get((scope, key))
+        if old is not None and old.until >= until:
+            return
+        self.holds[(scope, key)] = Hold(until, reason, skip)
+        if old is None:
+            self.d.breaker_row(scope, key, "closed", "open", reason, until)
+
+    def record(self, slot: Slot, failure: Failure | None) -> None:
+        if failure is None or failure.outcome in NEUTRAL_OUTCOMES:
+            return
+        if failure.outcome == "rate_limited":
+            self.hold("model", slot.key, rate_limit_hold(failure.retry_after),
+                      failure.error, "rate_limited")
+        elif failure.outcome == "auth_error":
+            self.hold("credential", self.credential_key(slot.provider), AUTH_ISOLATION_S,
+                      failure.error, "breaker_open")
+        elif failure.outcome == "not_found":
+            self.hold("model", slot.key, NOT_FOUND_ISOLATION_S, failure.error, "breaker_open")
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        now = trio.current_time()
+        return [
+            {"scope": scope, "key": key, "state": "open", "open_for_s": round(h.until - now, 3),
+             "reason": h.reason}
+            for (scope, key), h in self.holds.items() if h.until > now
+        ]
+
+
+class Daemon:
+    """Everything the daemon knows, passed down; there is no module-level state."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        ledger: Ledger,
+        keys: Mapping[str, str | None] | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.ledger = ledger
+        self.keys = dict(keys or {})
+        self.secrets = [k for k in self.keys.values() if k]
+        self.rng = rng or random.Random()
+        self.routes = {name: resolve_route(cfg, name, rc) for name, rc in cfg.routes.items()}
+        self.health = Health(self)
+        self.inflight: dict[str, Exchange] = {}
+        self.no_inflight = trio.Event()
+        self.no_inflight.set()
+        self.shutdown = trio.Event()
+        self.idle_scopes: set[trio.CancelScope] = set()
+        self.draining = False
+        self.started_at = time.time()
+        self.transport = transport
+        self.clients = {name: self._client(p) for name, p in cfg.providers.items()}
+
+    def _client(self, p: ProviderConfig) -> httpx.AsyncClient:
+        # read/write/pool are None: the attempt's cancel scope owns those deadlines,
+        # and httpx's default 5 s inactivity timeout would fight it.
+        timeout = httpx.Timeout(connect=p.connect_timeout_s, read=None, write=None, pool=None)
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+        transport = self.transport or httpx.AsyncHTTPTransport(limits=limits, retries=0)
+        return httpx.AsyncClient(transport=transport, timeout=timeout, headers=p.headers,
+                                 follow_redirects=False)
+
+    async def aclose(self) -> None:
+        for client in self.clients.values():
+            await client.aclose()
+
+    def reload(self, config_path: str) -> bool:
+        """SIGHUP: take a new config and keys; keep the old ones if the new are bad."""
+        try:
+            cfg = load_config(config_path)
+            keys = resolve_keys(cfg, os.environ)
+        except ConfigError as e:
+            log.error("reload failed, still serving the previous config: %s", e)
+            return False
+        changed = [n for n, p in cfg.providers.items()
+                   if self.cfg.providers.get(n) != p or self.keys.get(n) != keys.get(n)]
+        self.cfg, self.keys = cfg, keys
+        self.secrets = [k for k in keys.values() if k]
+        self.routes = {name: resolve_route(cfg, name, rc) for name, rc in cfg.routes.items()}
+        # In-flight requests keep the client they hold; new ones use the new client.
+        for name in changed:
+            self.clients[name] = self._client(cfg.providers[name])
+        log.warning("config reloaded from %s: %d route(s), %d provider(s) changed",
+                    config_path, len(self.routes), len(changed))
+        return True
+
+    def route_for(self, model: str) -> Route | None:
+        route = self.routes.get(model)
+        if route is None:
+            slot = parse_slot(model)
+            if slot is not None and slot.provider in self.cfg.providers:
+                route = Route(model, (slot,), self.cfg.defaults)
+        return route
+
+    def model_cfg(self, slot: Slot) -> ModelConfig:
+        return self.cfg.models.get(slot.key, NO_MODEL)
+
+    def breaker_row(
+        self, scope: str, key: str, old: str, new: str, reason: str, until: float | None
+    ) -> None:
+        open_until = None
+        if until is not None:
+            open_until = utc_timestamp(time.time() + until - trio.current_time())
+        reason = scrub(reason, self.secrets)
+        self.ledger.write(BreakerRow(ts=utc_timestamp(), scope=scope, key=key, from_=old,  # type: ignore[arg-type]
+                                     to=new, reason=reason, open_until=open_until))
+        log.warning("breaker %s %s: %s -> %s (%s)%s", scope, key, old, new, reason,
+                    f", open until {open_until}" if open_until else "")
+
+    def begin(self, ex: Exchange) -> None:
+        self.inflight[ex.request_id] = ex
+        self.no_inflight = trio.Event() if self.no_inflight.is_set() else self.no_inflight
+
+    def end(self, ex: Exchange) -> None:
+        self.inflight.pop(ex.request_id, None)
+        if not self.inflight:
+            self.no_inflight.set()
+
+    def status(self) -> dict[str, Any]:
+        now = trio.current_time()
+        return {
+            "version": __version__,
+            "uptime_s": round(time.time() - self.started_at, 3),
+            "draining": self.draining,
+            "in_flight": [ex.describe(now) for ex in self.inflight.values()],
+            "breakers": self.health.snapshot(),
+            "ledger": {"path": self.ledger.path, "dropped_rows": self.ledger.dropped},
+        }
+
+
+class Reply:
+    """The client side of one exchange; the front end implements it over h11."""
+
+    async def start(self, status: int, headers: list[tuple[str, str]], body: bytes = b"",
+                    *, final: bool = False) -> None:
+        raise NotImplementedError
+
+    async def send(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    async def end(self) -> None:
+        raise NotImplementedError
+
+
+def error_body(
+    message: str, *, type_: str, code: str | None = None, param: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"error": {"message": message, "type": type_, "code": code,
+                                      "param": param}}
+    if extra:
+        body["failoverd"] = extra
+    return body
+
+
+class Metrics:
+    """Timings of one attempt, in trio clock seconds."""
+
+    __slots__ = ("began", "first", "last", "max_gap")
+
+    def __init__(self, began: float) -> None:
+        self.began = began
+        self.first: float | None = None
+        self.last = began
+        self.max_gap = 0.0
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+class Exchange:
+    """One client request on its way down a route's chain."""
+
+    def __init__(
+        self, d: Daemon, route: Route, body: dict[str, Any], *, stream: bool, peer: Peer,
+        reply: Reply, request_id: str, body_size: int,
+    ) -> None:
+        self.d = d
+        self.route = route
+        self.body = body
+        self.stream = stream
+        self.peer = peer
+        self.reply = reply
+        self.request_id = request_id
+        self.body_size = body_size
+        self.want_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        self.started = trio.current_time()
+        self.deadline = self.started + route.timing.total_timeout_s
+        self.armed = "first_token_timeout"
+        self.committed = False
+        self.attempts = 0
+        self.failures: list[tuple[Slot, Failure]] = []
+        self.timed_out: set[str] = set()
+        self.current: Slot | None = None
+        self.served_by: Slot | None = None
+        self.client_ttft: float | None = None
+        self.cancel_reason = "client_disconnected"
+        self.status = 200
+        self.final_state: StreamState | None = None
+
+    # -- the chain -------------------------------------------------------------
+
+    async def run(self) -> None:
+        self.d.begin(self)
+        try:
+            await self._walk()
+        except trio.Cancelled:
+            self.status = STATUS_CLIENT_CLOSED
+            self._request_row()
+            raise
+        finally:
+            self.d.end(self)
+
+    async def _walk(self) -> None:
+        timing = self.route.timing
+        last: Failure | None = None
+        for slot in self.route.slots:
+            skip = self.skip_reason(slot)
+            if skip is not None:
+                self._attempt_row(slot, None, None, outcome="skipped", skip_reason=skip)
+                continue
+            retried = False
+            while trio.current_time() < self.deadline:
+                began = trio.current_time()
+                failure = await self.attempt(slot)
+                if failure is None:
+                    return await self._finish_ok()
+                last = failure
+                self.failures.append((slot, failure))
+                if failure.outcome == "client_disconnected":
+                    self.status = STATUS_CLIENT_CLOSED
+                    return self._request_row()
+                if self.committed:
+                    return await self._finish_in_band(failure)
+                if failure.outcome == "bad_request":
+                    return await self._pass_through(failure)
+                now = trio.current_time()
+                wait = None if retried else retry_wait(
+                    failure, elapsed=now - began, remaining=self.deadline - now, timing=timing,
+                    jitter=self.d.rng.random())
+                if wait is None:
+                    break
+                retried = True
+                await trio.sleep(wait)
+            if last is not None and (last.outcome in TIMEOUT_OUTCOMES or
+                                     (last.outcome == "connect_error" and "timed out" in last.error)):
+                self.timed_out.add(slot.provider)
+            if trio.current_time() >= self.deadline:
+                break
+        await self._finish_failed(last)
+
+    def skip_reason(self, slot: Slot) -> str | None:
+        if slot.provider in self.timed_out:
+            return "provider_timed_out"
+        held = self.d.health.skip_reason(slot, trio.current_time())
+        return held[0] if held else None
+
+    # -- one attempt -----------------------------------------------------------
+
+    def arm(self, scope: trio.CancelScope, deadline: float, kind: str) -> None:
+        """Set the attempt's deadline, clipped by the request's total deadline."""
+        if deadline < self.deadline:
+            scope.deadline = deadline
+            self.armed = kind
+        else:
+            scope.deadline = self.deadline
+            self.armed = "total_timeout"
+
+    async def attempt(self, slot: Slot) -> Failure | None:
+        timing = self.route.timing
+        st = StreamState(assemble=not self.stream, want_usage=self.want_usage)
+        m = Metrics(trio.current_time())
+        self.current = slot
+        failure: Failure | None = None
+        pending: list[bytes] = []
+        try:
+            with trio.CancelScope() as scope:
+                self.arm(scope, m.began + timing.first_token_timeout_s, "first_token_timeout")
+                try:
+                    await self._exchange(slot, st, m, scope, pending)
+                except Failure as f:
+                    failure = f
+            if scope.cancelled_caught:
+                failure = Failure(self.armed, self._timeout_text(m))
+        except trio.Cancelled:
+            self._attempt_row(slot, st, m, failure=Failure(self.cancel_reason, self.cancel_reason))
+            raise
+        if failure is not None:
+            failure.error = scrub(failure.error, self.d.secrets)
+        self._attempt_row(slot, st, m, failure=failure)
+        self.d.health.record(slot, failure)
+        if failure is None:
+            self.served_by = slot
+            self.final_state = st
+        elif failure.outcome != "client_disconnected":
+            log.info("request %s: %s %s (%s)", self.request_id, slot.key, failure.outcome,
+                     failure.error)
+        return failure
+
+    def _timeout_text(self, m: Metrics) -> str:
+        t = self.route.timing
+        if self.armed == "first_token_timeout":
+            return f"no output within first_token_timeout_s = {t.first_token_timeout_s:g} s"
+        if self.armed == "stall_timeout":
+            return f"no output for stall_timeout_s = {t.stall_timeout_s:g} s after output began"
+        return f"total_timeout_s = {t.total_timeout_s:g} s ran out"
+
+    async def _exchange(
+        self, slot: Slot, st: StreamState, m: Metrics, scope: trio.CancelScope,
+        pending: list[bytes],
+    ) -> None:
+        d = self.d
+        provider = d.cfg.providers[slot.provider]
+        adapter = ADAPTERS[provider.kind]
+        url, headers, payload = adapter.request(
+            provider.base_url, slot.model, self.body, d.keys.get(slot.provider), d.model_cfg(slot))
+        client = d.clients[slot.provider]
+        try:
+            resp = await client.send(client.build_request("POST", url, headers=headers,
+                                                          content=payload), stream=True)
+        except httpx.TimeoutException:
+            raise Failure("connect_error", f"connect timed out after "
+                                           f"{provider.connect_timeout_s:g} s") from None
+        except httpx.HTTPError as e:
+            raise Failure("connect_error", f"{type(e).__name__}: {e}") from None
+        try:
+            await self._consume(slot, adapter, resp, st, m, scope, pending)
+        except httpx.HTTPError as e:
+            outcome = "truncated" if m.first is not None else "connect_error"
+            raise Failure(outcome, f"{type(e).__name__} after {st.events} event(s): {e}") from None
+        finally:
+            with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
+                await resp.aclose()
+
+    async def _consume(
+        self, slot: Slot, adapter: Any, resp: httpx.Response, st: StreamState, m: Metrics,
+        scope: trio.CancelScope, pending: list[bytes],
+    ) -> None:
+        status = resp.status_code
+        if status != 200:
+            body = await _read_limited(resp, ERROR_BODY_LIMIT)
+            outcome, error = classify_status(status, body)
+            retry_after = (parse_retry_after(resp.headers, time.time())
+                           if outcome == "rate_limited" else None)
+            raise Failure(outcome, error, status=status, body=body, retry_after=retry_after)
+        ctype = resp.headers.get("content-type", "")
+        if "text/event-stream" not in ctype:
+            if "json" not in ctype:
+                raise Failure("protocol_error", f"200 with content-type {ctype!r}, expected "
+                                                "text/event-stream", status=200)
+            body = await _read_limited(resp, self.d.cfg.daemon.max_body_bytes)
+            frame = adapter.whole_body(body, st)
+            await self._digested(slot, st, m, scope, pending, frame)
+            return
+        sse = SSEParser()
+        on_event = adapter.on_event
+        async for chunk in resp.aiter_bytes():
+            for event, data in sse.feed(chunk):
+                frame = on_event(event, data, st)
+                await self._digested(slot, st, m, scope, pending, frame)
+                if st.done:
+                    return
+        for event, data in sse.close():
+            frame = on_event(event, data, st)
+            await self._digested(slot, st, m, scope, pending, frame)
+        if st.done or st.finish_reason:
+            if m.first is None:
+                raise Failure("protocol_error", "stream completed without any output", status=200)
+            return
+        if sse.junk and not st.events:
+            raise Failure("protocol_error", f"{sse.junk} line(s) that are not SSE, no data",
+                          status=200)
+        raise Failure("truncated", f"stream ended without [DONE] or finish_reason after "
+                                   f"{st.events} event(s)", status=200)
+
+    async def _digested(
+        self, slot: Slot, st: StreamState, m: Metrics, scope: trio.CancelScope,
+        pending: list[bytes], frame: bytes | None,
+    ) -> None:
+        """After an event: move the deadline on progress, commit, relay."""
+        if st.progress:
+            st.progress = False
+            now = trio.current_time()
+            if m.first is None:
+                m.first = now
+            elif now - m.last > m.max_gap:
+                m.max_gap = now - m.last
+            m.last = now
+            self.arm(scope, now + self.route.timing.stall_timeout_s, "stall_timeout")
+            if self.stream and not self.committed:
+                if frame is not None:
+                    pending.append(frame)
+                    frame = None
+                await self._commit(slot, pending)
+        if frame is not None and self.stream:
+            if self.committed:
+                await self._send(b"data: " + frame + b"\n\n")
+            elif len(pending) < MAX_PENDING_FRAMES:
+                pending.append(frame)
+
+    async def _send(self, data: bytes) -> None:
+        try:
+            await self.reply.send(data)
+        except ClientGone:
+            raise Failure("client_disconnected", "client went away mid-stream") from None
+
+    async def _commit(self, slot: Slot, pending: list[bytes]) -> None:
+        self.committed = True
+        self.client_ttft = trio.current_time() - self.started
+        headers = [*self._headers(slot), ("content-type", "text/event-stream"),
+                   ("cache-control", "no-cache")]
+        first = b"".join(b"data: " + f + b"\n\n" for f in pending)
+        pending.clear()
+        try:
+            await self.reply.start(200, headers, first)
+        except ClientGone:
+            raise Failure("client_disconnected", "client went away before the first byte") from None
+
+    # -- replies ---------------------------------------------------------------
+
+    def _headers(self, slot: Slot | None) -> list[tuple[str, str]]:
+        headers = [("x-failoverd-request-id", self.request_id),
+                   ("x-failoverd-attempts", str(self.attempts))]
+        if slot is not None:
+            headers.append(("x-failoverd-served-by", slot.key))
+        return headers
+
+    async def _finish_ok(self) -> None:
+        slot = self.served_by
+        assert slot is not None
+        try:
+            if self.stream:
+                await self.reply.send(b"data: [DONE]\n\n")
+                await self.reply.end()
+            else:
+                assert self.final_state is not None
+                body = _json_encode(self.final_state.completion(slot.model, self.request_id))
+                self.client_ttft = trio.current_time() - self.started
+                await self.reply.start(200, [*self._headers(slot),
+                                             ("content-type", "application/json")],
+                                       body, final=True)
+        except ClientGone:
+            self.status = STATUS_CLIENT_CLOSED
+        self._request_row()
+
+    async def _finish_in_band(self, failure: Failure) -> None:
+        """After commit: one error event, no [DONE], so OpenAI clients raise."""
+        self.status = failure_status(failure)
+        slot = self.served_by = self.current
+        body = self._error(f"upstream {slot.key if slot else '?'} failed mid-stream: "
+                           f"{failure.outcome} ({failure.error})", failure)
+        with contextlib.suppress(ClientGone):
+            await self.reply.send(b"data: " + _json_encode(body) + b"\n\n")
+            await self.reply.end()
+        self._request_row()
+
+    async def _pass_through(self, failure: Failure) -> None:
+        """A client error the upstream reported would fail everywhere: return it as is."""
+        self.status = failure.status or 400
+        body = failure.body or _json_encode(self._error(failure.error, failure))
+        with contextlib.suppress(ClientGone):
+            await self.reply.start(self.status, [*self._headers(self.current),
+                                                 ("content-type", "application/json")],
+                                   body, final=True)
+        self.client_ttft = trio.current_time() - self.started
+        self._request_row()
+
+    async def _finish_failed(self, last: Failure | None) -> None:
+        self.status = failure_status(last)
+        tried = len(self.failures)
+        if last is None:
+            message = (f"route {self.route.name!r}: no slot could be tried "
+                       f"({self.attempts} skipped); see x-failoverd-request-id in the ledger")
+        else:
+            slot = self.failures[-1][0]
+            message = (f"route {self.route.name!r}: all {tried} attempt(s) failed; last: "
+                       f"{slot.key} {last.outcome} ({last.error})")
+        code = "upstream_timeout" if self.status == 504 else "upstream_failed"
+        body = error_body(message, type_="failoverd_error", code=code,
+                          extra=self._failoverd_extra())
+        with contextlib.suppress(ClientGone):
+            await self.reply.start(self.status, [*self._headers(None),
+                                                 ("content-type", "application/json")],
+                                   _json_encode(body), final=True)
+        self.client_ttft = trio.current_time() - self.started
+        self._request_row()
+
+    def _failoverd_extra(self) -> dict[str, Any]:
+        return {
+            "request_id": self.request_id,
+            "attempts": [
+                {"provider": s.provider, "model": s.model, "outcome": f.outcome,
+                 "status": f.status, "error": f.error}
+                for s, f in self.failures
+            ],
+        }
+
+    def _error(self, message: str, failure: Failure) -> dict[str, Any]:
+        return error_body(message, type_="failoverd_error", code=failure.outcome,
+                          extra=self._failoverd_extra())
+
+    # -- ledger ----------------------------------------------------------------
+
+    def _attempt_row(
+        self, slot: Slot, st: StreamState | None, m: Metrics | None, *,
+        failure: Failure | None = None, outcome: str | None = None,
+        skip_reason: str | None = None,
+    ) -> None:
+        tokens_in = tokens_out = None
+        estimated = False
+        ttft = latency = gap = None
+        if st is not None and m is not None:
+            tokens_in, tokens_out = st.tokens_in, st.tokens_out
+            if tokens_in is None and m.first is not None:
+                # Output was produced, so the provider may bill it: record an estimate.
+                tokens_in = self.body_size // 4
+                estimated = True
+            ttft = None if m.first is None else m.first - m.began
+            latency = trio.current_time() - m.began
+            gap = m.max_gap if m.first is not None else None
+        model_cfg = self.d.model_cfg(slot)
+        self.d.ledger.write(AttemptRow(
+            ts=utc_timestamp(), request_id=self.request_id, route=self.route.name,
+            attempt=self.attempts, provider=slot.provider, model=slot.model,
+            outcome=outcome or (failure.outcome if failure else "ok"), skip_reason=skip_reason,
+            status=(failure.status if failure else (200 if st is not None else None)),
+            error=failure.error if failure else None, ttft_ms=_ms(ttft), latency_ms=_ms(latency),
+            max_gap_ms=_ms(gap), committed=self.committed and st is not None,
+            tokens_in=tokens_in, tokens_out=tokens_out, tokens_estimated=estimated,
+            cost_usd=cost_usd(model_cfg, tokens_in, tokens_out) if st is not None else None,
+            stream=self.stream, client_pid=self.peer.pid, client_uid=self.peer.uid,
+        ))
+        self.attempts += 1
+
+    def _request_row(self) -> None:
+        served = self.served_by.key if self.served_by and self.status == 200 else None
+        self.d.ledger.write(RequestRow(
+            ts=utc_timestamp(), request_id=self.request_id, route=self.route.name,
+            outcome="ok" if self.status == 200 else "error", served_by=served,
+            attempts=self.attempts, total_ms=_ms(trio.current_time() - self.started) or 0.0,
+            ttft_ms=_ms(self.client_ttft), status=self.status, stream=self.stream,
+            client_pid=self.peer.pid, client_uid=self.peer.uid,
+        ))
+
+    def describe(self, now: float) -> dict[str, Any]:
+        return {
+            "request_id": self.request_id, "route": self.route.name,
+            "slot": self.current.key if self.current else None,
+            "attempts": self.attempts, "committed": self.committed,
+            "age_s": round(now - self.started, 3), "stream": self.stream,
+        }
+
+
+async def _read_limited(resp: httpx.Response, limit: int) -> bytes:
+    parts, size = [], 0
+    async for chunk in resp.aiter_bytes():
+        parts.append(chunk)
+        size += len(chunk)
+        if size >= limit:
+            break
+    return b"".join(parts)[:limit]
+
+
+# ---------------------------------------------------------------------------
+# Front end
+# The h11 connection loop: keep-alive, head/body deadlines, size limits, routing
+# to the OpenAI endpoints, and the Reply the engine writes through.
+# ---------------------------------------------------------------------------
+
+# Request heads are small; 64 KiB is h11's own default bound.
+MAX_HEAD_BYTES = 64 * 1024
+RECV_SIZE = 64 * 1024
+SERVER_HEADER = ("server", f"failoverd/{__version__}")
+
+
+class H11Reply(Reply):
+    def __init__(self, conn: h11.Connection, stream: trio.abc.Stream) -> None:
+        self.conn = conn
+        self.stream = stream
+
+    async def start(self, status: int, headers: list[tuple[str, str]], body: bytes = b"",
+                    *, final: bool = False) -> None:
+        headers = [SERVER_HEADER, *headers]
+        if final:
+            headers.append(("content-length", str(len(body))))
+        events: list[Any] = [h11.Response(status_code=status, headers=headers)]
+        if body:
+            events.append(h11.Data(data=body))
+        if final:
+            events.append(h11.EndOfMessage())
+        await self._write(events)
+
+    async def send(self, data: bytes) -> None:
+        await self._write([h11.Data(data=data)])
+
+    async def end(self) -> None:
+        await self._write([h11.EndOfMessage()])
+
+    async def _write(self, events: list[Any]) -> None:
+        try:
+            data = b"".join(self.conn.send(e) or b"" for e in events)
+            await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
+            self.conn.send_failed()
+            raise ClientGone from None
+
+
+async def _next_event(conn: h11.Connection, stream: trio.abc.Stream) -> Any:
+    while True:
+        event = conn.next_event()
+        if event is not h11.NEED_DATA:
+            return event
+        try:
+            data = await stream.receive_some(RECV_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            data = b""
+        conn.receive_data(data)
+
+
+async def _simple(reply: H11Reply, status: int, body: dict[str, Any] | bytes,
+                  headers: Iterable[tuple[str, str]] = ()) -> None:
+    payload = body if isinstance(body, bytes) else _json_encode(body)
+    with contextlib.suppress(ClientGone):
+        await reply.start(status, [("content-type", "application/json"), *headers], payload,
+                          final=True)
+
+
+async def _client_error(reply: H11Reply, status: int, message: str, *, code: str,
+                        param: str | None = None, close: bool = False) -> None:
+    headers = [("connection", "close")] if close else []
+    await _simple(reply, status, error_body(message, type_="invalid_request_error", code=code,
+                                            param=param), headers)
+
+
+async def handle_connection(d: Daemon, stream: trio.abc.Stream, peer: Peer) -> None:
+    """Serve HTTP/1.1 requests on one client connection until it closes."""
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+    dc = d.cfg.daemon
+    reply = H11Reply(conn, stream)
+    try:
+        while True:
+            if not conn.trailing_data[0]:
+                # Keep-alive idle: wait for the next request's first byte.
+                with trio.CancelScope(deadline=trio.current_time() + dc.keepalive_timeout_s) as idle:
+                    d.idle_scopes.add(idle)
+                    if d.draining:
+                        idle.cancel()
+                    try:
+                        data = await stream.receive_some(RECV_SIZE)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        data = b""
+                    conn.receive_data(data)
+                d.idle_scopes.discard(idle)
+                if idle.cancelled_caught:
+                    return
+            with trio.move_on_after(dc.head_timeout_s) as head_scope:
+                try:
+                    event = await _next_event(conn, stream)
+                except h11.RemoteProtocolError as e:
+                    await _client_error(reply, e.error_status_hint,
+                                        f"malformed HTTP request: {e}", code="bad_http",
+                                        close=True)
+                    return
+            if head_scope.cancelled_caught:
+                await _client_error(reply, 408, f"request head not received within "
+                                    f"daemon.head_timeout_s = {dc.head_timeout_s:g} s",
+                                    code="request_timeout", close=True)
+                return
+            if not isinstance(event, h11.Request):
+                return  # ConnectionClosed, or the client closed between requests
+            await _handle_request(d, conn, stream, reply, event, peer)
+            if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE \
+                    or conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                return
+            conn.start_next_cycle()
+    except Exception:
+        log.exception("connection handler failed; the connection is closed, the daemon goes on")
+        if conn.our_state is h11.SEND_RESPONSE:
+            await _simple(reply, 500, error_body("internal error in failoverd; see its log",
+                                                 type_="failoverd_error", code="internal"))
+    finally:
+        with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
+            await stream.aclose()
+
+
+async def _read_body(
+    d: Daemon, conn: h11.Connection, stream: trio.abc.Stream, reply: H11Reply,
+    request: h11.Request,
+) -> bytes | None:
+    """The request body, or None after answering an error (the connection will close)."""
+    dc = d.cfg.daemon
+    limit = dc.max_body_bytes
+    length = dict(request.headers).get(b"content-length")
+    if length is not None and int(length) > limit:
+        await _client_error(reply, 413, f"request body of {int(length)} bytes is over "
+                            f"daemon.max_body_bytes = {limit}", code="body_too_large", close=True)
+        return None
+    if conn.they_are_waiting_for_100_continue:
+        await reply._write([h11.InformationalResponse(status_code=100, headers=[])])
+    parts, size = [], 0
+    with trio.move_on_after(dc.body_timeout_s) as scope:
+        while True:
+            event = await _next_event(conn, stream)
+            if isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > limit:
+                    await _client_error(reply, 413, f"request body is over daemon.max_body_bytes"
+                                        f" = {limit}", code="body_too_large", close=True)
+                    return None
+                parts.append(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                return b"".join(parts)
+            else:
+                return None  # the client hung up mid-body
+    assert scope.cancelled_caught
+    await _client_error(reply, 408, f"request body not received within daemon.body_timeout_s = "
+                        f"{dc.body_timeout_s:g} s", code="request_timeout", close=True)
+    return None
+
+
+async def _handle_request(
+    d: Daemon, conn: h11.Connection, stream: trio.abc.Stream, reply: H11Reply,
+    request: h11.Request, peer: Peer,
+) -> None:
+    path = request.target.split(b"?", 1)[0]
+    method = request.method
+    try:
+        body = await _read_body(d, conn, stream, reply, request)
+    except h11.RemoteProtocolError as e:
+        await _client_error(reply, e.error_status_hint, f"malformed HTTP request body: {e}",
+                            code="bad_http", close=True)
+        return
+    if body is None:
+        return
+    if path == b"/v1/chat/completions" and method == b"POST":
+        await _chat(d, conn, stream, reply, body, peer)
+    elif path == b"/v1/models" and method == b"GET":
+        await _simple(reply, 200, {"object": "list", "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "failoverd"}
+            for name in d.routes]})
+    elif path == b"/healthz" and method == b"GET":
+        await _simple(reply, 503 if d.draining else 200,
+                      {"status": "draining" if d.draining else "ok"})
+    elif path == b"/status" and method == b"GET":
+        await _simple(reply, 200, d.status())
+    elif path in (b"/v1/chat/completions", b"/v1/models", b"/healthz", b"/status"):
+        await _client_error(reply, 405, f"{method.decode()} is not allowed on {path.decode()}",
+                            code="method_not_allowed")
+    else:
+        await _client_error(reply, 404, f"no such endpoint {path.decode('latin-1')}; failoverd "
+                            "serves POST /v1/chat/completions, GET /v1/models, /healthz, /status",
+                            code="not_found")
+
+
+async def _chat(
+    d: Daemon, conn: h11.Connection, stream: trio.abc.Stream, reply: H11Reply, raw: bytes,
+    peer: Peer,
+) -> None:
+    try:
+        body = msgspec.json.decode(raw)
+    except (msgspec.DecodeError, UnicodeDecodeError) as e:
+        await _client_error(reply, 400, f"request body is not valid JSON: {e}", code="invalid_json")
+        return
+    if not isinstance(body, dict):
+        await _client_error(reply, 400, "request body must be a JSON object", code="invalid_json")
+        return
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        await _client_error(reply, 400, "'messages' must be a non-empty array of messages",
+                            code="missing_messages", param="messages")
+        return
+    model = body.get("model")
+    route = d.route_for(model) if isinstance(model, str) else None
+    if route is None:
+        await _client_error(
+            reply, 404 if isinstance(model, str) else 400,
+            f"unknown model {model!r}: failoverd serves the routes "
+            f"{', '.join(sorted(d.routes)) or '(none)'}, or PROVIDER/MODEL with a declared "
+            f"provider ({', '.join(sorted(d.cfg.providers)) or 'none'})",
+            code="model_not_found", param="model")
+        return
+    if d.draining:
+        await _client_error(reply, 503, "failoverd is shutting down; retry shortly",
+                            code="shutting_down", close=True)
+        return
+    ex = Exchange(d, route, body, stream=body.get("stream") is True, peer=peer, reply=reply,
+                  request_id=_secrets.token_hex(8), body_size=len(raw))
+    with trio.CancelScope() as ex_scope:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_watch_client, conn, stream, ex, ex_scope)
+            await ex.run()
+            nursery.cancel_scope.cancel()
+
+
+async def _watch_client(
+    conn: h11.Connection, stream: trio.abc.Stream, ex: Exchange, ex_scope: trio.CancelScope
+) -> None:
+    """Cancel the exchange the moment the client hangs up; keep pipelined bytes."""
+    buffered = 0
+    while buffered <= MAX_HEAD_BYTES:
+        try:
+            data = await stream.receive_some(RECV_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            data = b""
+        if not data:
+            ex.cancel_reason = "client_disconnected"
+            ex_scope.cancel()
+            return
+        conn.receive_data(data)
+        buffered += len(data)
+
+
+# ---------------------------------------------------------------------------
+# Lifecycle
+# Listeners (Unix socket, loopback TCP, systemd socket activation), signals,
+# graceful drain, config reload and sd_notify.
+# ---------------------------------------------------------------------------
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says what to do."""
+
+
+def peer_credentials(stream: trio.abc.Stream) -> Peer:
+    sock = getattr(stream, "socket", None)
+    if sock is None or sock.family != _socket.AF_UNIX:
+        return Peer()
+    try:
+        raw = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return Peer()
+    pid, uid, _gid = struct.unpack("3i", raw)
+    return Peer(pid, uid)
+
+
+async def open_unix_listener(path: str, mode: str) -> trio.SocketListener:
+    if os.path.lexists(path):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise StartupError(f"daemon.socket = {path} exists and is not a socket; refusing to "
+                               "replace it: remove it or choose another path")
+        probe = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)  # stale: left by a daemon that died
+        else:
+            raise StartupError(f"another process is already listening on {path}; stop it or "
+                               "set daemon.socket to another path")
+        finally:
+            probe.close()
+    directory = os.path.dirname(path)
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+    sock = trio.socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)  # never world-accessible, even for an instant
+    try:
+        await sock.bind(path)
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, int(mode, 8))
+    sock.listen(_socket.SOMAXCONN)
+    return trio.SocketListener(sock)
+
+
+def activated_listeners() -> list[trio.SocketListener]:
+    """Sockets passed by systemd socket activation (LISTEN_FDS), if any."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    count = int(os.environ.get("LISTEN_FDS", "0"))
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    # SD_LISTEN_FDS_START: systemd passes sockets from fd 3 on.
+    return [trio.SocketListener(trio.socket.from_stdlib_socket(_socket.socket(fileno=3 + i)))
+            for i in range(count)]
+
+
+async def open_listeners(cfg: Config) -> list[trio.SocketListener]:
+    listeners = activated_listeners()
+    if not listeners:
+        try:
+            listeners.append(await open_unix_listener(cfg.daemon.socket, cfg.daemon.socket_mode))
+        except OSError as e:
+            raise StartupError(f"cannot listen on daemon.socket = {cfg.daemon.socket}: "
+                               f"{e.strerror}") from None
+    if cfg.daemon.tcp:
+        host, _, port = cfg.daemon.tcp.rpartition(":")
+        try:
+            listeners += await trio.open_tcp_listeners(int(port), host=host.strip("[]"))
+        except OSError as e:
+            raise StartupError(f"cannot listen on daemon.tcp = {cfg.daemon.tcp}: "
+                               f"{e.strerror}") from None
+    return listeners
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with contextlib.suppress(OSError), _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM) as s:
+        s.sendto(message.encode(), address)
+
+
+async def serve(
+    d: Daemon, listeners: list[trio.abc.Listener[Any]], *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept until `d.shutdown` is set, then drain in-flight requests within the grace."""
+
+    async def handler(stream: trio.abc.Stream) -> None:
+        await handle_connection(d, stream, peer_credentials(stream))
+
+    async with trio.open_nursery() as connections:
+        async with trio.open_nursery() as accepting:
+            for listener in listeners:
+                accepting.start_soon(
+                    lambda ln=listener: trio.serve_listeners(handler, [ln],
+                                                             handler_nursery=connections))
+            task_status.started()
+            await d.shutdown.wait()
+            accepting.cancel_scope.cancel()
+        d.draining = True
+        for listener in listeners:
+            await listener.aclose()
+        for scope in list(d.idle_scopes):
+            scope.cancel()
+        with trio.move_on_after(d.cfg.daemon.shutdown_grace_s):
+            await d.no_inflight.wait()
+        connections.cancel_scope.cancel()
+
+
+async def _watch_signals(d: Daemon, config_path: str | None) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                d.ledger.reopen()
+                if config_path is not None:
+                    d.reload(config_path)
+                continue
+            log.warning("%s: stopping; in-flight requests get %g s to finish",
+                        signal.Signals(signum).name, d.cfg.daemon.shutdown_grace_s)
+            sd_notify("STOPPING=1")
+            d.shutdown.set()
+
+
+async def _watchdog(interval: float) -> None:
+    while True:
+        sd_notify("WATCHDOG=1")
+        await trio.sleep(interval)
+
+
+async def _serve_then_stop(
+    d: Daemon, listeners: list[trio.abc.Listener[Any]], helpers: trio.CancelScope, *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    await serve(d, listeners, task_status=task_status)
+    helpers.cancel()
+
+
+def resolve_keys(cfg: Config, env: Mapping[str, str]) -> dict[str, str | None]:
+    return {name: resolve_api_key(name, p, env) for name, p in cfg.providers.items()}
+
+
+async def run_daemon(cfg: Config, config_path: str | None) -> None:
+    try:
+        keys = resolve_keys(cfg, os.environ)
+        ledger = Ledger(cfg.daemon.ledger)
+    except ConfigError as e:
+        raise StartupError(str(e)) from None
+    except OSError as e:
+        raise StartupError(f"cannot open daemon.ledger = {cfg.daemon.ledger}: {e.strerror}; "
+                           "create the directory or fix its permissions") from None
+    d = Daemon(cfg, ledger=ledger, keys=keys)
+    listeners = await open_listeners(cfg)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_watch_signals, d, config_path)
+            if (usec := os.environ.get("WATCHDOG_USEC", "")).isdigit():
+                nursery.start_soon(_watchdog, int(usec) / 2e6)
+            await nursery.start(_serve_then_stop, d, listeners, nursery.cancel_scope)
+            sd_notify("READY=1")
+            log.info("failoverd %s serving %d route(s) on %s%s; ledger %s", __version__,
+                     len(d.routes), cfg.daemon.socket,
+                     f" and tcp {cfg.daemon.tcp}" if cfg.daemon.tcp else "", cfg.daemon.ledger)
+    finally:
+        with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
+            await d.aclose()
+        ledger.close()
+        with contextlib.suppress(OSError):
+            if stat.S_ISSOCK(os.lstat(cfg.daemon.socket).st_mode):
+                os.unlink(cfg.daemon.socket)
+
+
+# ---------------------------------------------------------------------------
+# Demo
+# A scripted OpenAI-compatible upstream on loopback (also used by the tests) and
+# `failoverd demo`: hung, heartbeat-only and healthy upstreams, one timeline each.
+# ---------------------------------------------------------------------------
+
+# A script is a list of steps the fake upstream performs in order:
+#   ("respond", status, headers, body)  a whole non-streamed reply, then close
+#   ("head", status, headers)           start a close-delimited reply (default: 200 SSE)
+#   ("raw", bytes)                      write bytes as they are
+#   ("sse", dict | str)                 one `data:` event (dicts are JSON-encoded)
+#   ("comment", text)                   an SSE comment: a heartbeat
+#   ("sleep", seconds) / ("hang",)      wait, or wait forever
+#   ("close",)                          drop the connection here
+Script = list[tuple[Any, ...]]
+
+
+def sse_chunk(
+    content: str | None = None, *, finish: str | None = None, role: str | None = None,
+    model: str = "sim-1", usage: tuple[int, int] | None = None, choices: bool = True,
+) -> dict[str, Any]:
+    """One OpenAI chat.completion.chunk."""
+    delta: dict[str, Any] = {}
+    if role:
+        delta["role"] = role
+    if content is not None:
+        delta["content"] = content
+    chunk: dict[str, Any] = {
+        "id": "chatcmpl-sim", "object": "chat.completion.chunk", "created": 1700000000,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if choices else [],
+    }
+    if usage is not None:
+        chunk["usage"] = {"prompt_tokens": usage[0], "completion_tokens": usage[1],
+                          "total_tokens": sum(usage)}
+    return chunk
+
+
+def token_script(
+    parts: Iterable[str], *, gap: float = 0.0, first: float = 0.0, model: str = "sim-1",
+    prompt_tokens: int = 12, done: bool = True,
+) -> Script:
+    """A healthy stream: role delta, one chunk per part, finish, usage, [DONE]."""
+    parts = list(parts)
+    steps: Script = [("head", 200, {}), ("sse", sse_chunk(role="assistant", content="",
+                                                          model=model))]
+    for i, part in enumerate(parts):
+        steps.append(("sleep", first if i == 0 else gap))
+        steps.append(("sse", sse_chunk(part, model=model)))
+    steps.append(("sse", sse_chunk(finish="stop", model=model)))
+    steps.append(("sse", sse_chunk(model=model, choices=False,
+                                   usage=(prompt_tokens, len(parts)))))
+    if done:
+        steps.append(("sse", "[DONE]"))
+    return [s for s in steps if s != ("sleep", 0.0)]
+
+
+def script_bytes(step: tuple[Any, ...]) -> bytes:
+    """The body bytes a write-step puts on the wire."""
+    kind = step[0]
+    if kind == "raw":
+        return step[1]
+    if kind == "sse":
+        data = step[1] if isinstance(step[1], str) else _json_encode(step[1]).decode()
+        return f"data: {data}\n\n".encode()
+    if kind == "comment":
+        return f": {step[1]}\n\n".encode()
+    raise ValueError(f"not a write step: {step!r}")
+
+
+class FakeUpstream:
+    """A scripted upstream HTTP server on 127.0.0.1 for the demo and end-to-end tests.
+
+    `scripts(model, body, n)` returns the script for the n-th request (0-based).
+    """
+
+    def __init__(self, scripts: Callable[[str, dict[str, Any], int], Script]) -> None:
+        self.scripts = scripts
+        self.port = 0
+        self.requests: list[dict[str, Any]] = []
+        self.disconnects = 0  # clients that hung up while their script was still running
+        self.disconnected = trio.Event()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started()
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, stream: trio.abc.Stream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        parts = []
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError,
+                                 h11.RemoteProtocolError):
+            while True:
+                event = await _next_event(conn, stream)
+                if isinstance(event, h11.Data):
+                    parts.append(event.data)
+                elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                    break
+            if not isinstance(event, h11.EndOfMessage):
+                return
+            body = msgspec.json.decode(b"".join(parts)) if parts else {}
+            n = len(self.requests)
+            self.requests.append(body)
+            script = self.scripts(str(body.get("model")), body, n)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch, stream, nursery.cancel_scope)
+                await self._play(stream, script)
+                nursery.cancel_scope.cancel()
+        with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
+            await stream.aclose()
+
+    async def _watch(self, stream: trio.abc.Stream, script_scope: trio.CancelScope) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            while await stream.receive_some(RECV_SIZE):
+                pass
+        self.disconnects += 1
+        self.disconnected.set()
+        script_scope.cancel()
+
+    async def _play(self, stream: trio.abc.Stream, script: Script) -> None:
+        if script and script[0][0] not in ("head", "respond"):
+            script = [("head", 200, {}), *script]
+        for step in script:
+            kind = step[0]
+            if kind == "sleep":
+                await trio.sleep(step[1])
+            elif kind == "hang":
+                await trio.sleep_forever()
+            elif kind == "close":
+                return
+            elif kind in ("head", "respond"):
+                status, headers = step[1], {k.lower(): v for k, v in step[2].items()}
+                body = step[3] if kind == "respond" else b""
+                if kind == "respond":
+                    headers.setdefault("content-type", "application/json")
+                    headers["content-length"] = str(len(body))
+                else:
+                    headers.setdefault("content-type", "text/event-stream")
+                headers["connection"] = "close"
+                head = f"HTTP/1.1 {status} X\r\n" + "".join(
+                    f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+                await stream.send_all(head.encode() + body)
+                if kind == "respond":
+                    return
+            else:
+                await stream.send_all(script_bytes(step))
+
+
+DEMO_FIRST_TOKEN_S = 1.5
+
+
+def _demo_scripts(model: str, body: dict[str, Any], n: int) -> Script:
+    if model == "stuck":
+        return [("hang",)]  # accepts the request, never answers
+    if model == "heartbeat-only":
+        return [("head", 200, {}), *[("comment", "keep-alive"), ("sleep", 0.25)] * 400]
+    if model == "cuts-out":
+        return token_script(["The answer is", " forty"], gap=0.3, done=False)[:-3] + [("close",)]
+    words = ["Hello", " from", " the", " healthy", " upstream", "."]
+    return token_script(words, first=0.05, gap=0.05, model="healthy")
+
+
+def demo_config(port: int, workdir: str) -> Config:
+    base = f"http://127.0.0.1:{port}/v1"
+    return Config(
+        daemon=DaemonConfig(socket=os.path.join(workdir, "failoverd.sock"),
+                            ledger=os.path.join(workdir, "ledger.jsonl")),
+        defaults=Timing(first_token_timeout_s=DEMO_FIRST_TOKEN_S, stall_timeout_s=1.0,
+                        total_timeout_s=20.0),
+        providers={
+            "hung": ProviderConfig(base_url=base),
+            "beat": ProviderConfig(base_url=base),
+            "good": ProviderConfig(base_url=base),
+        },
+        routes={
+            "demo": RouteConfig(chain=["hung/stuck", "beat/heartbeat-only", "good/healthy"]),
+            "flaky": RouteConfig(chain=["good/cuts-out", "good/healthy"]),
+        },
+    )
+
+
+def _demo_timeline(ledger_path: str, request_id: str, t0: float) -> list[str]:
+    lines = []
+    for _, row in read_ledger(ledger_path):
+        if not isinstance(row, AttemptRow) or row.request_id != request_id:
+            continue
+        end = _dt.datetime.fromisoformat(row.ts).timestamp() - t0
+        slot = f"{row.provider}/{row.model}"
+        if row.outcome == "skipped":
+            lines.append(f"  {end:6.2f} s  {slot:<22} skipped ({row.skip_reason})")
+            continue
+        start = end - (row.latency_ms or 0) / 1000
+        lines.append(f"  {start:6.2f} s  {slot:<22} request sent")
+        if row.outcome == "ok":
+            first = start + (row.ttft_ms or 0) / 1000
+            lines.append(f"  {first:6.2f} s  {slot:<22} first token: the answer starts")
+            lines.append(f"  {end:6.2f} s  {slot:<22} done, {row.tokens_out} tokens")
+        else:
+            lines.append(f"  {end:6.2f} s  {slot:<22} abandoned: {row.outcome} ({row.error})")
+    return lines
+
+
+async def run_demo(echo: Callable[[str], None] = print) -> int:
+    """`failoverd demo`: watch failover on simulated upstreams. Returns an exit code."""
+    upstream = FakeUpstream(_demo_scripts)
+    with tempfile.TemporaryDirectory(prefix="failoverd-demo-") as workdir:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(upstream.serve)
+            cfg = demo_config(upstream.port, workdir)
+            ledger = Ledger(cfg.daemon.ledger)
+            d = Daemon(cfg, ledger=ledger)
+            listeners = [await open_unix_listener(cfg.daemon.socket, "0600")]
+            await nursery.start(serve, d, listeners)
+            echo(f"failoverd demo: simulated upstreams on 127.0.0.1:{upstream.port}, daemon on "
+                 f"{cfg.daemon.socket}")
+            echo(f"route demo = hung/stuck -> beat/heartbeat-only -> good/healthy, "
+                 f"first_token_timeout_s = {DEMO_FIRST_TOKEN_S:g}\n")
+            transport = httpx.AsyncHTTPTransport(uds=cfg.daemon.socket)
+            ok = True
+            async with httpx.AsyncClient(transport=transport, base_url="http://failoverd",
+                                         timeout=30) as client:
+                for title, route, stream in (
+                    ("1. streaming request: a hung upstream, then one that only sends "
+                     "heartbeats", "demo", True),
+                    ("2. the same, non-streaming: failoverd streams upstream anyway, so the "
+                     "deadlines hold", "demo", False),
+                    ("3. an upstream cuts out after the answer started (after commit)",
+                     "flaky", True),
+                ):
+                    ok &= await _demo_request(client, echo, title, route, stream,
+                                              cfg.daemon.ledger)
+            d.shutdown.set()
+            ledger.close()
+            echo(f"ledger rows written: {sum(1 for _ in read_ledger(cfg.daemon.ledger))} "
+                 "(one per attempt, one per request); see `failoverd tail LEDGER`")
+            nursery.cancel_scope.cancel()
+    return 0 if ok else 1
+
+
+async def _demo_request(
+    client: httpx.AsyncClient, echo: Callable[[str], None], title: str, route: str,
+    stream: bool, ledger_path: str,
+) -> bool:
+    echo(title)
+    body = {"model": route, "stream": stream,
+            "messages": [{"role": "user", "content": "Say hello."}]}
+    t0 = time.time()
+    first_at = None
+    text = []
+    async with client.stream("POST", "/v1/chat/completions", json=body) as resp:
+        rid = resp.headers.get("x-failoverd-request-id", "?")
+        async for line in resp.aiter_lines():
+            if stream and line.startswith("data: {"):
+                event = msgspec.json.decode(line[6:])
+                if "error" in event:
+                    text.append(f"[in-band error: {event['error']['message']}]")
+                    continue
+                for choice in event.get("choices") or ():
+                    if (choice.get("delta") or {}).get("content"):
+                        first_at = first_at or time.time() - t0
+                        text.append(choice["delta"]["content"])
+            elif not stream and line:
+                first_at = time.time() - t0
+                reply = msgspec.json.decode(line)
+                text.append(reply["choices"][0]["message"]["content"] if resp.status_code == 200
+                            else reply["error"]["message"])
+    for line in _demo_timeline(ledger_path, rid, t0):
+        echo(line)
+    served = resp.headers.get("x-failoverd-served-by", "nobody")
+    when = f"{first_at:.2f} s" if first_at is not None else "never"
+    echo(f"  client saw: HTTP {resp.status_code}, first byte of the answer at {when}, served by "
+         f"{served}: {''.join(text)!r}\n")
+    return resp.status_code == 200
+
+
+# ---------------------------------------------------------------------------
+# CLI
+# The click group. `serve` only builds the config and calls trio.run; the rest
+# read the config or the ledger.
+# ---------------------------------------------------------------------------
+
+
+def _config_path(path: str | None) -> str:
+    return path or os.environ.get("FAILOVERD_CONFIG") or DEFAULT_CONFIG_PATH
+
+
+def _setup_logging(verbose: bool) -> None:
+    # Under systemd, journald reads "<N>" priority prefixes from stderr.
+    prefix = "%(levelno)s" if os.environ.get("JOURNAL_STREAM") else ""
+    handler = logging.StreamHandler(sys.stderr)
+    if prefix:
+        handler.addFilter(_JournalPriority())
+        handler.setFormatter(logging.Formatter("<%(priority)d>%(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("failoverd %(levelname)s: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO if verbose else logging.WARNING)
+    log.propagate = False
+
+
+class _JournalPriority(logging.Filter):
+    LEVELS = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+              logging.CRITICAL: 2}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.priority = self.LEVELS.get(record.levelno, 6)
+        return True
+
+
+def _load_or_exit(path: str) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as e:
+        click.echo(f"failoverd: {e}", err=True)
+        sys.exit(1)
+
+
+@click.group()
+@click.version_option(__version__, prog_name="failoverd")
+def cli() -> None:
+    """failoverd: LLM failover daemon (OpenAI chat API on a Unix socket)."""
+
+
+@cli.command("serve")
+@click.option("--config", "config_path", help="Config file [default: $FAILOVERD_CONFIG or "
+              f"{DEFAULT_CONFIG_PATH}]")
+@click.option("--quiet", is_flag=True, help="Log warnings and errors only (no per-failure lines).")
+def serve_cmd(config_path: str | None, quiet: bool) -> None:
+    """Run the daemon in the foreground (systemd Type=notify)."""
+    _setup_logging(verbose=not quiet)
+    path = _config_path(config_path)
+    cfg = _load_or_exit(path)
+    try:
+        trio.run(run_daemon, cfg, path)
+    except StartupError as e:
+        click.echo(f"failoverd: {e}", err=True)
+        sys.exit(1)
+
+
+@cli.command("check")
+@click.option("--config", "config_path", help="Config file [default: $FAILOVERD_CONFIG or "
+              f"{DEFAULT_CONFIG_PATH}]")
+def check_cmd(config_path: str | None) -> None:
+    """Validate the config and print each route's worst case against client_cliff_s."""
+    path = _config_path(config_path)
+    cfg = _load_or_exit(path)
+    lines, warnings = check_report(cfg)
+    problems = []
+    for name, p in cfg.providers.items():
+        try:
+            resolve_api_key(name, p, os.environ)
+        except ConfigError as e:
+            problems.append(str(e))
+    click.echo(f"{path}: {len(cfg.providers)} provider(s), {len(cfg.routes)} route(s)")
+    for line in lines:
+        click.echo(line)
+    for w in warnings:
+        click.echo(f"warning: {w}")
+    for p in problems:
+        click.echo(f"error: {p}")
+    if problems:
+        sys.exit(1)
+    click.echo("config OK")
+
+
+def _fmt_ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0f}ms"
+
+
+def format_row(row: LedgerRow) -> str:
+    """One human-readable line for `failoverd tail`."""
+    ts = row.ts[11:23] if len(row.ts) >= 23 else row.ts
+    if isinstance(row, AttemptRow):
+        what = row.outcome if row.outcome != "skipped" else f"skipped:{row.skip_reason}"
+        line = (f"{ts} attempt {row.request_id} {row.route} #{row.attempt} "
+                f"{row.provider}/{row.model} {what}")
+        if row.status is not None:
+            line += f" status={row.status}"
+        if row.outcome != "skipped":
+            line += f" ttft={_fmt_ms(row.ttft_ms)} latency={_fmt_ms(row.latency_ms)}"
+        if row.tokens_in is not None or row.tokens_out is not None:
+            line += f" tokens={row.tokens_in or 0}/{row.tokens_out or 0}"
+            line += "~" if row.tokens_estimated else ""
+        if row.cost_usd:
+            line += f" ${row.cost_usd:.6f}"
+        if row.committed:
+            line += " committed"
+        if row.error:
+            line += f" -- {row.error}"
+        return line
+    if isinstance(row, RequestRow):
+        return (f"{ts} request {row.request_id} {row.route} {row.outcome} status={row.status} "
+                f"served_by={row.served_by or '-'} attempts={row.attempts} "
+                f"ttft={_fmt_ms(row.ttft_ms)} total={_fmt_ms(row.total_ms)}")
+    return (f"{ts} breaker {row.scope} {row.key} {row.from_} -> {row.to} -- {row.reason}"
+            + (f" (open until {row.open_until})" if row.open_until else ""))
+
+
+def _default_ledger() -> str:
+    with contextlib.suppress(ConfigError):
+        return load_config(_config_path(None)).daemon.ledger
+    return DaemonConfig().ledger
+
+
+@cli.command("tail")
+@click.argument("ledger", required=False)
+@click.option("-f", "--follow", is_flag=True, help="Keep printing rows as they are appended.")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON rows.")
+@click.option("-n", "--lines", default=0, help="Only the last N rows (0 = all).")
+def tail_cmd(ledger: str | None, follow: bool, as_json: bool, lines: int) -> None:
+    """Print ledger rows (human-readable by default)."""
+    path = ledger or _default_ledger()
+    try:
+        trio.run(_tail, path, follow, as_json, lines)
+    except FileNotFoundError:
+        click.echo(f"failoverd: no ledger at {path}; pass its path or check daemon.ledger",
+                   err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        pass
+
+
+def _print_line(line: bytes, decoder: msgspec.json.Decoder, as_json: bool) -> None:
+    try:
+        row = decoder.decode(line)
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
+        return  # a torn or foreign line
+    click.echo(line.decode() if as_json else format_row(row))
+
+
+async def _tail(path: str, follow: bool, as_json: bool, last: int) -> None:
+    decoder = msgspec.json.Decoder(LedgerRow)
+    with open(path, "rb") as f:
+        lines = [ln.strip() for ln in f.readlines()]
+        for line in lines[-last:] if last else lines:
+            if line:
+                _print_line(line, decoder, as_json)
+        if not follow:
+            return
+        inode, partial = os.fstat(f.fileno()).st_ino, b""
+        while True:
+            chunk = f.read()
+            if chunk:
+                *complete, partial = (partial + chunk).split(b"\n")
+                for line in complete:
+                    if line.strip():
+                        _print_line(line.strip(), decoder, as_json)
+                continue
+            await trio.sleep(0.25)
+            with contextlib.suppress(FileNotFoundError):
+                st = os.stat(path)
+                if st.st_ino != inode or st.st_size < f.tell():  # rotated or truncated
+                    f.close()
+                    f = open(path, "rb")  # noqa: SIM115 -- kept open across iterations
+                    inode, partial = st.st_ino, b""
+
+
+@cli.command("demo")
+def demo_cmd() -> None:
+    """Watch failover on simulated upstreams (no network, no keys, ~10 s)."""
+    sys.exit(trio.run(run_demo))
+
+
+if __name__ == "__main__":
+    cli()
