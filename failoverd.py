@@ -1688,7 +1688,7 @@ class Exchange:
     async def _commit(self, slot: Slot, pending: list[bytes]) -> None:
         self.committed = True
         self.client_ttft = trio.current_time() - self.started
-        headers = [*self._headers(slot), ("content-type", "text/event-stream"),
+        headers = [*self._headers(slot, in_attempt=True), ("content-type", "text/event-stream"),
                    ("cache-control", "no-cache")]
         first = b"".join(b"data: " + f + b"\n\n" for f in pending)
         pending.clear()
@@ -1699,9 +1699,10 @@ class Exchange:
 
     # -- replies ---------------------------------------------------------------
 
-    def _headers(self, slot: Slot | None) -> list[tuple[str, str]]:
+    def _headers(self, slot: Slot | None, in_attempt: bool = False) -> list[tuple[str, str]]:
+        """`x-failoverd-*` headers; `in_attempt` counts the attempt not yet in the ledger."""
         headers = [("x-failoverd-request-id", self.request_id),
-                   ("x-failoverd-attempts", str(self.attempts))]
+                   ("x-failoverd-attempts", str(self.attempts + in_attempt))]
         if slot is not None:
             headers.append(("x-failoverd-served-by", slot.key))
         return headers
