@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 import contextlib
 import datetime as _dt
 import email.utils
+import functools
 import hashlib
 import logging
 import math
@@ -185,7 +186,8 @@ _SECTION_TYPES: dict[str, type] = {
 def _entry_error(section: str, key: str, err: msgspec.ValidationError) -> str:
     # msgspec reports dict entries as `$.routes[...]`; name the entry instead.
     text = str(err)
-    return re.sub(r"`\$", f"`{section}.{key}", text) if "`$" in text else f"{text} - at `{section}.{key}`"
+    where = f"{section}.{key}"
+    return re.sub(r"`\$", f"`{where}", text) if "`$" in text else f"{text} - at `{where}`"
 
 
 def config_errors(cfg: Config) -> list[str]:
@@ -283,32 +285,36 @@ def resolve_api_key(name: str, p: ProviderConfig, env: Mapping[str, str]) -> str
             with open(path, encoding="utf-8") as f:
                 return f.read().strip()
         except OSError as e:
-            raise ConfigError(f"providers.{name}: cannot read key file {path}: {e.strerror}") from None
+            raise ConfigError(
+                f"providers.{name}: cannot read key file {path}: {e.strerror}") from None
     return None
 
 
-def connect_budget(cfg: Config, slot: Slot) -> float:
-    return cfg.providers[slot.provider].connect_timeout_s
+def slot_budget(cfg: Config, route: Route, slot: Slot) -> float:
+    """The longest one slot can hold a request before the next starts.
 
-
-def worst_case_first_byte(cfg: Config, route: Route) -> list[tuple[Slot, float]]:
-    """Per slot, the latest moment it can start if every earlier slot hangs.
-
-    A hang costs a slot its connect plus first-token deadline and is never retried;
-    after one, the provider's other slots are skipped, so each provider pays once.
-    Everything is clipped by the route's total deadline.
+    Connect plus first-token deadline; where a same-slot retry is allowed, the
+    retried failure must have been fast (FAST_FAILURE_S) and waits a backoff of up
+    to 1.5 x retry_backoff_s (or a Retry-After up to retry_after_max_s).
     """
     t = route.timing
-    starts = []
-    elapsed = 0.0
-    hung: set[str] = set()
+    once = cfg.providers[slot.provider].connect_timeout_s + t.first_token_timeout_s
+    if t.retry_same:
+        once += max(FAST_FAILURE_S + 1.5 * t.retry_backoff_s, t.retry_after_max_s)
+    return once
+
+
+def worst_case_first_byte(cfg: Config, route: Route) -> tuple[list[tuple[Slot, float]], float]:
+    """Per slot, the latest moment it can start; and the latest first byte or error.
+
+    The worst case is every slot failing just before its deadline without timing
+    out (a slow 5xx), so no provider is skipped; the total deadline clips it all.
+    """
+    starts, elapsed = [], 0.0
     for slot in route.slots:
-        if slot.provider in hung:
-            continue
-        starts.append((slot, min(elapsed, t.total_timeout_s)))
-        elapsed += connect_budget(cfg, slot) + t.first_token_timeout_s
-        hung.add(slot.provider)
-    return starts
+        starts.append((slot, elapsed))
+        elapsed += slot_budget(cfg, route, slot)
+    return starts, min(elapsed, route.timing.total_timeout_s)
 
 
 def check_report(cfg: Config) -> tuple[list[str], list[str]]:
@@ -318,10 +324,7 @@ def check_report(cfg: Config) -> tuple[list[str], list[str]]:
     for name, rc in cfg.routes.items():
         route = resolve_route(cfg, name, rc)
         t = route.timing
-        starts = worst_case_first_byte(cfg, route)
-        last_slot, last_start = starts[-1]
-        worst = min(last_start + connect_budget(cfg, last_slot) + t.first_token_timeout_s,
-                    t.total_timeout_s)
+        starts, worst = worst_case_first_byte(cfg, route)
         margin = cliff - worst
         lines.append(
             f"route {name}: {len(route.slots)} slot(s); worst case before first byte or error "
@@ -333,9 +336,9 @@ def check_report(cfg: Config) -> tuple[list[str], list[str]]:
             lines.append(f"    {slot.key:<40} starts by {start:g} s at the latest")
             if start >= t.total_timeout_s:
                 warnings.append(
-                    f"routes.{name}: {slot.key} is never reached when earlier slots hang "
-                    f"(it would start at {start:g} s, total_timeout_s is {t.total_timeout_s:g}); "
-                    "lower first_token_timeout_s or shorten the chain"
+                    f"routes.{name}: {slot.key} is not reached if every earlier slot fails at "
+                    f"its deadline (it would start at {start:g} s, total_timeout_s is "
+                    f"{t.total_timeout_s:g}); lower first_token_timeout_s or shorten the chain"
                 )
         for slot in route.slots:
             if slot.key not in cfg.models:
@@ -488,7 +491,7 @@ def error_summary(body: bytes) -> tuple[str, str]:
         return text or "empty body", ""
     err = parsed.error
     if isinstance(err, _ErrorDetail):
-        code = err.code if isinstance(err.code, str) else err.type if isinstance(err.type, str) else ""
+        code = next((c for c in (err.code, err.type) if isinstance(c, str)), "")
         msg = err.message if isinstance(err.message, str) else code
         return (msg or "no message")[:300], code
     if isinstance(err, str):
@@ -573,7 +576,7 @@ def retry_wait(
     elif failure.outcome in ("http_error", "connect_error") and elapsed <= FAST_FAILURE_S:
         if failure.outcome == "http_error" and failure.status not in TRANSIENT_STATUSES:
             return None
-        if failure.outcome == "connect_error" and "timed out" in failure.error:
+        if is_timeout(failure):
             return None
         wait = timing.retry_backoff_s * (0.5 + jitter)
     else:
@@ -582,11 +585,15 @@ def retry_wait(
     return wait if wait + min(timing.first_token_timeout_s, 1.0) < remaining else None
 
 
+def is_timeout(failure: Failure) -> bool:
+    """A deadline fired (ours, or httpx's connect timeout): the provider is unresponsive."""
+    return failure.outcome in TIMEOUT_OUTCOMES or (
+        failure.outcome == "connect_error" and "timed out" in failure.error)
+
+
 def failure_status(last: Failure | None) -> int:
     """HTTP status for a request whose every slot failed."""
-    if last is not None and (last.outcome in TIMEOUT_OUTCOMES or "timed out" in last.error):
-        return 504
-    return 502
+    return 504 if last is not None and is_timeout(last) else 502
 
 
 _SECRET_PATTERNS = re.compile(
@@ -821,9 +828,8 @@ class ChoiceAcc:
         if d.refusal:
             self.refusal.append(d.refusal)
         for tc in d.tool_calls or ():
-            call = self.tool_calls.setdefault(
-                tc.index, {"id": None, "type": "function", "function": {"name": "", "arguments": ""}}
-            )
+            call = self.tool_calls.setdefault(tc.index, {
+                "id": None, "type": "function", "function": {"name": "", "arguments": ""}})
             if tc.id:
                 call["id"] = tc.id
             if tc.function is not None:
@@ -851,6 +857,7 @@ class StreamState:
     __slots__ = (
         "progress", "done", "finish_reason", "usage", "id", "model", "created",
         "fingerprint", "choices", "want_usage", "events", "tool_index", "anthropic_usage",
+        "sse",
     )
 
     def __init__(self, *, assemble: bool, want_usage: bool) -> None:
@@ -867,6 +874,7 @@ class StreamState:
         self.events = 0
         self.tool_index = -1
         self.anthropic_usage: dict[str, int] = {}
+        self.sse = SSEParser()
 
     @property
     def tokens_in(self) -> int | None:
@@ -935,7 +943,8 @@ class OpenAIAdapter:
             st.done = True
             return None
         if event == b"error":
-            raise Failure("upstream_error_event", "error event: " + data[:300].decode("utf-8", "replace"))
+            text = data[:300].decode("utf-8", "replace")
+            raise Failure("upstream_error_event", f"error event: {text}")
         try:
             chunk = _chunk_decoder.decode(data)
         except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as e:
@@ -1523,8 +1532,7 @@ class Exchange:
                     break
                 retried = True
                 await trio.sleep(wait)
-            if last is not None and (last.outcome in TIMEOUT_OUTCOMES or
-                                     (last.outcome == "connect_error" and "timed out" in last.error)):
+            if last is not None and is_timeout(last):
                 self.timed_out.add(slot.provider)
             if trio.current_time() >= self.deadline:
                 break
@@ -1562,7 +1570,7 @@ class Exchange:
                 except Failure as f:
                     failure = f
             if scope.cancelled_caught:
-                failure = Failure(self.armed, self._timeout_text(m))
+                failure = Failure(self.armed, self._timeout_text(st))
         except trio.Cancelled:
             self._attempt_row(slot, st, m, failure=Failure(self.cancel_reason, self.cancel_reason))
             raise
@@ -1578,13 +1586,17 @@ class Exchange:
                      failure.error)
         return failure
 
-    def _timeout_text(self, m: Metrics) -> str:
+    def _timeout_text(self, st: StreamState) -> str:
         t = self.route.timing
         if self.armed == "first_token_timeout":
-            return f"no output within first_token_timeout_s = {t.first_token_timeout_s:g} s"
-        if self.armed == "stall_timeout":
-            return f"no output for stall_timeout_s = {t.stall_timeout_s:g} s after output began"
-        return f"total_timeout_s = {t.total_timeout_s:g} s ran out"
+            text = f"no output within first_token_timeout_s = {t.first_token_timeout_s:g} s"
+        elif self.armed == "stall_timeout":
+            text = f"no output for stall_timeout_s = {t.stall_timeout_s:g} s after output began"
+        else:
+            text = f"total_timeout_s = {t.total_timeout_s:g} s ran out"
+        # Before the first token every decoded frame was empty; after it, only comments count.
+        ignored = st.sse.heartbeats + (st.events if self.armed == "first_token_timeout" else 0)
+        return text + (f"; {ignored} heartbeat(s) or empty frame(s) ignored" if ignored else "")
 
     async def _exchange(
         self, slot: Slot, st: StreamState, m: Metrics, scope: trio.CancelScope,
@@ -1633,7 +1645,7 @@ class Exchange:
             frame = adapter.whole_body(body, st)
             await self._digested(slot, st, m, scope, pending, frame)
             return
-        sse = SSEParser()
+        sse = st.sse
         on_event = adapter.on_event
         async for chunk in resp.aiter_bytes():
             for event, data in sse.feed(chunk):
@@ -1923,7 +1935,8 @@ async def handle_connection(d: Daemon, stream: trio.abc.Stream, peer: Peer) -> N
         while True:
             if not conn.trailing_data[0]:
                 # Keep-alive idle: wait for the next request's first byte.
-                with trio.CancelScope(deadline=trio.current_time() + dc.keepalive_timeout_s) as idle:
+                idle_until = trio.current_time() + dc.keepalive_timeout_s
+                with trio.CancelScope(deadline=idle_until) as idle:
                     d.idle_scopes.add(idle)
                     if d.draining:
                         idle.cancel()
@@ -2115,7 +2128,8 @@ def peer_credentials(stream: trio.abc.Stream) -> Peer:
     return Peer(pid, uid)
 
 
-async def open_unix_listener(path: str, mode: str) -> trio.SocketListener:
+def _clear_socket_path(path: str) -> None:
+    """Replace a stale socket file; refuse a live socket or anything that is not one."""
     if os.path.lexists(path):
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise StartupError(f"daemon.socket = {path} exists and is not a socket; refusing to "
@@ -2133,6 +2147,10 @@ async def open_unix_listener(path: str, mode: str) -> trio.SocketListener:
     directory = os.path.dirname(path)
     if directory:
         os.makedirs(directory, exist_ok=True)
+
+
+async def open_unix_listener(path: str, mode: str) -> trio.SocketListener:
+    _clear_socket_path(path)
     sock = trio.socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     old_umask = os.umask(0o177)  # never world-accessible, even for an instant
     try:
@@ -2197,9 +2215,8 @@ async def serve(
     async with trio.open_nursery() as connections:
         async with trio.open_nursery() as accepting:
             for listener in listeners:
-                accepting.start_soon(
-                    lambda ln=listener: trio.serve_listeners(handler, [ln],
-                                                             handler_nursery=connections))
+                accepting.start_soon(functools.partial(
+                    trio.serve_listeners, handler, [listener], handler_nursery=connections))
             task_status.started()
             await d.shutdown.wait()
             accepting.cancel_scope.cancel()
@@ -2623,13 +2640,15 @@ def serve_cmd(config_path: str | None, quiet: bool) -> None:
 @cli.command("check")
 @click.option("--config", "config_path", help="Config file [default: $FAILOVERD_CONFIG or "
               f"{DEFAULT_CONFIG_PATH}]")
-def check_cmd(config_path: str | None) -> None:
+@click.option("--no-keys", is_flag=True,
+              help="Do not read API keys (validate on a machine without the credentials).")
+def check_cmd(config_path: str | None, no_keys: bool) -> None:
     """Validate the config and print each route's worst case against client_cliff_s."""
     path = _config_path(config_path)
     cfg = _load_or_exit(path)
     lines, warnings = check_report(cfg)
     problems = []
-    for name, p in cfg.providers.items():
+    for name, p in cfg.providers.items() if not no_keys else ():
         try:
             resolve_api_key(name, p, os.environ)
         except ConfigError as e:
@@ -2694,7 +2713,7 @@ def tail_cmd(ledger: str | None, follow: bool, as_json: bool, lines: int) -> Non
     """Print ledger rows (human-readable by default)."""
     path = ledger or _default_ledger()
     try:
-        trio.run(_tail, path, follow, as_json, lines)
+        _tail(path, follow, as_json, lines)
     except FileNotFoundError:
         click.echo(f"failoverd: no ledger at {path}; pass its path or check daemon.ledger",
                    err=True)
@@ -2711,7 +2730,7 @@ def _print_line(line: bytes, decoder: msgspec.json.Decoder, as_json: bool) -> No
     click.echo(line.decode() if as_json else format_row(row))
 
 
-async def _tail(path: str, follow: bool, as_json: bool, last: int) -> None:
+def _tail(path: str, follow: bool, as_json: bool, last: int) -> None:
     decoder = msgspec.json.Decoder(LedgerRow)
     with open(path, "rb") as f:
         lines = [ln.strip() for ln in f.readlines()]
@@ -2729,7 +2748,7 @@ async def _tail(path: str, follow: bool, as_json: bool, last: int) -> None:
                     if line.strip():
                         _print_line(line.strip(), decoder, as_json)
                 continue
-            await trio.sleep(0.25)
+            time.sleep(0.25)
             with contextlib.suppress(FileNotFoundError):
                 st = os.stat(path)
                 if st.st_ino != inode or st.st_size < f.tell():  # rotated or truncated

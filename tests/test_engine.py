@@ -502,7 +502,8 @@ def test_classify_status(status, body, outcome):
 ])
 def test_parse_retry_after(headers, seconds):
     now = 1445412480.0  # Wed, 21 Oct 2015 07:28:00 GMT
-    assert fo.parse_retry_after(headers, now) == (None if seconds is None else pytest.approx(seconds))
+    expected = None if seconds is None else pytest.approx(seconds)
+    assert fo.parse_retry_after(headers, now) == expected
 
 
 def test_rate_limit_hold_defaults_and_caps():
