@@ -76,6 +76,9 @@ class DaemonConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     # Same as nginx's keepalive_timeout default.
     keepalive_timeout_s: Seconds = 75.0
     shutdown_grace_s: NonNegative = 30.0
+    # Breaker state and token divisors survive restarts here; default: state.json
+    # beside the ledger. "" turns persistence off.
+    state_file: str | None = None
 
     def __post_init__(self) -> None:
         if self.tcp is not None:
@@ -113,6 +116,30 @@ class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     max_output_tokens: PositiveInt = 4096
 
 
+class BreakerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """When a provider or model is taken out of rotation, and for how long."""
+
+    consecutive_failures: PositiveInt = 3
+    # Failure-rate trip: over the last window_s, with at least min_calls calls.
+    window_s: Seconds = 60.0
+    min_calls: PositiveInt = 5
+    failure_rate: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.5
+    # A first token later than slow_call_s is a slow call; latency is the early warning.
+    slow_call_s: Seconds = 20.0
+    slow_call_rate: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.8
+    # Cooldown doubles with each reopen (cooldown_s, 2x, 4x ...) up to cooldown_max_s.
+    cooldown_s: Seconds = 5.0
+    cooldown_max_s: Seconds = 300.0
+    jitter: Annotated[float, msgspec.Meta(ge=0, lt=1)] = 0.2
+    auth_isolation_s: Seconds = 900.0
+    not_found_isolation_s: Seconds = 900.0
+    rate_limit_default_s: Seconds = 30.0
+    rate_limit_max_s: Seconds = 600.0
+    # Run on every breaker transition with the event as JSON on stdin.
+    alert_command: list[str] | None = None
+    alert_timeout_s: Seconds = 10.0
+
+
 class Timing(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Deadlines and retry rules; `[defaults]` holds them, a route may override."""
 
@@ -139,6 +166,7 @@ class RouteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     daemon: DaemonConfig = DaemonConfig()
     defaults: Timing = Timing()
+    breakers: BreakerConfig = BreakerConfig()
     providers: dict[str, ProviderConfig] = {}
     models: dict[str, ModelConfig] = {}
     routes: dict[str, RouteConfig] = {}
@@ -450,17 +478,16 @@ class Failure(Exception):
 # SPEC section 5: transient statuses that fail over at once (529 = Anthropic overloaded).
 TRANSIENT_STATUSES = frozenset({408, 425, 500, 502, 503, 504, 529})
 TIMEOUT_OUTCOMES = frozenset({"first_token_timeout", "stall_timeout", "total_timeout"})
-# Outcomes that say nothing about the upstream's health.
-NEUTRAL_OUTCOMES = frozenset({"ok", "bad_request", "client_disconnected", "skipped"})
+# Outcomes that count against a breaker; the rest say nothing about the slot's health
+# (bad_request, client_disconnected, context_overflow, total_timeout) or have their
+# own treatment (rate_limited, auth_error, not_found).
+HEALTH_FAILURES = frozenset({
+    "connect_error", "first_token_timeout", "stall_timeout", "http_error",
+    "upstream_error_event", "protocol_error", "truncated",
+})
 # A 5xx that took longer than this to arrive is a gateway timeout in disguise:
 # waiting for it twice costs more than moving to the next slot.
 FAST_FAILURE_S = 2.0
-# SPEC section 5: default hold-out after a 429 without a usable hint, and its cap.
-RATE_LIMIT_DEFAULT_S = 30.0
-RATE_LIMIT_CAP_S = 600.0
-# SPEC section 5: a bad key is isolated for 15 minutes.
-AUTH_ISOLATION_S = 15 * 60.0
-NOT_FOUND_ISOLATION_S = 15 * 60.0
 # How much of an upstream error body is kept (for classification and the ledger).
 ERROR_BODY_LIMIT = 64 * 1024
 
@@ -549,8 +576,102 @@ def parse_retry_after(headers: Mapping[str, str], now_epoch: float) -> float | N
     return max(resets) if resets else None
 
 
-def rate_limit_hold(retry_after: float | None) -> float:
-    return min(RATE_LIMIT_CAP_S, RATE_LIMIT_DEFAULT_S if retry_after is None else retry_after)
+def rate_limit_hold(retry_after: float | None, cfg: BreakerConfig) -> float:
+    """How long a 429 keeps a model out: its hint, else the default; capped."""
+    wait = cfg.rate_limit_default_s if retry_after is None else retry_after
+    return min(cfg.rate_limit_max_s, wait)
+
+
+Transition = tuple[str, str, str, float | None]  # (from, to, reason, open_until)
+
+
+class Breaker:
+    """One circuit breaker. Pure: the caller passes the time and does the I/O.
+
+    closed -> open after `consecutive_failures`, or a failure or slow-call rate over
+    the window; open -> half_open when the cooldown ends; half_open lets one probe
+    through: its success closes, its failure reopens with a doubled cooldown.
+    A hold (a 429's Retry-After) simply ends: open -> closed.
+    """
+
+    __slots__ = ("state", "consecutive", "window", "opens", "open_until", "probing", "reason",
+                 "skip", "hold")
+
+    def __init__(self) -> None:
+        self.state = "closed"
+        self.consecutive = 0
+        self.window: list[tuple[float, bool, bool]] = []  # (time, failed, slow)
+        self.opens = 0
+        self.open_until = 0.0
+        self.probing = False
+        self.reason = ""
+        self.skip = "breaker_open"
+        self.hold = False
+
+    def poll(self, now: float) -> Transition | None:
+        """Let time pass: an expired cooldown half-opens (or a hold closes)."""
+        if self.state != "open" or now < self.open_until:
+            return None
+        if self.hold:
+            self.state, self.hold = "closed", False
+            return ("open", "closed", "hold-out ended", None)
+        self.state, self.probing = "half_open", False
+        return ("open", "half_open", "cooldown ended; the next request probes", None)
+
+    def blocks(self) -> bool:
+        return self.state == "open" or (self.state == "half_open" and self.probing)
+
+    def trip(self, now: float, seconds: float, reason: str, *, skip: str = "breaker_open",
+             hold: bool = False) -> Transition | None:
+        """Open for `seconds` (a longer open already in force wins)."""
+        until = now + seconds
+        if self.state == "open" and self.open_until >= until:
+            return None
+        old = self.state
+        self.state, self.open_until, self.reason = "open", until, reason
+        self.skip, self.hold, self.probing = skip, hold, False
+        return (old, "open", reason, until) if old != "open" else None
+
+    def result(self, now: float, failed: bool, slow: bool, cfg: BreakerConfig,
+               jitter: float) -> Transition | None:
+        """Record one finished call; `jitter` is uniform in [0, 1)."""
+        self.window = [w for w in self.window if w[0] > now - cfg.window_s]
+        self.window.append((now, failed, slow))
+        self.consecutive = self.consecutive + 1 if failed else 0
+        if self.state == "half_open" and self.probing:
+            self.probing = False
+            if not failed:
+                self.state, self.opens, self.window = "closed", 0, []
+                return ("half_open", "closed", "probe succeeded", None)
+            return self._open(now, "probe failed", cfg, jitter)
+        if self.state != "closed":
+            return None
+        reason = self._trip_reason(cfg)
+        return self._open(now, reason, cfg, jitter) if reason else None
+
+    def _trip_reason(self, cfg: BreakerConfig) -> str | None:
+        if self.consecutive >= cfg.consecutive_failures:
+            return f"{self.consecutive} consecutive failures"
+        calls = len(self.window)
+        if calls < cfg.min_calls:
+            return None
+        failures = sum(1 for _, failed, _ in self.window if failed)
+        if failures / calls >= cfg.failure_rate:
+            return f"{failures} of {calls} calls failed in {cfg.window_s:g} s"
+        slow = sum(1 for _, _, s in self.window if s)
+        if slow / calls >= cfg.slow_call_rate:
+            return f"{slow} of {calls} first tokens slower than {cfg.slow_call_s:g} s"
+        return None
+
+    def _open(self, now: float, reason: str, cfg: BreakerConfig, jitter: float) -> Transition:
+        old = self.state
+        self.opens += 1
+        cooldown = min(cfg.cooldown_max_s, cfg.cooldown_s * 2 ** (self.opens - 1))
+        cooldown *= 1 - cfg.jitter + 2 * cfg.jitter * jitter
+        self.state, self.open_until, self.reason = "open", now + cooldown, reason
+        self.skip, self.hold, self.probing = "breaker_open", False, False
+        self.consecutive = 0
+        return (old, "open", reason, self.open_until)
 
 
 def retry_wait(
@@ -1246,18 +1367,38 @@ class ClientGone(Exception):
     """Sending to the client failed: it disconnected or stopped reading."""
 
 
-class Hold(msgspec.Struct):
-    until: float
+# At most this many alert commands run at once; more are dropped (and logged).
+MAX_ALERTS_IN_FLIGHT = 4
+
+
+class SavedBreaker(msgspec.Struct, kw_only=True):
+    scope: str
+    key: str
+    state: str
+    opens: int
+    open_until: float  # Unix time
     reason: str
-    skip_reason: str
+    skip: str = "breaker_open"
+    hold: bool = False
+
+
+class SavedState(msgspec.Struct, kw_only=True):
+    """The state file: what must survive a restart during an outage."""
+
+    version: int = 1
+    saved_at: str = ""
+    breakers: list[SavedBreaker] = []
+    divisors: dict[str, float] = {}
 
 
 class Health:
-    """Hold-outs per model and credential: 429 cooldowns, bad keys, missing models."""
+    """Breakers per credential, provider and model, and their I/O: ledger rows,
+    warnings on stderr, the alert command and the state file."""
 
     def __init__(self, d: Daemon) -> None:
         self.d = d
-        self.holds: dict[tuple[str, str], Hold] = {}
+        self.breakers: dict[tuple[str, str], Breaker] = {}
+        self.alerts_in_flight = 0
 
     def credential_key(self, provider: str) -> str:
         """A credential is a provider and its key: a new key is a new credential."""
@@ -1266,49 +1407,169 @@ class Health:
             return provider
         return f"{provider}:{hashlib.sha256(key.encode()).hexdigest()[:8]}"
 
-    def skip_reason(self, slot: Slot, now: float) -> tuple[str, float] | None:
-        """(skip reason, hold end) if the slot must not be tried now."""
-        for key in (("credential", self.credential_key(slot.provider)), ("model", slot.key)):
-            hold = self.holds.get(key)
-            if hold is not None:
-                if hold.until > now:
-                    return hold.skip_reason, hold.until
-                self._release(key, hold)
+    def _keys(self, slot: Slot) -> tuple[tuple[str, str], ...]:
+        return (("credential", self.credential_key(slot.provider)),
+                ("provider", slot.provider), ("model", slot.key))
+
+    def admit(self, slot: Slot) -> tuple[str, float] | None:
+        """None if the slot may be tried now (claiming a half-open probe), else
+        (skip reason, when it may be tried again)."""
+        now = trio.current_time()
+        half_open = []
+        for key in self._keys(slot):
+            b = self.breakers.get(key)
+            if b is None:
+                continue
+            self._apply(key, b.poll(now))
+            if b.blocks():
+                return b.skip, b.open_until if b.state == "open" else now
+            if b.state == "half_open":
+                half_open.append(b)
+        for b in half_open:
+            b.probing = True
         return None
 
-    def _release(self, key: tuple[str, str], hold: Hold) -> None:
-        del self.holds[key]
-        self.d.breaker_row(key[0], key[1], "open", "closed", "hold-out ended", None)
+    def blocked_until(self, slot: Slot) -> float:
+        """When the slot's breakers let it through again, without claiming a probe."""
+        until = 0.0
+        for key in self._keys(slot):
+            b = self.breakers.get(key)
+            if b is not None and b.blocks():
+                until = max(until, b.open_until if b.state == "open" else math.inf)
+        return until
 
-    def hold(self, scope: str, key: str, seconds: float, reason: str, skip: str) -> None:
+    def force(self, slot: Slot, route: str) -> None:
+        """Never blank: every slot is out, so this one is probed regardless."""
+        for key in self._keys(slot):
+            b = self.breakers.get(key)
+            if b is not None and b.state != "closed":
+                old, b.state, b.probing = b.state, "half_open", True
+                if old != "half_open":
+                    self._apply(key, (old, "half_open", f"every slot of route {route!r} is out; "
+                                      "probing the one closest to recovery", None))
+
+    def record(self, slot: Slot, failure: Failure | None, ttft: float | None) -> None:
+        """Account one finished attempt."""
         now = trio.current_time()
-        until = now + seconds
-        old = self.holds.get((scope, key))
-        if old is not None and old.until >= until:
-            return
-        self.holds[(scope, key)] = Hold(until, reason, skip)
-        if old is None:
-            self.d.breaker_row(scope, key, "closed", "open", reason, until)
+        cfg = self.d.cfg.breakers
+        outcome = "ok" if failure is None else failure.outcome
+        if failure is not None and outcome == "rate_limited":
+            self._trip(("model", slot.key), rate_limit_hold(failure.retry_after, cfg),
+                       failure.error, skip="rate_limited", hold=True)
+        elif failure is not None and outcome == "auth_error":
+            self._trip(("credential", self.credential_key(slot.provider)), cfg.auth_isolation_s,
+                       f"credential isolated: {failure.error}")
+        elif failure is not None and outcome == "not_found":
+            self._trip(("model", slot.key), cfg.not_found_isolation_s,
+                       f"model isolated: {failure.error}")
+        elif outcome == "ok" or outcome in HEALTH_FAILURES:
+            failed = outcome != "ok"
+            slow = ttft is not None and ttft > cfg.slow_call_s
+            keys = [("provider", slot.provider), ("model", slot.key)]
+            credential = ("credential", self.credential_key(slot.provider))
+            if not failed and credential in self.breakers:
+                keys.append(credential)  # a working call proves the key
+            for key in keys:
+                b = self.breakers.setdefault(key, Breaker())
+                self._apply(key, b.result(now, failed, slow, cfg, self.d.rng.random()))
+        # A probe whose outcome proved nothing (client gone, bad request) frees the
+        # half-open slot for the next request instead of leaving it stuck.
+        for key in self._keys(slot):
+            b = self.breakers.get(key)
+            if b is not None and b.probing:
+                b.probing = False
 
-    def record(self, slot: Slot, failure: Failure | None) -> None:
-        if failure is None or failure.outcome in NEUTRAL_OUTCOMES:
+    def _trip(self, key: tuple[str, str], seconds: float, reason: str, *,
+              skip: str = "breaker_open", hold: bool = False) -> None:
+        b = self.breakers.setdefault(key, Breaker())
+        self._apply(key, b.trip(trio.current_time(), seconds, reason, skip=skip, hold=hold))
+
+    def _apply(self, key: tuple[str, str], transition: Transition | None) -> None:
+        if transition is None:
             return
-        if failure.outcome == "rate_limited":
-            self.hold("model", slot.key, rate_limit_hold(failure.retry_after),
-                      failure.error, "rate_limited")
-        elif failure.outcome == "auth_error":
-            self.hold("credential", self.credential_key(slot.provider), AUTH_ISOLATION_S,
-                      failure.error, "breaker_open")
-        elif failure.outcome == "not_found":
-            self.hold("model", slot.key, NOT_FOUND_ISOLATION_S, failure.error, "breaker_open")
+        old, new, reason, until = transition
+        scope, name = key
+        reason = scrub(reason, self.d.secrets)
+        open_until = None if until is None else utc_timestamp(self.d.wall_time(until))
+        row = BreakerRow(ts=utc_timestamp(), scope=scope, key=name, from_=old, to=new,  # type: ignore[arg-type]
+                         reason=reason, open_until=open_until)
+        self.d.ledger.write(row)
+        log.warning("breaker %s %s: %s -> %s (%s)%s", scope, name, old, new, reason,
+                    f", open until {open_until}" if open_until else "")
+        self.alert(msgspec.json.encode(row))
+        self.save()
+
+    def alert(self, event: bytes) -> None:
+        """Run the alert command in the background; never block a request on it."""
+        cmd = self.d.cfg.breakers.alert_command
+        if not cmd or self.d.background is None:
+            return
+        if self.alerts_in_flight >= MAX_ALERTS_IN_FLIGHT:
+            log.error("alert_command: %d alerts already running; dropped %s",
+                      self.alerts_in_flight, event[:200].decode())
+            return
+        self.alerts_in_flight += 1
+        self.d.background.start_soon(self._run_alert, cmd, event)
+
+    async def _run_alert(self, cmd: list[str], event: bytes) -> None:
+        timeout = self.d.cfg.breakers.alert_timeout_s
+        try:
+            with trio.move_on_after(timeout) as scope:
+                done = await trio.run_process(cmd, stdin=event, capture_stdout=True,
+                                              capture_stderr=True, check=False)
+            if scope.cancelled_caught:
+                log.error("alert_command %s did not finish within %g s and was killed",
+                          cmd[0], timeout)
+            elif done.returncode:
+                log.error("alert_command %s exited %d: %s", cmd[0], done.returncode,
+                          done.stderr[:300].decode("utf-8", "replace").strip())
+        except OSError as e:
+            log.error("alert_command %s could not run: %s", cmd[0], e.strerror or e)
+        finally:
+            self.alerts_in_flight -= 1
 
     def snapshot(self) -> list[dict[str, Any]]:
         now = trio.current_time()
+        out = []
+        for (scope, key), b in sorted(self.breakers.items()):
+            self._apply((scope, key), b.poll(now))
+            recent = [w for w in b.window if w[0] > now - self.d.cfg.breakers.window_s]
+            out.append({
+                "scope": scope, "key": key, "state": b.state,
+                "failures_in_window": sum(1 for w in recent if w[1]),
+                "calls_in_window": len(recent), "consecutive_failures": b.consecutive,
+                "open_until": utc_timestamp(self.d.wall_time(b.open_until))
+                if b.state == "open" else None,
+                "last_reason": b.reason or None,
+            })
+        return out
+
+    # -- persistence -----------------------------------------------------------
+
+    def saved(self) -> list[SavedBreaker]:
         return [
-            {"scope": scope, "key": key, "state": "open", "open_for_s": round(h.until - now, 3),
-             "reason": h.reason}
-            for (scope, key), h in self.holds.items() if h.until > now
+            SavedBreaker(scope=scope, key=key, state=b.state, opens=b.opens,
+                         open_until=self.d.wall_time(b.open_until), reason=b.reason,
+                         skip=b.skip, hold=b.hold)
+            for (scope, key), b in self.breakers.items() if b.state != "closed" or b.opens
         ]
+
+    def restore(self, saved: list[SavedBreaker]) -> int:
+        """Reopen what was open when the daemon stopped; returns how many."""
+        now, wall = trio.current_time(), time.time()
+        restored = 0
+        for sb in saved:
+            b = self.breakers.setdefault((sb.scope, sb.key), Breaker())
+            b.opens, b.reason, b.skip, b.hold = sb.opens, sb.reason, sb.skip, sb.hold
+            if sb.state in ("open", "half_open"):
+                # A half-open breaker reopens at once so the next request probes.
+                b.state = "open"
+                b.open_until = now + max(0.0, sb.open_until - wall)
+                restored += 1
+        return restored
+
+    def save(self) -> None:
+        self.d.save_state()
 
 
 class Daemon:
@@ -1339,6 +1600,58 @@ class Daemon:
         self.started_at = time.time()
         self.transport = transport
         self.clients = {name: self._client(p) for name, p in cfg.providers.items()}
+        # Where alert commands run; serve() sets it to a nursery that outlives requests.
+        self.background: trio.Nursery | None = None
+        self.state_path = cfg.daemon.state_file
+        if self.state_path is None:
+            self.state_path = os.path.join(os.path.dirname(ledger.path), "state.json") \
+                if ledger.path else ""
+        self._state_warned = False
+        self.load_state()
+
+    def wall_time(self, t: float) -> float:
+        """A trio clock time as Unix time (for the ledger and the state file)."""
+        return time.time() + (t - trio.current_time())
+
+    def load_state(self) -> None:
+        if not self.state_path:
+            return
+        try:
+            with open(self.state_path, "rb") as f:
+                state = msgspec.json.decode(f.read(), type=SavedState)
+        except FileNotFoundError:
+            return
+        except (OSError, msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as e:
+            log.error("state file %s is unreadable (%s); starting with all breakers closed",
+                      self.state_path, e)
+            return
+        restored = self.health.restore(state.breakers)
+        if restored:
+            log.warning("restored %d open breaker(s) from %s", restored, self.state_path)
+        self.restore_divisors(state.divisors)
+
+    def restore_divisors(self, divisors: dict[str, float]) -> None:
+        """Token divisors come with issue 4's estimator."""
+
+    def divisors(self) -> dict[str, float]:
+        return {}
+
+    def save_state(self) -> None:
+        """Atomically replace the state file; rare (breaker transitions, shutdown)."""
+        if not self.state_path:
+            return
+        state = SavedState(saved_at=utc_timestamp(), breakers=self.health.saved(),
+                           divisors=self.divisors())
+        tmp = self.state_path + ".tmp"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(msgspec.json.encode(state))
+            os.replace(tmp, self.state_path)
+        except OSError as e:
+            if not self._state_warned:
+                self._state_warned = True
+                log.error("cannot write state file %s (%s); breakers will not survive a "
+                          "restart until this is fixed", self.state_path, e.strerror)
 
     def _client(self, p: ProviderConfig) -> httpx.AsyncClient:
         # read/write/pool are None: the attempt's cancel scope owns those deadlines,
@@ -1502,47 +1815,75 @@ class Exchange:
             self.d.end(self)
 
     async def _walk(self) -> None:
-        timing = self.route.timing
         last: Failure | None = None
+        blocked: list[tuple[float, Slot]] = []  # slots out on a breaker, and until when
         for slot in self.route.slots:
             skip = self.skip_reason(slot)
             if skip is not None:
-                self._attempt_row(slot, None, None, outcome="skipped", skip_reason=skip)
+                reason, until = skip
+                self._attempt_row(slot, None, None, outcome="skipped", skip_reason=reason)
+                if reason in ("breaker_open", "rate_limited"):
+                    blocked.append((until, slot))
                 continue
-            retried = False
-            while trio.current_time() < self.deadline:
-                began = trio.current_time()
-                failure = await self.attempt(slot)
-                if failure is None:
-                    return await self._finish_ok()
-                last = failure
-                self.failures.append((slot, failure))
-                if failure.outcome == "client_disconnected":
-                    self.status = STATUS_CLIENT_CLOSED
-                    return self._request_row()
-                if self.committed:
-                    return await self._finish_in_band(failure)
-                if failure.outcome == "bad_request":
-                    return await self._pass_through(failure)
-                now = trio.current_time()
-                wait = None if retried else retry_wait(
-                    failure, elapsed=now - began, remaining=self.deadline - now, timing=timing,
-                    jitter=self.d.rng.random())
-                if wait is None:
-                    break
-                retried = True
-                await trio.sleep(wait)
-            if last is not None and is_timeout(last):
-                self.timed_out.add(slot.provider)
+            done, last = await self._try_slot(slot, last)
+            if done:
+                return
             if trio.current_time() >= self.deadline:
                 break
+        if not self.failures and blocked and trio.current_time() < self.deadline:
+            # Never blank: rather than fail without an attempt, probe the slot whose
+            # breaker is closest to recovery.
+            slot = min(blocked, key=lambda b: b[0])[1]
+            self.d.health.force(slot, self.route.name)
+            done, last = await self._try_slot(slot, last)
+            if done:
+                return
         await self._finish_failed(last)
 
-    def skip_reason(self, slot: Slot) -> str | None:
+    async def _try_slot(self, slot: Slot, last: Failure | None) -> tuple[bool, Failure | None]:
+        """Attempt a slot (and retry it once where the rules allow). True when the
+        request is finished, one way or another."""
+        timing = self.route.timing
+        retried = False
+        while trio.current_time() < self.deadline:
+            began = trio.current_time()
+            failure = await self.attempt(slot)
+            if failure is None:
+                await self._finish_ok()
+                return True, None
+            last = failure
+            self.failures.append((slot, failure))
+            if failure.outcome == "client_disconnected":
+                self.status = STATUS_CLIENT_CLOSED
+                self._request_row()
+                return True, last
+            if self.committed:
+                await self._finish_in_band(failure)
+                return True, last
+            if failure.outcome == "bad_request":
+                await self._pass_through(failure)
+                return True, last
+            now = trio.current_time()
+            wait = None if retried else retry_wait(
+                failure, elapsed=now - began, remaining=self.deadline - now, timing=timing,
+                jitter=self.d.rng.random())
+            # An open breaker means no retry (the failure may just have opened it),
+            # unless it is a 429 hold that ends within the wait.
+            if wait is None or self.d.health.blocked_until(slot) > now + wait:
+                break
+            retried = True
+            await trio.sleep(wait)
+            if self.d.health.admit(slot) is not None:
+                break
+        if last is not None and is_timeout(last):
+            self.timed_out.add(slot.provider)
+        return False, last
+
+    def skip_reason(self, slot: Slot) -> tuple[str, float] | None:
+        """(skip reason, until when) if the slot must not be tried for this request."""
         if slot.provider in self.timed_out:
-            return "provider_timed_out"
-        held = self.d.health.skip_reason(slot, trio.current_time())
-        return held[0] if held else None
+            return "provider_timed_out", math.inf
+        return self.d.health.admit(slot)
 
     # -- one attempt -----------------------------------------------------------
 
@@ -1572,12 +1913,14 @@ class Exchange:
             if scope.cancelled_caught:
                 failure = Failure(self.armed, self._timeout_text(st))
         except trio.Cancelled:
-            self._attempt_row(slot, st, m, failure=Failure(self.cancel_reason, self.cancel_reason))
+            gone = Failure(self.cancel_reason, self.cancel_reason)
+            self._attempt_row(slot, st, m, failure=gone)
+            self.d.health.record(slot, gone, None)
             raise
         if failure is not None:
             failure.error = scrub(failure.error, self.d.secrets)
         self._attempt_row(slot, st, m, failure=failure)
-        self.d.health.record(slot, failure)
+        self.d.health.record(slot, failure, None if m.first is None else m.first - m.began)
         if failure is None:
             self.served_by = slot
             self.final_state = st
@@ -2213,6 +2556,7 @@ async def serve(
         await handle_connection(d, stream, peer_credentials(stream))
 
     async with trio.open_nursery() as connections:
+        d.background = connections
         async with trio.open_nursery() as accepting:
             for listener in listeners:
                 accepting.start_soon(functools.partial(
@@ -2227,6 +2571,7 @@ async def serve(
             scope.cancel()
         with trio.move_on_after(d.cfg.daemon.shutdown_grace_s):
             await d.no_inflight.wait()
+        d.save_state()
         connections.cancel_scope.cancel()
 
 

@@ -78,7 +78,8 @@ class _ScriptStream(httpx.AsyncByteStream):
 
 
 class MockUpstreams:
-    """Scripts keyed by "provider/model"; a value is one script or a list, one per call."""
+    """Scripts keyed by "provider/model". A value is one script, a list of scripts (one
+    per call, the last repeating), or a function of the trio time returning a script."""
 
     def __init__(self, scripts: dict[str, Any] | None = None) -> None:
         self.scripts: dict[str, Any] = dict(scripts or {})
@@ -94,6 +95,8 @@ class MockUpstreams:
         entry = self.scripts.get(key)
         if entry is None:
             raise AssertionError(f"no script for {key}")
+        if callable(entry):
+            return entry(trio.current_time())
         if entry and isinstance(entry[0], list):  # one script per call
             n = sum(1 for _, k in self.calls if k == key) - 1
             return entry[min(n, len(entry) - 1)]
@@ -206,6 +209,7 @@ class Harness:
         self.upstreams = upstreams
         self.d = fo.Daemon(cfg, ledger=self.ledger, transport=upstreams.transport,
                            rng=FixedJitter(), keys={"a": "sk-test-secret-key-aaaa"})
+        self.d.background = nursery
         self.nursery = nursery
         self.ledger_path = ledger_path
 
@@ -244,9 +248,11 @@ async def harness(tmp_path, nursery):
 
     def make(scripts: dict[str, Any], routes: dict[str, list[str]] | None = None,
              models: dict[str, fo.ModelConfig] | None = None, anthropic: tuple[str, ...] = (),
-             **timing: Any) -> Harness:
+             breakers: fo.BreakerConfig | None = None, **timing: Any) -> Harness:
         cfg = make_config(routes or {"r": ["a/m1", "b/m2"]}, ledger=str(tmp_path / "ledger.jsonl"),
                           models=models, anthropic=anthropic, **timing)
+        if breakers is not None:
+            cfg = msgspec.structs.replace(cfg, breakers=breakers)
         return Harness(cfg, MockUpstreams(scripts), str(tmp_path / "ledger.jsonl"), nursery)
 
     return make

@@ -507,9 +507,10 @@ def test_parse_retry_after(headers, seconds):
 
 
 def test_rate_limit_hold_defaults_and_caps():
-    assert fo.rate_limit_hold(None) == 30.0
-    assert fo.rate_limit_hold(7.0) == 7.0
-    assert fo.rate_limit_hold(3600.0) == 600.0
+    cfg = fo.BreakerConfig()
+    assert fo.rate_limit_hold(None, cfg) == 30.0
+    assert fo.rate_limit_hold(7.0, cfg) == 7.0
+    assert fo.rate_limit_hold(3600.0, cfg) == 600.0
 
 
 def test_sse_parser_splits_events_across_reads():
