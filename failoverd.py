@@ -1415,18 +1415,20 @@ class Health:
         """None if the slot may be tried now (claiming a half-open probe), else
         (skip reason, when it may be tried again)."""
         now = trio.current_time()
-        half_open = []
+        found = []
         for key in self._keys(slot):
             b = self.breakers.get(key)
-            if b is None:
-                continue
-            self._apply(key, b.poll(now))
-            if b.blocks():
-                return b.skip, b.open_until if b.state == "open" else now
+            if b is not None:
+                self._apply(key, b.poll(now))
+                found.append(b)
+        blocking = [b for b in found if b.blocks()]
+        if blocking:
+            # Out until its last breaker lets go; a half-open one being probed lets go soon.
+            latest = max(blocking, key=lambda b: b.open_until if b.state == "open" else now)
+            return latest.skip, latest.open_until if latest.state == "open" else now
+        for b in found:
             if b.state == "half_open":
-                half_open.append(b)
-        for b in half_open:
-            b.probing = True
+                b.probing = True
         return None
 
     def blocked_until(self, slot: Slot) -> float:
