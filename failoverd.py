@@ -1399,6 +1399,8 @@ class Health:
         self.d = d
         self.breakers: dict[tuple[str, str], Breaker] = {}
         self.alerts_in_flight = 0
+        self.alerts_idle = trio.Event()  # set while no alert command runs
+        self.alerts_idle.set()
 
     def credential_key(self, provider: str) -> str:
         """A credential is a provider and its key: a new key is a new credential."""
@@ -1510,6 +1512,8 @@ class Health:
             log.error("alert_command: %d alerts already running; dropped %s",
                       self.alerts_in_flight, event[:200].decode())
             return
+        if not self.alerts_in_flight:
+            self.alerts_idle = trio.Event()
         self.alerts_in_flight += 1
         self.d.background.start_soon(self._run_alert, cmd, event)
 
@@ -1529,6 +1533,8 @@ class Health:
             log.error("alert_command %s could not run: %s", cmd[0], e.strerror or e)
         finally:
             self.alerts_in_flight -= 1
+            if not self.alerts_in_flight:
+                self.alerts_idle.set()
 
     def snapshot(self) -> list[dict[str, Any]]:
         now = trio.current_time()

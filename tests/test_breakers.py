@@ -192,9 +192,9 @@ async def test_alert_command_gets_each_transition_on_stdin(harness, tmp_path):
                 breakers=fo.BreakerConfig(alert_command=[sys.executable, "-c", script]))
     with trio.fail_after(10):
         r = await h.chat()
-        assert r.status == 200  # the request did not wait for the alert
-        while not out.exists() or not out.read_bytes().strip():
-            await trio.sleep(0.05)
+        assert r.status == 200
+        assert h.d.health.alerts_in_flight == 1  # the request did not wait for the alert
+        await h.d.health.alerts_idle.wait()
     event = fo.msgspec.json.decode(out.read_bytes().splitlines()[0])
     assert (event["kind"], event["scope"], event["to"]) == ("breaker", "credential", "open")
     assert "sk-test-secret" not in out.read_text()
@@ -205,6 +205,5 @@ async def test_alert_command_that_hangs_is_killed(harness, caplog):
                 breakers=fo.BreakerConfig(alert_command=["sleep", "60"], alert_timeout_s=0.2))
     with trio.fail_after(10):
         assert (await h.chat()).status == 200
-        while h.d.health.alerts_in_flight:
-            await trio.sleep(0.05)
+        await h.d.health.alerts_idle.wait()
     assert "did not finish within 0.2 s" in caplog.text
