@@ -1734,6 +1734,7 @@ class Daemon:
             "draining": self.draining,
             "in_flight": [ex.describe(now) for ex in self.inflight.values()],
             "breakers": self.health.snapshot(),
+            "token_divisors": self.divisors(),
             "ledger": {"path": self.ledger.path, "dropped_rows": self.ledger.dropped},
         }
 
@@ -3108,6 +3109,64 @@ def _tail(path: str, follow: bool, as_json: bool, last: int) -> None:
                     f.close()
                     f = open(path, "rb")  # noqa: SIM115 -- kept open across iterations
                     inode, partial = st.st_ino, b""
+
+
+def format_status(status: dict[str, Any]) -> list[str]:
+    """`failoverd status` as text: in-flight requests, breakers, token divisors."""
+    lines = [f"failoverd {status['version']}, up {status['uptime_s']:.0f} s"
+             + (" (draining)" if status.get("draining") else "")]
+    ledger = status.get("ledger") or {}
+    if ledger.get("dropped_rows"):
+        lines.append(f"ledger {ledger['path']}: {ledger['dropped_rows']} row(s) dropped "
+                     "(disk full or unwritable?)")
+    inflight = status.get("in_flight") or []
+    lines.append(f"in flight: {len(inflight)}")
+    for r in inflight:
+        lines.append(f"  {r['request_id']} {r['route']:<12} on {r['slot'] or '-':<32} "
+                     f"attempts={r['attempts']} age={r['age_s']:.1f}s"
+                     + (" committed" if r["committed"] else ""))
+    breakers = status.get("breakers") or []
+    lines.append(f"breakers: {len(breakers)}")
+    for b in breakers:
+        line = (f"  {b['scope']:<10} {b['key']:<36} {b['state']:<9} "
+                f"failures {b['failures_in_window']}/{b['calls_in_window']} in window")
+        if b.get("open_until"):
+            line += f", open until {b['open_until']}"
+        if b.get("last_reason"):
+            line += f" -- {b['last_reason']}"
+        lines.append(line)
+    divisors = status.get("token_divisors") or {}
+    if divisors:
+        lines.append("token divisors (chars per prompt token):")
+        lines += [f"  {k:<40} {v:.2f}" for k, v in sorted(divisors.items())]
+    return lines
+
+
+@cli.command("status")
+@click.option("--socket", "socket_path", help="Daemon socket [default: daemon.socket from the "
+              "config]")
+@click.option("--config", "config_path", help="Config file to find the socket in.")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
+def status_cmd(socket_path: str | None, config_path: str | None, as_json: bool) -> None:
+    """Ask a running daemon for its breakers, in-flight requests and token divisors."""
+    if socket_path is None:
+        try:
+            socket_path = load_config(_config_path(config_path)).daemon.socket
+        except ConfigError:
+            socket_path = DaemonConfig().socket
+    transport = httpx.HTTPTransport(uds=socket_path)
+    try:
+        with httpx.Client(transport=transport, base_url="http://failoverd", timeout=5) as c:
+            resp = c.get("/status")
+    except httpx.HTTPError as e:
+        click.echo(f"failoverd: cannot reach the daemon at {socket_path} ({e}); is it running? "
+                   "(systemctl status failoverd)", err=True)
+        sys.exit(1)
+    if as_json:
+        click.echo(resp.text)
+        return
+    for line in format_status(resp.json()):
+        click.echo(line)
 
 
 @cli.command("demo")
