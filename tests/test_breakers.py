@@ -100,12 +100,31 @@ async def test_401_isolates_every_model_on_the_credential_only(harness, autojump
     assert (await h.chat("r2")).text == "b"
 
 
-async def test_new_key_clears_the_credential_isolation(harness, autojump_clock, tmp_path):
+async def test_reload_with_a_new_key_clears_the_credential_isolation(
+        harness, autojump_clock, tmp_path, monkeypatch):
     h = harness({"a/m1": [respond(401), ok_script("a, new key")], "b/m2": ok_script("b")})
     await h.chat()
     assert (await h.chat()).text == "b"
-    h.d.keys["a"] = "sk-a-brand-new-key-bbbb"  # what a reload with a new key does
+    config = tmp_path / "failoverd.toml"
+    config.write_text(
+        '[providers.a]\nbase_url = "http://a.test/v1"\napi_key_env = "A_KEY"\n'
+        '[providers.b]\nbase_url = "http://b.test/v1"\n'
+        '[routes.r]\nchain = ["a/m1", "b/m2"]\n')
+    monkeypatch.setenv("A_KEY", "sk-a-brand-new-key-bbbb")
+    assert h.d.reload(str(config))
     assert (await h.chat()).text == "a, new key"
+    assert h.upstreams.requests[-1].headers["authorization"] == "Bearer sk-a-brand-new-key-bbbb"
+
+
+async def test_reload_with_a_bad_config_keeps_serving_the_old_one(harness, autojump_clock,
+                                                                  tmp_path, caplog):
+    h = harness({"a/m1": ok_script("a")})
+    config = tmp_path / "failoverd.toml"
+    config.write_text("[routes.r]\nchain = ['nope/m']\n")
+    assert not h.d.reload(str(config))
+    assert "reload failed, still serving the previous config" in caplog.text
+    assert "routes.r.chain[0]" in caplog.text
+    assert (await h.chat()).text == "a"
 
 
 async def test_open_breaker_survives_a_restart(harness, autojump_clock):
