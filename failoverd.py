@@ -112,8 +112,13 @@ class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     price_in_per_mtok: NonNegative = 0.0
     price_out_per_mtok: NonNegative = 0.0
     truncates_silently: bool = False
+    # Room kept for the answer when the client sends no max_tokens.
+    output_reserve: PositiveInt = 1024
     # Anthropic requires max_tokens; used when the client sends none.
     max_output_tokens: PositiveInt = 4096
+    # Our own budget for this model: skip it rather than push it over its quota.
+    tpm_limit: PositiveInt | None = None
+    rpm_limit: PositiveInt | None = None
 
 
 class BreakerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -211,17 +216,33 @@ _SECTION_TYPES: dict[str, type] = {
 }
 
 
+_ENUMS = {"kind": "'openai' or 'anthropic'"}
+
+
+def _expected(text: str) -> str:
+    """msgspec's enum errors say what was wrong, not what is allowed: add that."""
+    m = re.search(r"Invalid enum value .* - at `[^`]*\.(\w+)`", text)
+    return f"{text}; expected {_ENUMS[m.group(1)]}" if m and m.group(1) in _ENUMS else text
+
+
 def _entry_error(section: str, key: str, err: msgspec.ValidationError) -> str:
     # msgspec reports dict entries as `$.routes[...]`; name the entry instead.
     text = str(err)
     where = f"{section}.{key}"
-    return re.sub(r"`\$", f"`{where}", text) if "`$" in text else f"{text} - at `{where}`"
+    text = re.sub(r"`\$", f"`{where}", text) if "`$" in text else f"{text} - at `{where}`"
+    return _expected(text)
 
 
 def config_errors(cfg: Config) -> list[str]:
     """Cross-section checks msgspec cannot express, each naming its key path."""
     errors = []
     declared = ", ".join(sorted(cfg.providers)) or "none"
+    cliff = cfg.daemon.client_cliff_s
+    if cfg.defaults.total_timeout_s >= cliff:
+        # Bare PROVIDER/MODEL requests run on the defaults, whatever the routes say.
+        errors.append(
+            f"defaults.total_timeout_s = {cfg.defaults.total_timeout_s:g}: must be below "
+            f"daemon.client_cliff_s = {cliff:g} (bare PROVIDER/MODEL requests use it)")
     for name in cfg.models:
         slot = parse_slot(name)
         if slot is None or slot.provider not in cfg.providers:
@@ -239,11 +260,11 @@ def config_errors(cfg: Config) -> list[str]:
                     f"routes.{name}.chain[{i}] = {entry!r}: provider {slot.provider!r} is not "
                     f"declared under [providers] (declared: {declared})"
                 )
-        total = rc.total_timeout_s or cfg.defaults.total_timeout_s
-        if total >= cfg.daemon.client_cliff_s:
+        total = rc.total_timeout_s
+        if total is not None and total >= cliff:
             errors.append(
                 f"routes.{name}.total_timeout_s = {total:g}: must be below "
-                f"daemon.client_cliff_s = {cfg.daemon.client_cliff_s:g}, or the client's "
+                f"daemon.client_cliff_s = {cliff:g}, or the client's "
                 "runtime cancels the turn before failoverd reports the failure"
             )
     return errors
@@ -268,7 +289,7 @@ def parse_config(text: str, source: str = "config") -> Config:
         try:
             cfg = msgspec.convert(raw, Config)
         except msgspec.ValidationError as e:
-            errors.append(str(e))
+            errors.append(_expected(str(e)))
         else:
             errors = config_errors(cfg)
     if errors:
@@ -322,13 +343,13 @@ def slot_budget(cfg: Config, route: Route, slot: Slot) -> float:
     """The longest one slot can hold a request before the next starts.
 
     Connect plus first-token deadline; where a same-slot retry is allowed, the
-    retried failure must have been fast (FAST_FAILURE_S) and waits a backoff of up
-    to 1.5 x retry_backoff_s (or a Retry-After up to retry_after_max_s).
+    retried failure was fast (at most FAST_FAILURE_S), then a backoff of up to
+    1.5 x retry_backoff_s or a Retry-After up to retry_after_max_s, then one more try.
     """
     t = route.timing
     once = cfg.providers[slot.provider].connect_timeout_s + t.first_token_timeout_s
     if t.retry_same:
-        once += max(FAST_FAILURE_S + 1.5 * t.retry_backoff_s, t.retry_after_max_s)
+        once += FAST_FAILURE_S + max(1.5 * t.retry_backoff_s, t.retry_after_max_s)
     return once
 
 
@@ -686,15 +707,16 @@ def retry_wait(
 
     SPEC section 5: retry only where waiting is cheaper than leaving the preferred
     model: a fast transient failure (jittered backoff) or a 429 whose Retry-After
-    fits the budget. Never after a timeout. `jitter` is uniform in [0, 1).
+    fits the budget. Never after a timeout, nor after a failure that was slow to
+    come (it would be as slow again). `jitter` is uniform in [0, 1).
     """
-    if timing.retry_same < 1:
+    if timing.retry_same < 1 or elapsed > FAST_FAILURE_S:
         return None
     if failure.outcome == "rate_limited":
         wait = failure.retry_after
         if wait is None or wait > timing.retry_after_max_s:
             return None
-    elif failure.outcome in ("http_error", "connect_error") and elapsed <= FAST_FAILURE_S:
+    elif failure.outcome in ("http_error", "connect_error"):
         if failure.outcome == "http_error" and failure.status not in TRANSIENT_STATUSES:
             return None
         if is_timeout(failure):
@@ -715,6 +737,130 @@ def is_timeout(failure: Failure) -> bool:
 def failure_status(last: Failure | None) -> int:
     """HTTP status for a request whose every slot failed."""
     return 504 if last is not None and is_timeout(last) else 502
+
+
+# Token estimate (SPEC section 5). The request's size is its body in bytes; English
+# chat JSON runs about 4 bytes per token, code and CJK text fewer.
+DIVISOR_PRIOR = 4.0
+# Bounds on a learned divisor: 1.5 covers CJK and base64, 12 whitespace-heavy JSON.
+DIVISOR_MIN, DIVISOR_MAX = 1.5, 12.0
+# Weight of each observation; ~10 requests to move most of the way to a new ratio.
+DIVISOR_ALPHA = 0.2
+# Estimates are padded by 10 % so that a slightly optimistic divisor still fits.
+ESTIMATE_SAFETY = 1.1
+# Output tokens per character, for estimating tokens_out when usage is missing.
+OUTPUT_CHARS_PER_TOKEN = 4.0
+
+
+def clamp_divisor(value: float) -> float:
+    return min(DIVISOR_MAX, max(DIVISOR_MIN, value))
+
+
+class Estimator:
+    """Per-model EMA of request bytes per prompt token. Pure: no I/O, no clock."""
+
+    def __init__(self, divisors: Mapping[str, float] | None = None) -> None:
+        self.divisors = {k: clamp_divisor(v) for k, v in (divisors or {}).items()}
+        self.dirty = False
+
+    def divisor(self, model: str) -> float:
+        return self.divisors.get(model, DIVISOR_PRIOR)
+
+    def estimate(self, model: str, size: int) -> int:
+        """Prompt tokens for a request of `size` bytes, with the safety margin."""
+        return math.ceil(size / self.divisor(model) * ESTIMATE_SAFETY)
+
+    @staticmethod
+    def worst_case(size: int) -> int:
+        """Prompt tokens if the text were as dense as any text can be."""
+        return math.ceil(size / DIVISOR_MIN)
+
+    def observe(self, model: str, size: int, prompt_tokens: int,
+                weight: float = DIVISOR_ALPHA) -> None:
+        """One upstream-reported prompt size. The observation is clamped first, so a
+        freak report (a cached prompt counted as 1 token) moves the EMA only a step."""
+        if prompt_tokens <= 0 or size <= 0:
+            return
+        observed = clamp_divisor(size / prompt_tokens)
+        old = self.divisor(model)
+        self.divisors[model] = old + weight * (observed - old)
+        self.dirty = True
+
+    def overflowed(self, model: str, size: int, window: int | None,
+                   reported: int | None) -> None:
+        """The upstream said the prompt did not fit: our estimate was too low."""
+        if reported is not None:
+            self.observe(model, size, reported, weight=1.0)
+        elif window:
+            self.divisors[model] = clamp_divisor(min(self.divisor(model), 0.9 * size / window))
+        else:
+            self.divisors[model] = clamp_divisor(self.divisor(model) * 0.8)
+        self.dirty = True
+
+
+class Throttle:
+    """Tokens and requests sent to each model over the last minute. Pure: time passed in."""
+
+    WINDOW_S = 60.0  # the providers' TPM/RPM quotas are per minute
+
+    def __init__(self) -> None:
+        self.sent: dict[str, list[tuple[float, int]]] = {}
+
+    def _recent(self, model: str, now: float) -> list[tuple[float, int]]:
+        entries = self.sent.get(model)
+        if entries is None:
+            return []
+        while entries and entries[0][0] <= now - self.WINDOW_S:
+            entries.pop(0)
+        return entries
+
+    def over(self, model: str, now: float, tokens: int, cfg: ModelConfig) -> str | None:
+        """Why sending `tokens` more now would break the model's budget, or None."""
+        if cfg.rpm_limit is None and cfg.tpm_limit is None:
+            return None
+        recent = self._recent(model, now)
+        if cfg.rpm_limit is not None and len(recent) + 1 > cfg.rpm_limit:
+            return f"{len(recent)} requests in the last minute, rpm_limit {cfg.rpm_limit}"
+        used = sum(t for _, t in recent)
+        if cfg.tpm_limit is not None and used + tokens > cfg.tpm_limit:
+            return (f"{used} + {tokens} tokens in the last minute would pass tpm_limit "
+                    f"{cfg.tpm_limit}")
+        return None
+
+    def add(self, model: str, now: float, tokens: int, cfg: ModelConfig) -> None:
+        if cfg.rpm_limit is not None or cfg.tpm_limit is not None:
+            self.sent.setdefault(model, []).append((now, tokens))
+
+
+def output_reserve(body: Mapping[str, Any], cfg: ModelConfig) -> int:
+    """Tokens to keep free for the answer: the client's max_tokens, else the model's reserve."""
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = body.get(name)
+        if isinstance(value, int) and value > 0:
+            return value
+    return cfg.output_reserve
+
+
+_REPORTED_TOKENS = (
+    re.compile(r"(\d[\d,]*) in the messages"),  # OpenAI, vLLM
+    re.compile(r"resulted in (\d[\d,]*) tokens"),  # OpenAI
+    re.compile(r"too long: (\d[\d,]*) tokens"),  # Anthropic
+    re.compile(r"prompt has (\d[\d,]*) tokens"),
+)
+
+
+def reported_prompt_tokens(message: str) -> int | None:
+    """The prompt size an upstream's context-overflow message states, if it does."""
+    for pattern in _REPORTED_TOKENS:
+        m = pattern.search(message)
+        if m:
+            return int(m.group(1).replace(",", ""))
+    return None
+
+
+def truncation_suspected(prompt_tokens: int | None, window: int | None, reserve: int) -> bool:
+    """SPEC section 5's tripwire: reported prompt tokens at or above window minus reserve."""
+    return bool(window and prompt_tokens is not None and prompt_tokens >= window - reserve)
 
 
 _SECRET_PATTERNS = re.compile(
@@ -978,7 +1124,7 @@ class StreamState:
     __slots__ = (
         "progress", "done", "finish_reason", "usage", "id", "model", "created",
         "fingerprint", "choices", "want_usage", "events", "tool_index", "anthropic_usage",
-        "sse",
+        "sse", "out_chars",
     )
 
     def __init__(self, *, assemble: bool, want_usage: bool) -> None:
@@ -996,6 +1142,7 @@ class StreamState:
         self.tool_index = -1
         self.anthropic_usage: dict[str, int] = {}
         self.sse = SSEParser()
+        self.out_chars = 0
 
     @property
     def tokens_in(self) -> int | None:
@@ -1095,6 +1242,8 @@ class OpenAIAdapter:
             if d is not None and (d.content or d.tool_calls or d.refusal or d.reasoning_content
                                   or d.reasoning):
                 st.progress = True
+                st.out_chars += len(d.content or "") + len(d.reasoning_content or d.reasoning
+                                                           or "")
             if st.choices is not None:
                 acc = st.choices.get(choice.index)
                 if acc is None:
@@ -1335,6 +1484,7 @@ class AnthropicAdapter:
         else:  # content_block_stop and event types added later
             return None
         st.progress = True
+        st.out_chars += len(delta.get("content") or delta.get("reasoning_content") or "")
         if acc is not None:
             acc.add(msgspec.convert(delta, _Delta))
             return None
@@ -1367,6 +1517,8 @@ class ClientGone(Exception):
     """Sending to the client failed: it disconnected or stopped reading."""
 
 
+# Learned divisors are saved this often (breaker transitions are saved at once).
+STATE_SAVE_EVERY_S = 60.0
 # At most this many alert commands run at once; more are dropped (and logged).
 MAX_ALERTS_IN_FLIGHT = 4
 
@@ -1599,6 +1751,8 @@ class Daemon:
         self.rng = rng or random.Random()
         self.routes = {name: resolve_route(cfg, name, rc) for name, rc in cfg.routes.items()}
         self.health = Health(self)
+        self.estimator = Estimator()
+        self.throttle = Throttle()
         self.inflight: dict[str, Exchange] = {}
         self.no_inflight = trio.Event()
         self.no_inflight.set()
@@ -1639,10 +1793,18 @@ class Daemon:
         self.restore_divisors(state.divisors)
 
     def restore_divisors(self, divisors: dict[str, float]) -> None:
-        """Token divisors come with issue 4's estimator."""
+        self.estimator = Estimator(divisors)
 
     def divisors(self) -> dict[str, float]:
-        return {}
+        return {k: round(v, 4) for k, v in sorted(self.estimator.divisors.items())}
+
+    async def autosave(self) -> None:
+        """Persist learned divisors once a minute when they changed."""
+        while True:
+            await trio.sleep(STATE_SAVE_EVERY_S)
+            if self.estimator.dirty:
+                self.estimator.dirty = False
+                self.save_state()
 
     def save_state(self) -> None:
         """Atomically replace the state file; rare (breaker transitions, shutdown)."""
@@ -1809,6 +1971,11 @@ class Exchange:
         self.cancel_reason = "client_disconnected"
         self.status = 200
         self.final_state: StreamState | None = None
+        self.pending: list[bytes] = []  # frames held until commit
+        self.holding = False  # commit held until usage is in (truncates_silently)
+        self.min_window = 0  # after a context overflow: only larger windows
+        self.tripped = False  # the silent-truncation tripwire fired
+        self.context_skips: list[tuple[Slot, int, int]] = []  # (slot, needed, window)
 
     # -- the chain -------------------------------------------------------------
 
@@ -1826,14 +1993,19 @@ class Exchange:
     async def _walk(self) -> None:
         last: Failure | None = None
         blocked: list[tuple[float, Slot]] = []  # slots out on a breaker, and until when
+        redispatched = False
         for slot in self.route.slots:
             skip = self.skip_reason(slot)
             if skip is not None:
                 reason, until = skip
                 self._attempt_row(slot, None, None, outcome="skipped", skip_reason=reason)
-                if reason in ("breaker_open", "rate_limited"):
+                if until != math.inf:
                     blocked.append((until, slot))
                 continue
+            if self.tripped:
+                if redispatched:
+                    break  # one re-dispatch after a suspected truncation, no more
+                redispatched = True
             done, last = await self._try_slot(slot, last)
             if done:
                 return
@@ -1892,7 +2064,19 @@ class Exchange:
         """(skip reason, until when) if the slot must not be tried for this request."""
         if slot.provider in self.timed_out:
             return "provider_timed_out", math.inf
-        return self.d.health.admit(slot)
+        d = self.d
+        model_cfg = d.model_cfg(slot)
+        window = model_cfg.context_window
+        estimate = d.estimator.estimate(slot.key, self.body_size)
+        needed = estimate + output_reserve(self.body, model_cfg)
+        if window is not None and (needed > window or window <= self.min_window):
+            self.context_skips.append((slot, needed, window))
+            return "context_window", math.inf
+        over = d.throttle.over(slot.key, trio.current_time(), needed, model_cfg)
+        if over is not None:
+            log.info("request %s: %s skipped: %s", self.request_id, slot.key, over)
+            return "rate_limited", math.inf
+        return d.health.admit(slot)  # last: it may claim a half-open probe
 
     # -- one attempt -----------------------------------------------------------
 
@@ -1907,16 +2091,26 @@ class Exchange:
 
     async def attempt(self, slot: Slot) -> Failure | None:
         timing = self.route.timing
+        d = self.d
+        model_cfg = d.model_cfg(slot)
         st = StreamState(assemble=not self.stream, want_usage=self.want_usage)
         m = Metrics(trio.current_time())
         self.current = slot
+        self.pending = []
+        reserve = output_reserve(self.body, model_cfg)
+        estimate = d.estimator.estimate(slot.key, self.body_size)
+        d.throttle.add(slot.key, m.began, estimate + reserve, model_cfg)
+        # A model that truncates silently may only be trusted once its usage is in:
+        # hold the commit when the prompt could, at worst, reach its truncation zone.
+        self.holding = self.stream and model_cfg.truncates_silently and bool(
+            model_cfg.context_window) and Estimator.worst_case(self.body_size) >= (
+            (model_cfg.context_window or 0) - reserve)
         failure: Failure | None = None
-        pending: list[bytes] = []
         try:
             with trio.CancelScope() as scope:
                 self.arm(scope, m.began + timing.first_token_timeout_s, "first_token_timeout")
                 try:
-                    await self._exchange(slot, st, m, scope, pending)
+                    await self._exchange(slot, st, m, scope)
                 except Failure as f:
                     failure = f
             if scope.cancelled_caught:
@@ -1926,6 +2120,15 @@ class Exchange:
             self._attempt_row(slot, st, m, failure=gone)
             self.d.health.record(slot, gone, None)
             raise
+        if failure is None:
+            failure = self._tripwire(slot, st, model_cfg, reserve)
+            if failure is None and st.tokens_in:
+                d.estimator.observe(slot.key, self.body_size, st.tokens_in)
+        elif failure.outcome == "context_overflow":
+            reported = reported_prompt_tokens(failure.error)
+            d.estimator.overflowed(slot.key, self.body_size, model_cfg.context_window, reported)
+            self.min_window = max(self.min_window,
+                                  model_cfg.context_window or reported or estimate)
         if failure is not None:
             failure.error = scrub(failure.error, self.d.secrets)
         self._attempt_row(slot, st, m, failure=failure)
@@ -1937,6 +2140,26 @@ class Exchange:
             log.info("request %s: %s %s (%s)", self.request_id, slot.key, failure.outcome,
                      failure.error)
         return failure
+
+    def _tripwire(self, slot: Slot, st: StreamState, model_cfg: ModelConfig,
+                  reserve: int) -> Failure | None:
+        """A silently truncating model that reports a prompt filling its window has
+        most likely dropped part of it: never pass that answer off as good."""
+        if not model_cfg.truncates_silently or not truncation_suspected(
+                st.tokens_in, model_cfg.context_window, reserve):
+            return None
+        window = model_cfg.context_window or 0
+        self.tripped = True
+        self.min_window = max(self.min_window, window)
+        error = (f"suspected silent truncation: {slot.key} reported {st.tokens_in} prompt "
+                 f"tokens, at or above its context_window {window} minus {reserve} reserved "
+                 "for output")
+        log.warning("request %s: %s", self.request_id, error)
+        self.d.health.alert(msgspec.json.encode({
+            "kind": "alert", "ts": utc_timestamp(), "type": "silent_truncation",
+            "request_id": self.request_id, "route": self.route.name, "slot": slot.key,
+            "prompt_tokens": st.tokens_in, "context_window": window}))
+        return Failure("context_overflow", error, status=200)
 
     def _timeout_text(self, st: StreamState) -> str:
         t = self.route.timing
@@ -1952,7 +2175,6 @@ class Exchange:
 
     async def _exchange(
         self, slot: Slot, st: StreamState, m: Metrics, scope: trio.CancelScope,
-        pending: list[bytes],
     ) -> None:
         d = self.d
         provider = d.cfg.providers[slot.provider]
@@ -1969,7 +2191,7 @@ class Exchange:
         except httpx.HTTPError as e:
             raise Failure("connect_error", f"{type(e).__name__}: {e}") from None
         try:
-            await self._consume(slot, adapter, resp, st, m, scope, pending)
+            await self._consume(slot, adapter, resp, st, m, scope)
         except httpx.HTTPError as e:
             outcome = "truncated" if m.first is not None else "connect_error"
             raise Failure(outcome, f"{type(e).__name__} after {st.events} event(s): {e}") from None
@@ -1979,7 +2201,7 @@ class Exchange:
 
     async def _consume(
         self, slot: Slot, adapter: Any, resp: httpx.Response, st: StreamState, m: Metrics,
-        scope: trio.CancelScope, pending: list[bytes],
+        scope: trio.CancelScope,
     ) -> None:
         status = resp.status_code
         if status != 200:
@@ -1995,19 +2217,19 @@ class Exchange:
                                                 "text/event-stream", status=200)
             body = await _read_limited(resp, self.d.cfg.daemon.max_body_bytes)
             frame = adapter.whole_body(body, st)
-            await self._digested(slot, st, m, scope, pending, frame)
+            await self._digested(slot, st, m, scope, frame)
             return
         sse = st.sse
         on_event = adapter.on_event
         async for chunk in resp.aiter_bytes():
             for event, data in sse.feed(chunk):
                 frame = on_event(event, data, st)
-                await self._digested(slot, st, m, scope, pending, frame)
+                await self._digested(slot, st, m, scope, frame)
                 if st.done:
                     return
         for event, data in sse.close():
             frame = on_event(event, data, st)
-            await self._digested(slot, st, m, scope, pending, frame)
+            await self._digested(slot, st, m, scope, frame)
         if st.done or st.finish_reason:
             if m.first is None:
                 raise Failure("protocol_error", "stream completed without any output", status=200)
@@ -2020,7 +2242,7 @@ class Exchange:
 
     async def _digested(
         self, slot: Slot, st: StreamState, m: Metrics, scope: trio.CancelScope,
-        pending: list[bytes], frame: bytes | None,
+        frame: bytes | None,
     ) -> None:
         """After an event: move the deadline on progress, commit, relay."""
         if st.progress:
@@ -2032,16 +2254,16 @@ class Exchange:
                 m.max_gap = now - m.last
             m.last = now
             self.arm(scope, now + self.route.timing.stall_timeout_s, "stall_timeout")
-            if self.stream and not self.committed:
+            if self.stream and not self.committed and not self.holding:
                 if frame is not None:
-                    pending.append(frame)
+                    self.pending.append(frame)
                     frame = None
-                await self._commit(slot, pending)
+                await self._commit(slot)
         if frame is not None and self.stream:
             if self.committed:
                 await self._send(b"data: " + frame + b"\n\n")
-            elif len(pending) < MAX_PENDING_FRAMES:
-                pending.append(frame)
+            elif self.holding or len(self.pending) < MAX_PENDING_FRAMES:
+                self.pending.append(frame)
 
     async def _send(self, data: bytes) -> None:
         try:
@@ -2049,13 +2271,13 @@ class Exchange:
         except ClientGone:
             raise Failure("client_disconnected", "client went away mid-stream") from None
 
-    async def _commit(self, slot: Slot, pending: list[bytes]) -> None:
+    async def _commit(self, slot: Slot) -> None:
+        pending, self.pending = self.pending, []
         self.committed = True
         self.client_ttft = trio.current_time() - self.started
         headers = [*self._headers(slot, in_attempt=True), ("content-type", "text/event-stream"),
                    ("cache-control", "no-cache")]
         first = b"".join(b"data: " + f + b"\n\n" for f in pending)
-        pending.clear()
         try:
             await self.reply.start(200, headers, first)
         except ClientGone:
@@ -2076,6 +2298,8 @@ class Exchange:
         assert slot is not None
         try:
             if self.stream:
+                if not self.committed:  # held until usage was in, and it passed
+                    await self._commit(slot)
                 await self.reply.send(b"data: [DONE]\n\n")
                 await self.reply.end()
             else:
@@ -2085,7 +2309,7 @@ class Exchange:
                 await self.reply.start(200, [*self._headers(slot),
                                              ("content-type", "application/json")],
                                        body, final=True)
-        except ClientGone:
+        except (ClientGone, Failure):
             self.status = STATUS_CLIENT_CLOSED
         self._request_row()
 
@@ -2104,6 +2328,8 @@ class Exchange:
         """A client error the upstream reported would fail everywhere: return it as is."""
         self.status = failure.status or 400
         body = failure.body or _json_encode(self._error(failure.error, failure))
+        for secret in self.d.secrets:  # some upstreams echo the key; agents never see it
+            body = body.replace(secret.encode(), b"[redacted]")
         with contextlib.suppress(ClientGone):
             await self.reply.start(self.status, [*self._headers(self.current),
                                                  ("content-type", "application/json")],
@@ -2112,6 +2338,9 @@ class Exchange:
         self._request_row()
 
     async def _finish_failed(self, last: Failure | None) -> None:
+        if all(f.outcome == "context_overflow" for _, f in self.failures) and (
+                self.failures or self.context_skips):
+            return await self._finish_too_large()
         self.status = failure_status(last)
         tried = len(self.failures)
         if last is None:
@@ -2127,6 +2356,30 @@ class Exchange:
         with contextlib.suppress(ClientGone):
             await self.reply.start(self.status, [*self._headers(None),
                                                  ("content-type", "application/json")],
+                                   _json_encode(body), final=True)
+        self.client_ttft = trio.current_time() - self.started
+        self._request_row()
+
+    async def _finish_too_large(self) -> None:
+        """No slot can hold the prompt: say so the way OpenAI does, so agents compact."""
+        self.status = 400
+        windows = [(w, s) for s, _, w in self.context_skips]
+        windows += [(self.d.model_cfg(s).context_window or 0, s) for s, _ in self.failures]
+        largest, where = max(windows, key=lambda w: w[0])
+        if self.failures:
+            message = (f"the prompt does not fit any slot of route {self.route.name!r}: "
+                       f"{self.failures[-1][1].error}")
+        else:
+            _, needed, _ = max(self.context_skips, key=lambda c: c[2])
+            message = (f"the prompt does not fit any slot of route {self.route.name!r}: about "
+                       f"{needed} tokens needed (estimated prompt plus output reserve), the "
+                       f"largest context window is {largest} ({where.key}); no upstream was "
+                       "called")
+        body = error_body(message, type_="invalid_request_error", code="context_length_exceeded",
+                          param="messages", extra=self._failoverd_extra())
+        with contextlib.suppress(ClientGone):
+            await self.reply.start(400, [*self._headers(None),
+                                         ("content-type", "application/json")],
                                    _json_encode(body), final=True)
         self.client_ttft = trio.current_time() - self.started
         self._request_row()
@@ -2157,9 +2410,11 @@ class Exchange:
         ttft = latency = gap = None
         if st is not None and m is not None:
             tokens_in, tokens_out = st.tokens_in, st.tokens_out
-            if tokens_in is None and m.first is not None:
-                # Output was produced, so the provider may bill it: record an estimate.
-                tokens_in = self.body_size // 4
+            if tokens_in is None:
+                tokens_in = self.d.estimator.estimate(slot.key, self.body_size)
+                estimated = True
+            if tokens_out is None and st.out_chars:
+                tokens_out = math.ceil(st.out_chars / OUTPUT_CHARS_PER_TOKEN)
                 estimated = True
             ttft = None if m.first is None else m.first - m.began
             latency = trio.current_time() - m.began
@@ -2173,7 +2428,9 @@ class Exchange:
             error=failure.error if failure else None, ttft_ms=_ms(ttft), latency_ms=_ms(latency),
             max_gap_ms=_ms(gap), committed=self.committed and st is not None,
             tokens_in=tokens_in, tokens_out=tokens_out, tokens_estimated=estimated,
-            cost_usd=cost_usd(model_cfg, tokens_in, tokens_out) if st is not None else None,
+            # A call that produced output may be billed; one that produced none is not.
+            cost_usd=cost_usd(model_cfg, tokens_in, tokens_out)
+            if st is not None and (m is not None and m.first is not None) else None,
             stream=self.stream, client_pid=self.peer.pid, client_uid=self.peer.uid,
         ))
         self.attempts += 1
@@ -2566,6 +2823,7 @@ async def serve(
 
     async with trio.open_nursery() as connections:
         d.background = connections
+        connections.start_soon(d.autosave)
         async with trio.open_nursery() as accepting:
             for listener in listeners:
                 accepting.start_soon(functools.partial(
@@ -3076,6 +3334,14 @@ def tail_cmd(ledger: str | None, follow: bool, as_json: bool, lines: int) -> Non
         pass
 
 
+def _decodes(line: bytes, decoder: msgspec.json.Decoder) -> bool:
+    try:
+        decoder.decode(line)
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
+        return False  # a torn or foreign line
+    return True
+
+
 def _print_line(line: bytes, decoder: msgspec.json.Decoder, as_json: bool) -> None:
     try:
         row = decoder.decode(line)
@@ -3087,10 +3353,9 @@ def _print_line(line: bytes, decoder: msgspec.json.Decoder, as_json: bool) -> No
 def _tail(path: str, follow: bool, as_json: bool, last: int) -> None:
     decoder = msgspec.json.Decoder(LedgerRow)
     with open(path, "rb") as f:
-        lines = [ln.strip() for ln in f.readlines()]
-        for line in lines[-last:] if last else lines:
-            if line:
-                _print_line(line, decoder, as_json)
+        rows = [line for line in map(bytes.strip, f.readlines()) if _decodes(line, decoder)]
+        for line in rows[-last:] if last else rows:
+            _print_line(line, decoder, as_json)
         if not follow:
             return
         inode, partial = os.fstat(f.fileno()).st_ino, b""
