@@ -14,6 +14,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+import collections
 import contextlib
 import datetime as _dt
 import email.utils
@@ -615,13 +616,17 @@ class Breaker:
     A hold (a 429's Retry-After) simply ends: open -> closed.
     """
 
-    __slots__ = ("state", "consecutive", "window", "opens", "open_until", "probing", "reason",
-                 "skip", "hold")
+    __slots__ = ("state", "consecutive", "window", "failures", "slow", "opens", "open_until",
+                 "probing", "reason", "skip", "hold")
 
     def __init__(self) -> None:
         self.state = "closed"
         self.consecutive = 0
-        self.window: list[tuple[float, bool, bool]] = []  # (time, failed, slow)
+        # Calls in the sliding window as (time, failed, slow), with running counts:
+        # O(1) per call however busy the slot is.
+        self.window: collections.deque[tuple[float, bool, bool]] = collections.deque()
+        self.failures = 0
+        self.slow = 0
         self.opens = 0
         self.open_until = 0.0
         self.probing = False
@@ -656,13 +661,17 @@ class Breaker:
     def result(self, now: float, failed: bool, slow: bool, cfg: BreakerConfig,
                jitter: float) -> Transition | None:
         """Record one finished call; `jitter` is uniform in [0, 1)."""
-        self.window = [w for w in self.window if w[0] > now - cfg.window_s]
+        self.expire(now, cfg.window_s)
         self.window.append((now, failed, slow))
+        self.failures += failed
+        self.slow += slow
         self.consecutive = self.consecutive + 1 if failed else 0
         if self.state == "half_open" and self.probing:
             self.probing = False
             if not failed:
-                self.state, self.opens, self.window = "closed", 0, []
+                self.state, self.opens = "closed", 0
+                self.window.clear()
+                self.failures = self.slow = 0
                 return ("half_open", "closed", "probe succeeded", None)
             return self._open(now, "probe failed", cfg, jitter)
         if self.state != "closed":
@@ -670,16 +679,24 @@ class Breaker:
         reason = self._trip_reason(cfg)
         return self._open(now, reason, cfg, jitter) if reason else None
 
+    def expire(self, now: float, window_s: float) -> None:
+        """Forget calls older than the window."""
+        window = self.window
+        while window and window[0][0] <= now - window_s:
+            _, failed, slow = window.popleft()
+            self.failures -= failed
+            self.slow -= slow
+
     def _trip_reason(self, cfg: BreakerConfig) -> str | None:
         if self.consecutive >= cfg.consecutive_failures:
             return f"{self.consecutive} consecutive failures"
         calls = len(self.window)
         if calls < cfg.min_calls:
             return None
-        failures = sum(1 for _, failed, _ in self.window if failed)
+        failures = self.failures
         if failures / calls >= cfg.failure_rate:
             return f"{failures} of {calls} calls failed in {cfg.window_s:g} s"
-        slow = sum(1 for _, _, s in self.window if s)
+        slow = self.slow
         if slow / calls >= cfg.slow_call_rate:
             return f"{slow} of {calls} first tokens slower than {cfg.slow_call_s:g} s"
         return None
@@ -980,6 +997,8 @@ def read_ledger(path: str) -> Iterable[tuple[bytes, LedgerRow | None]]:
 # parse SSE, decide per event whether it is meaningful output, relay or assemble.
 # ---------------------------------------------------------------------------
 
+# Sent on every upstream request; token streams are not worth compressing.
+UPSTREAM_HEADERS = {"user-agent": f"failoverd/{__version__}", "accept-encoding": "identity"}
 # An SSE line longer than this is not an LLM token stream (a runaway upstream).
 MAX_SSE_LINE = 8 * 1024 * 1024
 # Frames held before commit (role-only deltas and the like); bounded so a stream
@@ -1199,7 +1218,8 @@ class OpenAIAdapter:
         options = dict(upstream.get("stream_options") or {})
         options["include_usage"] = True
         upstream["stream_options"] = options
-        headers = {"content-type": "application/json", "accept": "text/event-stream"}
+        headers = {"content-type": "application/json", "accept": "text/event-stream",
+                   **UPSTREAM_HEADERS}
         if key:
             headers["authorization"] = f"Bearer {key}"
         return base_url.rstrip("/") + "/chat/completions", headers, _json_encode(upstream)
@@ -1397,6 +1417,7 @@ class AnthropicAdapter:
             "content-type": "application/json",
             "accept": "text/event-stream",
             "anthropic-version": "2023-06-01",
+            **UPSTREAM_HEADERS,
         }
         if key:
             headers["x-api-key"] = key
@@ -1509,6 +1530,9 @@ ADAPTERS: dict[str, type[OpenAIAdapter] | type[AnthropicAdapter]] = {
 
 # Bound on closing an upstream response from a cancelled attempt (shielded).
 CLOSE_TIMEOUT_S = 1.0
+# After [DONE], how long the rest of the body may take before the connection is
+# dropped instead of reused (the terminating chunk normally shares [DONE]'s packet).
+DRAIN_S = 0.5
 # nginx's code for "client closed request"; used in the ledger only.
 STATUS_CLIENT_CLOSED = 499
 
@@ -1693,11 +1717,11 @@ class Health:
         out = []
         for (scope, key), b in sorted(self.breakers.items()):
             self._apply((scope, key), b.poll(now))
-            recent = [w for w in b.window if w[0] > now - self.d.cfg.breakers.window_s]
+            b.expire(now, self.d.cfg.breakers.window_s)
             out.append({
                 "scope": scope, "key": key, "state": b.state,
-                "failures_in_window": sum(1 for w in recent if w[1]),
-                "calls_in_window": len(recent), "consecutive_failures": b.consecutive,
+                "failures_in_window": b.failures,
+                "calls_in_window": len(b.window), "consecutive_failures": b.consecutive,
                 "open_until": utc_timestamp(self.d.wall_time(b.open_until))
                 if b.state == "open" else None,
                 "last_reason": b.reason or None,
@@ -1761,7 +1785,7 @@ class Daemon:
         self.draining = False
         self.started_at = time.time()
         self.transport = transport
-        self.clients = {name: self._client(p) for name, p in cfg.providers.items()}
+        self.transports = {name: self._transport() for name in cfg.providers}
         # Where alert commands run; serve() sets it to a nursery that outlives requests.
         self.background: trio.Nursery | None = None
         self.state_path = cfg.daemon.state_file
@@ -1823,18 +1847,17 @@ class Daemon:
                 log.error("cannot write state file %s (%s); breakers will not survive a "
                           "restart until this is fixed", self.state_path, e.strerror)
 
-    def _client(self, p: ProviderConfig) -> httpx.AsyncClient:
-        # read/write/pool are None: the attempt's cancel scope owns those deadlines,
-        # and httpx's default 5 s inactivity timeout would fight it.
-        timeout = httpx.Timeout(connect=p.connect_timeout_s, read=None, write=None, pool=None)
+    def _transport(self) -> httpx.AsyncBaseTransport:
+        """One connection pool per provider. failoverd uses httpx's transport layer
+        directly: no redirects, cookies or auth flows to pay for on every request."""
+        if self.transport is not None:
+            return self.transport
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
-        transport = self.transport or httpx.AsyncHTTPTransport(limits=limits, retries=0)
-        return httpx.AsyncClient(transport=transport, timeout=timeout, headers=p.headers,
-                                 follow_redirects=False)
+        return httpx.AsyncHTTPTransport(limits=limits, retries=0)
 
     async def aclose(self) -> None:
-        for client in self.clients.values():
-            await client.aclose()
+        for transport in self.transports.values():
+            await transport.aclose()
 
     def reload(self, config_path: str) -> bool:
         """SIGHUP: take a new config and keys; keep the old ones if the new are bad."""
@@ -1849,9 +1872,9 @@ class Daemon:
         self.cfg, self.keys = cfg, keys
         self.secrets = [k for k in keys.values() if k]
         self.routes = {name: resolve_route(cfg, name, rc) for name, rc in cfg.routes.items()}
-        # In-flight requests keep the client they hold; new ones use the new client.
+        # In-flight requests keep the pool they hold; new ones use a fresh pool.
         for name in changed:
-            self.clients[name] = self._client(cfg.providers[name])
+            self.transports[name] = self._transport()
         log.warning("config reloaded from %s: %d route(s), %d provider(s) changed",
                     config_path, len(self.routes), len(changed))
         return True
@@ -2113,7 +2136,7 @@ class Exchange:
                     await self._exchange(slot, st, m, scope)
                 except Failure as f:
                     failure = f
-            if scope.cancelled_caught:
+            if scope.cancelled_caught and not st.done:
                 failure = Failure(self.armed, self._timeout_text(st))
         except trio.Cancelled:
             gone = Failure(self.cancel_reason, self.cancel_reason)
@@ -2181,10 +2204,16 @@ class Exchange:
         adapter = ADAPTERS[provider.kind]
         url, headers, payload = adapter.request(
             provider.base_url, slot.model, self.body, d.keys.get(slot.provider), d.model_cfg(slot))
-        client = d.clients[slot.provider]
+        if provider.headers:
+            headers = {**provider.headers, **headers}
+        # Only the connect timeout is httpx's; the attempt's cancel scope owns the rest
+        # (httpx's default 5 s read timeout would fight it).
+        timeout = {"connect": provider.connect_timeout_s, "read": None, "write": None,
+                   "pool": None}
+        request = httpx.Request("POST", url, headers=headers, content=payload,
+                                extensions={"timeout": timeout})
         try:
-            resp = await client.send(client.build_request("POST", url, headers=headers,
-                                                          content=payload), stream=True)
+            resp = await d.transports[slot.provider].handle_async_request(request)
         except httpx.TimeoutException:
             raise Failure("connect_error", f"connect timed out after "
                                            f"{provider.connect_timeout_s:g} s") from None
@@ -2222,11 +2251,18 @@ class Exchange:
         sse = st.sse
         on_event = adapter.on_event
         async for chunk in resp.aiter_bytes():
+            if st.done:
+                continue  # drain to the end, so the connection goes back to the pool
             for event, data in sse.feed(chunk):
                 frame = on_event(event, data, st)
                 await self._digested(slot, st, m, scope, frame)
                 if st.done:
-                    return
+                    # Well-behaved servers end the body right after [DONE]; one
+                    # that does not is left after a short grace, not waited on.
+                    scope.deadline = min(scope.deadline, trio.current_time() + DRAIN_S)
+                    break
+        if st.done:
+            return
         for event, data in sse.close():
             frame = on_event(event, data, st)
             await self._digested(slot, st, m, scope, frame)
