@@ -1934,7 +1934,9 @@ class Reply:
     async def send(self, data: bytes) -> None:
         raise NotImplementedError
 
-    async def end(self) -> None:
+    async def finish(self, data: bytes) -> None:
+        """The last bytes and the end of the body in one write: once [DONE] or an
+        in-band error is out, the reply is settled even if the client hangs up."""
         raise NotImplementedError
 
 
@@ -2250,7 +2252,10 @@ class Exchange:
             return
         sse = st.sse
         on_event = adapter.on_event
-        async for chunk in resp.aiter_bytes():
+        # We ask for identity encoding; read the transport's stream directly unless a
+        # server compressed anyway (httpx's iterators then decode it).
+        body = resp.aiter_bytes() if "content-encoding" in resp.headers else resp.stream
+        async for chunk in body:
             if st.done:
                 continue  # drain to the end, so the connection goes back to the pool
             for event, data in sse.feed(chunk):
@@ -2297,7 +2302,7 @@ class Exchange:
                 await self._commit(slot)
         if frame is not None and self.stream:
             if self.committed:
-                await self._send(b"data: " + frame + b"\n\n")
+                await self._send(b"data: %b\n\n" % frame)
             elif self.holding or len(self.pending) < MAX_PENDING_FRAMES:
                 self.pending.append(frame)
 
@@ -2336,8 +2341,7 @@ class Exchange:
             if self.stream:
                 if not self.committed:  # held until usage was in, and it passed
                     await self._commit(slot)
-                await self.reply.send(b"data: [DONE]\n\n")
-                await self.reply.end()
+                await self.reply.finish(b"data: [DONE]\n\n")
             else:
                 assert self.final_state is not None
                 body = _json_encode(self.final_state.completion(slot.model, self.request_id))
@@ -2356,8 +2360,7 @@ class Exchange:
         body = self._error(f"upstream {slot.key if slot else '?'} failed mid-stream: "
                            f"{failure.outcome} ({failure.error})", failure)
         with contextlib.suppress(ClientGone):
-            await self.reply.send(b"data: " + _json_encode(body) + b"\n\n")
-            await self.reply.end()
+            await self.reply.finish(b"data: " + _json_encode(body) + b"\n\n")
         self._request_row()
 
     async def _pass_through(self, failure: Failure) -> None:
@@ -2513,15 +2516,22 @@ SERVER_HEADER = ("server", f"failoverd/{__version__}")
 
 
 class H11Reply(Reply):
+    """h11 writes the head and the end; a chunked body's chunks are framed here, on
+    the per-token hot path, without building an h11 event for each."""
+
     def __init__(self, conn: h11.Connection, stream: trio.abc.Stream) -> None:
         self.conn = conn
         self.stream = stream
+        self.chunked = False
 
     async def start(self, status: int, headers: list[tuple[str, str]], body: bytes = b"",
                     *, final: bool = False) -> None:
         headers = [SERVER_HEADER, *headers]
         if final:
             headers.append(("content-length", str(len(body))))
+        elif self.conn.their_http_version == b"1.1":
+            headers.append(("transfer-encoding", "chunked"))
+            self.chunked = True
         events: list[Any] = [h11.Response(status_code=status, headers=headers)]
         if body:
             events.append(h11.Data(data=body))
@@ -2530,10 +2540,17 @@ class H11Reply(Reply):
         await self._write(events)
 
     async def send(self, data: bytes) -> None:
-        await self._write([h11.Data(data=data)])
+        if not self.chunked:
+            await self._write([h11.Data(data=data)])
+            return
+        try:
+            await self.stream.send_all(b"%x\r\n%b\r\n" % (len(data), data))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.conn.send_failed()
+            raise ClientGone from None
 
-    async def end(self) -> None:
-        await self._write([h11.EndOfMessage()])
+    async def finish(self, data: bytes) -> None:
+        await self._write([h11.Data(data=data), h11.EndOfMessage()])
 
     async def _write(self, events: list[Any]) -> None:
         try:
