@@ -18,6 +18,7 @@ import collections
 import contextlib
 import datetime as _dt
 import email.utils
+import errno
 import functools
 import hashlib
 import logging
@@ -77,6 +78,8 @@ class DaemonConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     # Same as nginx's keepalive_timeout default.
     keepalive_timeout_s: Seconds = 75.0
     shutdown_grace_s: NonNegative = 30.0
+    # A client that stops reading for this long is dropped (not the upstream's fault).
+    client_write_timeout_s: Seconds = 30.0
     # Breaker state and token divisors survive restarts here; default: state.json
     # beside the ledger. "" turns persistence off.
     state_file: str | None = None
@@ -311,6 +314,16 @@ def load_config(path: str) -> Config:
     return parse_config(text, path)
 
 
+def _checked_key(name: str, where: str, key: str) -> str:
+    """A key goes into an HTTP header: printable ASCII only. A stray newline or a
+    pasted zero-width space would otherwise fail every request, key in the error."""
+    if not key.isascii() or not key.isprintable() or " " in key:
+        raise ConfigError(
+            f"providers.{name}: the key from {where} contains spaces, control or non-ASCII "
+            "characters (a second line? a pasted invisible character?); fix the key")
+    return key
+
+
 def resolve_api_key(name: str, p: ProviderConfig, env: Mapping[str, str]) -> str | None:
     """The provider's key, or None for keyless local servers; ConfigError if unreadable."""
     if p.api_key_env:
@@ -320,7 +333,7 @@ def resolve_api_key(name: str, p: ProviderConfig, env: Mapping[str, str]) -> str
                 f"providers.{name}.api_key_env: environment variable {p.api_key_env} is not set; "
                 "export it or use api_key_file / credential"
             )
-        return key.strip()
+        return _checked_key(name, f"${p.api_key_env}", key.strip())
     path = p.api_key_file
     if p.credential:
         creds = env.get("CREDENTIALS_DIRECTORY")
@@ -333,7 +346,9 @@ def resolve_api_key(name: str, p: ProviderConfig, env: Mapping[str, str]) -> str
     if path:
         try:
             with open(path, encoding="utf-8") as f:
-                return f.read().strip()
+                return _checked_key(name, path, f.read().strip())
+        except UnicodeDecodeError:
+            raise ConfigError(f"providers.{name}: key file {path} is not text") from None
         except OSError as e:
             raise ConfigError(
                 f"providers.{name}: cannot read key file {path}: {e.strerror}") from None
@@ -343,12 +358,13 @@ def resolve_api_key(name: str, p: ProviderConfig, env: Mapping[str, str]) -> str
 def slot_budget(cfg: Config, route: Route, slot: Slot) -> float:
     """The longest one slot can hold a request before the next starts.
 
-    Connect plus first-token deadline; where a same-slot retry is allowed, the
-    retried failure was fast (at most FAST_FAILURE_S), then a backoff of up to
-    1.5 x retry_backoff_s or a Retry-After up to retry_after_max_s, then one more try.
+    Its first-token deadline, which runs from the start of the attempt and so covers
+    connecting too; where a same-slot retry is allowed, the retried failure was fast
+    (at most FAST_FAILURE_S), then a backoff of up to 1.5 x retry_backoff_s or a
+    Retry-After up to retry_after_max_s, then one more try.
     """
     t = route.timing
-    once = cfg.providers[slot.provider].connect_timeout_s + t.first_token_timeout_s
+    once = t.first_token_timeout_s
     if t.retry_same:
         once += FAST_FAILURE_S + max(1.5 * t.retry_backoff_s, t.retry_after_max_s)
     return once
@@ -821,14 +837,12 @@ class Throttle:
     WINDOW_S = 60.0  # the providers' TPM/RPM quotas are per minute
 
     def __init__(self) -> None:
-        self.sent: dict[str, list[tuple[float, int]]] = {}
+        self.sent: dict[str, collections.deque[tuple[float, int]]] = {}
 
-    def _recent(self, model: str, now: float) -> list[tuple[float, int]]:
-        entries = self.sent.get(model)
-        if entries is None:
-            return []
+    def _recent(self, model: str, now: float) -> collections.deque[tuple[float, int]]:
+        entries = self.sent.setdefault(model, collections.deque())
         while entries and entries[0][0] <= now - self.WINDOW_S:
-            entries.pop(0)
+            entries.popleft()
         return entries
 
     def over(self, model: str, now: float, tokens: int, cfg: ModelConfig) -> str | None:
@@ -846,7 +860,7 @@ class Throttle:
 
     def add(self, model: str, now: float, tokens: int, cfg: ModelConfig) -> None:
         if cfg.rpm_limit is not None or cfg.tpm_limit is not None:
-            self.sent.setdefault(model, []).append((now, tokens))
+            self.sent.setdefault(model, collections.deque()).append((now, tokens))
 
 
 def output_reserve(body: Mapping[str, Any], cfg: ModelConfig) -> int:
@@ -947,19 +961,31 @@ class Ledger:
         self.fd = fd
 
     def reopen(self) -> None:
-        """After log rotation (SIGHUP): continue in a fresh file at the same path."""
-        self.close()
-        if self.path is not None:
+        """After log rotation (SIGHUP): continue in a fresh file at the same path. If
+        that fails, keep writing where we were: the daemon must not die of it."""
+        old = self.fd
+        try:
             self.open()
+        except OSError as e:
+            self.fd = old
+            log.error("ledger %s: cannot reopen (%s); still writing to the previous file",
+                      self.path, e.strerror)
+            return
+        if old is not None:
+            os.close(old)
 
     def write(self, row: LedgerRow) -> None:
         if self.fd is None:
+            if self.path is not None:
+                self.dropped += 1
             return
         buf = self._buf
         self._encoder.encode_into(row, buf)
         buf.extend(b"\n")
         try:
-            os.write(self.fd, buf)
+            if os.write(self.fd, buf) < len(buf):  # the disk filled mid-row
+                os.write(self.fd, b"\n")  # end the torn line so the next row is whole
+                raise OSError(errno.ENOSPC, "short write: row torn")
         except OSError as e:
             self.dropped += 1
             now = time.monotonic()
@@ -1164,12 +1190,19 @@ class StreamState:
         self.out_chars = 0
 
     @property
+    def complete(self) -> bool:
+        """The upstream said the answer is whole ([DONE] or a finish reason) and it
+        had output: a stall or reset after this loses nothing."""
+        return (self.done or self.finish_reason is not None) and self.events > 0 and (
+            self.out_chars > 0 or self.finish_reason is not None)
+
+    @property
     def tokens_in(self) -> int | None:
-        return (self.usage or {}).get("prompt_tokens")
+        return _count((self.usage or {}).get("prompt_tokens"))
 
     @property
     def tokens_out(self) -> int | None:
-        return (self.usage or {}).get("completion_tokens")
+        return _count((self.usage or {}).get("completion_tokens"))
 
     def completion(self, fallback_model: str, request_id: str) -> dict[str, Any]:
         accs = self.choices or {0: ChoiceAcc()}
@@ -1190,6 +1223,11 @@ class StreamState:
             "usage": self.usage,
             "system_fingerprint": self.fingerprint,
         }
+
+
+def _count(value: Any) -> int | None:
+    """A token count from upstream usage (some servers send floats, or null)."""
+    return int(value) if isinstance(value, int | float) and value >= 0 else None
 
 
 _chunk_decoder = msgspec.json.Decoder(_Chunk)
@@ -1463,9 +1501,8 @@ class AnthropicAdapter:
             st.model = msg.get("model")
             st.created = int(time.time())
             usage = msg.get("usage") or {}
-            st.anthropic_usage["in"] = (usage.get("input_tokens") or 0) + (
-                usage.get("cache_read_input_tokens") or 0) + (
-                usage.get("cache_creation_input_tokens") or 0)
+            st.anthropic_usage["in"] = sum(_count(usage.get(k)) or 0 for k in (
+                "input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens"))
             delta = {"role": "assistant", "content": ""}
             if acc is not None:
                 return None
@@ -1480,8 +1517,8 @@ class AnthropicAdapter:
                                      "function": {"name": block.get("name"), "arguments": ""}}]}
         elif kind == "message_delta":
             usage = ev.usage or {}
-            if "output_tokens" in usage:
-                st.anthropic_usage["out"] = usage["output_tokens"]
+            if _count(usage.get("output_tokens")) is not None:
+                st.anthropic_usage["out"] = _count(usage["output_tokens"]) or 0
             reason = (ev.delta or {}).get("stop_reason")
             if not reason:
                 return None
@@ -1535,6 +1572,8 @@ CLOSE_TIMEOUT_S = 1.0
 DRAIN_S = 0.5
 # nginx's code for "client closed request"; used in the ledger only.
 STATUS_CLIENT_CLOSED = 499
+# A request cut off when the shutdown grace ran out.
+STATUS_SHUTDOWN = 503
 
 
 class ClientGone(Exception):
@@ -1890,18 +1929,6 @@ class Daemon:
     def model_cfg(self, slot: Slot) -> ModelConfig:
         return self.cfg.models.get(slot.key, NO_MODEL)
 
-    def breaker_row(
-        self, scope: str, key: str, old: str, new: str, reason: str, until: float | None
-    ) -> None:
-        open_until = None
-        if until is not None:
-            open_until = utc_timestamp(time.time() + until - trio.current_time())
-        reason = scrub(reason, self.secrets)
-        self.ledger.write(BreakerRow(ts=utc_timestamp(), scope=scope, key=key, from_=old,  # type: ignore[arg-type]
-                                     to=new, reason=reason, open_until=open_until))
-        log.warning("breaker %s %s: %s -> %s (%s)%s", scope, key, old, new, reason,
-                    f", open until {open_until}" if open_until else "")
-
     def begin(self, ex: Exchange) -> None:
         self.inflight[ex.request_id] = ex
         self.no_inflight = trio.Event() if self.no_inflight.is_set() else self.no_inflight
@@ -2001,6 +2028,7 @@ class Exchange:
         self.min_window = 0  # after a context overflow: only larger windows
         self.tripped = False  # the silent-truncation tripwire fired
         self.context_skips: list[tuple[Slot, int, int]] = []  # (slot, needed, window)
+        self.other_skips = 0  # slots skipped for a reason other than their window
 
     # -- the chain -------------------------------------------------------------
 
@@ -2009,7 +2037,12 @@ class Exchange:
         try:
             await self._walk()
         except trio.Cancelled:
-            self.status = STATUS_CLIENT_CLOSED
+            self.status = STATUS_SHUTDOWN if self.cancel_reason == "shutdown" \
+                else STATUS_CLIENT_CLOSED
+            self._request_row()
+            raise
+        except Exception:
+            self.status = 500
             self._request_row()
             raise
         finally:
@@ -2020,17 +2053,18 @@ class Exchange:
         blocked: list[tuple[float, Slot]] = []  # slots out on a breaker, and until when
         redispatched = False
         for slot in self.route.slots:
+            if self.tripped and redispatched:
+                break  # one re-dispatch after a suspected truncation, no more
             skip = self.skip_reason(slot)
             if skip is not None:
                 reason, until = skip
                 self._attempt_row(slot, None, None, outcome="skipped", skip_reason=reason)
+                if reason != "context_window":
+                    self.other_skips += 1
                 if until != math.inf:
                     blocked.append((until, slot))
                 continue
-            if self.tripped:
-                if redispatched:
-                    break  # one re-dispatch after a suspected truncation, no more
-                redispatched = True
+            redispatched = self.tripped
             done, last = await self._try_slot(slot, last)
             if done:
                 return
@@ -2138,7 +2172,12 @@ class Exchange:
                     await self._exchange(slot, st, m, scope)
                 except Failure as f:
                     failure = f
-            if scope.cancelled_caught and not st.done:
+                except Exception as e:  # a bug or an upstream reply we did not foresee
+                    log.exception("request %s: %s: unexpected error handling the upstream "
+                                  "reply; treated as a protocol error", self.request_id, slot.key)
+                    failure = Failure("protocol_error", f"failoverd could not handle the reply: "
+                                                        f"{type(e).__name__}: {e}")
+            if scope.cancelled_caught and not st.complete:
                 failure = Failure(self.armed, self._timeout_text(st))
         except trio.Cancelled:
             gone = Failure(self.cancel_reason, self.cancel_reason)
@@ -2224,6 +2263,8 @@ class Exchange:
         try:
             await self._consume(slot, adapter, resp, st, m, scope)
         except httpx.HTTPError as e:
+            if st.complete:
+                return  # the answer was whole; only the connection's end was untidy
             outcome = "truncated" if m.first is not None else "connect_error"
             raise Failure(outcome, f"{type(e).__name__} after {st.events} event(s): {e}") from None
         finally:
@@ -2266,9 +2307,7 @@ class Exchange:
                     # that does not is left after a short grace, not waited on.
                     scope.deadline = min(scope.deadline, trio.current_time() + DRAIN_S)
                     break
-        if st.done:
-            return
-        for event, data in sse.close():
+        for event, data in () if st.done else sse.close():
             frame = on_event(event, data, st)
             await self._digested(slot, st, m, scope, frame)
         if st.done or st.finish_reason:
@@ -2285,7 +2324,12 @@ class Exchange:
         self, slot: Slot, st: StreamState, m: Metrics, scope: trio.CancelScope,
         frame: bytes | None,
     ) -> None:
-        """After an event: move the deadline on progress, commit, relay."""
+        """After an event: move the deadline on progress, commit, relay.
+
+        Writing to the client happens with the upstream's deadline lifted (the write
+        has its own, see H11Reply): a client slow to read is never an upstream stall.
+        """
+        stall = self.route.timing.stall_timeout_s
         if st.progress:
             st.progress = False
             now = trio.current_time()
@@ -2294,15 +2338,22 @@ class Exchange:
             elif now - m.last > m.max_gap:
                 m.max_gap = now - m.last
             m.last = now
-            self.arm(scope, now + self.route.timing.stall_timeout_s, "stall_timeout")
-            if self.stream and not self.committed and not self.holding:
-                if frame is not None:
-                    self.pending.append(frame)
-                    frame = None
-                await self._commit(slot)
+            if self.stream and not self.holding:
+                scope.deadline = math.inf
+                if not self.committed:
+                    if frame is not None:
+                        self.pending.append(frame)
+                    await self._commit(slot)
+                elif frame is not None:
+                    await self._send(b"data: %b\n\n" % frame)
+                self.arm(scope, trio.current_time() + stall, "stall_timeout")
+                return
+            self.arm(scope, now + stall, "stall_timeout")
         if frame is not None and self.stream:
             if self.committed:
+                deadline, scope.deadline = scope.deadline, math.inf
                 await self._send(b"data: %b\n\n" % frame)
+                scope.deadline = deadline
             elif self.holding or len(self.pending) < MAX_PENDING_FRAMES:
                 self.pending.append(frame)
 
@@ -2310,7 +2361,8 @@ class Exchange:
         try:
             await self.reply.send(data)
         except ClientGone:
-            raise Failure("client_disconnected", "client went away mid-stream") from None
+            raise Failure("client_disconnected", "client went away or stopped reading "
+                                                 "mid-stream") from None
 
     async def _commit(self, slot: Slot) -> None:
         pending, self.pending = self.pending, []
@@ -2377,7 +2429,8 @@ class Exchange:
         self._request_row()
 
     async def _finish_failed(self, last: Failure | None) -> None:
-        if all(f.outcome == "context_overflow" for _, f in self.failures) and (
+        if not self.other_skips and all(
+                f.outcome == "context_overflow" for _, f in self.failures) and (
                 self.failures or self.context_skips):
             return await self._finish_too_large()
         self.status = failure_status(last)
@@ -2519,14 +2572,17 @@ class H11Reply(Reply):
     """h11 writes the head and the end; a chunked body's chunks are framed here, on
     the per-token hot path, without building an h11 event for each."""
 
-    def __init__(self, conn: h11.Connection, stream: trio.abc.Stream) -> None:
+    def __init__(self, conn: h11.Connection, stream: trio.abc.Stream,
+                 write_timeout: float) -> None:
         self.conn = conn
         self.stream = stream
+        self.write_timeout = write_timeout
         self.chunked = False
 
     async def start(self, status: int, headers: list[tuple[str, str]], body: bytes = b"",
                     *, final: bool = False) -> None:
         headers = [SERVER_HEADER, *headers]
+        self.chunked = False
         if final:
             headers.append(("content-length", str(len(body))))
         elif self.conn.their_http_version == b"1.1":
@@ -2540,14 +2596,10 @@ class H11Reply(Reply):
         await self._write(events)
 
     async def send(self, data: bytes) -> None:
-        if not self.chunked:
+        if self.chunked:
+            await self._send_all(b"%x\r\n%b\r\n" % (len(data), data))
+        else:
             await self._write([h11.Data(data=data)])
-            return
-        try:
-            await self.stream.send_all(b"%x\r\n%b\r\n" % (len(data), data))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            self.conn.send_failed()
-            raise ClientGone from None
 
     async def finish(self, data: bytes) -> None:
         await self._write([h11.Data(data=data), h11.EndOfMessage()])
@@ -2555,10 +2607,26 @@ class H11Reply(Reply):
     async def _write(self, events: list[Any]) -> None:
         try:
             data = b"".join(self.conn.send(e) or b"" for e in events)
-            await self.stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
+        except h11.LocalProtocolError:
             self.conn.send_failed()
             raise ClientGone from None
+        await self._send_all(data)
+
+    async def _send_all(self, data: bytes) -> None:
+        """Write to the client under its own deadline, shielded from the upstream's:
+        a client that stops reading is dropped, never blamed on the upstream. A write
+        cut short would leave broken framing, so after one the connection is done."""
+        if self.conn.our_state is h11.ERROR:
+            raise ClientGone
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + self.write_timeout
+            try:
+                await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                scope.cancel()
+        if scope.cancelled_caught:
+            self.conn.send_failed()
+            raise ClientGone
 
 
 async def _next_event(conn: h11.Connection, stream: trio.abc.Stream) -> Any:
@@ -2592,7 +2660,7 @@ async def handle_connection(d: Daemon, stream: trio.abc.Stream, peer: Peer) -> N
     """Serve HTTP/1.1 requests on one client connection until it closes."""
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
     dc = d.cfg.daemon
-    reply = H11Reply(conn, stream)
+    reply = H11Reply(conn, stream, dc.client_write_timeout_s)
     try:
         while True:
             if not conn.trailing_data[0]:
@@ -2626,9 +2694,8 @@ async def handle_connection(d: Daemon, stream: trio.abc.Stream, peer: Peer) -> N
             if not isinstance(event, h11.Request):
                 return  # ConnectionClosed, or the client closed between requests
             await _handle_request(d, conn, stream, reply, event, peer)
-            if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE \
-                    or conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
-                return
+            if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                return  # MUST_CLOSE, an error, or a reply cut short: not reusable
             conn.start_next_cycle()
     except Exception:
         log.exception("connection handler failed; the connection is closed, the daemon goes on")
@@ -2725,6 +2792,10 @@ async def _chat(
     if not isinstance(messages, list) or not messages:
         await _client_error(reply, 400, "'messages' must be a non-empty array of messages",
                             code="missing_messages", param="messages")
+        return
+    if not isinstance(body.get("stream_options") or {}, dict):
+        await _client_error(reply, 400, "'stream_options' must be an object",
+                            code="invalid_value", param="stream_options")
         return
     model = body.get("model")
     route = d.route_for(model) if isinstance(model, str) else None
@@ -2891,6 +2962,8 @@ async def serve(
             scope.cancel()
         with trio.move_on_after(d.cfg.daemon.shutdown_grace_s):
             await d.no_inflight.wait()
+        for ex in d.inflight.values():
+            ex.cancel_reason = "shutdown"
         d.save_state()
         connections.cancel_scope.cancel()
 
@@ -3387,28 +3460,26 @@ def tail_cmd(ledger: str | None, follow: bool, as_json: bool, lines: int) -> Non
         pass
 
 
-def _decodes(line: bytes, decoder: msgspec.json.Decoder) -> bool:
+def _decoded(line: bytes, decoder: msgspec.json.Decoder) -> tuple[bytes, LedgerRow] | None:
+    line = line.strip()
     try:
-        decoder.decode(line)
+        return line, decoder.decode(line)
     except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
-        return False  # a torn or foreign line
-    return True
+        return None  # a torn or foreign line
 
 
 def _print_line(line: bytes, decoder: msgspec.json.Decoder, as_json: bool) -> None:
-    try:
-        row = decoder.decode(line)
-    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
-        return  # a torn or foreign line
-    click.echo(line.decode() if as_json else format_row(row))
+    decoded = _decoded(line, decoder)
+    if decoded is not None:
+        click.echo(line.strip().decode() if as_json else format_row(decoded[1]))
 
 
 def _tail(path: str, follow: bool, as_json: bool, last: int) -> None:
     decoder = msgspec.json.Decoder(LedgerRow)
     with open(path, "rb") as f:
-        rows = [line for line in map(bytes.strip, f.readlines()) if _decodes(line, decoder)]
-        for line in rows[-last:] if last else rows:
-            _print_line(line, decoder, as_json)
+        rows = [r for r in (_decoded(line, decoder) for line in f) if r is not None]
+        for line, row in rows[-last:] if last else rows:
+            click.echo(line.decode() if as_json else format_row(row))
         if not follow:
             return
         inode, partial = os.fstat(f.fileno()).st_ino, b""

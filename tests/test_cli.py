@@ -97,11 +97,11 @@ def test_check_prints_each_routes_worst_case_and_cliff_margin(config):
     lines = result.stdout.splitlines()
     desk = next(line for line in lines if line.startswith("route desk:"))
     quick = next(line for line in lines if line.startswith("route quick:"))
-    # desk: a/m1 (5 + 30) then local (2 + 30); quick: local (2 + 10).
-    assert "worst case before first byte or error 67 s" in desk
-    assert "client cliff 660 s, margin 593 s" in desk
-    assert "worst case before first byte or error 12 s" in quick
-    assert "margin 648 s" in quick
+    # desk: a/m1 then local, 30 s each (connecting included); quick: local, 10 s.
+    assert "worst case before first byte or error 60 s" in desk
+    assert "client cliff 660 s, margin 600 s" in desk
+    assert "worst case before first byte or error 10 s" in quick
+    assert "margin 650 s" in quick
     assert lines[-1] == "config OK"
 
 

@@ -298,13 +298,14 @@ def worst_case(text: str, route: str = "r") -> tuple[list[tuple[str, float]], fl
     return [(slot.key, start) for slot, start in starts], worst
 
 
-def test_worst_case_counts_connect_and_first_token_deadline_per_slot():
+def test_worst_case_counts_each_slots_first_token_deadline():
     """Two slots on one provider each pay in full: a slow 5xx is no timeout, so the
-    provider's second slot is not skipped (see the engine scenario below)."""
+    provider's second slot is not skipped (see the engine scenario below). The
+    first-token deadline runs from the attempt's start, so it covers connecting."""
     starts, worst = worst_case(WORST)
 
-    assert starts == [("a/m1", 0.0), ("a/m2", 35.0), ("b/m3", 70.0)]
-    assert worst == 102.0
+    assert starts == [("a/m1", 0.0), ("a/m2", 30.0), ("b/m3", 60.0)]
+    assert worst == 90.0
 
 
 def test_worst_case_includes_one_same_slot_retry():
@@ -312,14 +313,14 @@ def test_worst_case_includes_one_same_slot_retry():
 
     # Each slot may add a fast failure (2 s) and then a backoff of up to 1.5 x 0.3 s or
     # a Retry-After of up to retry_after_max_s = 3 s, before its retry's full budget.
-    assert starts == [("a/m1", 0.0), ("a/m2", 40.0), ("b/m3", 80.0)]
-    assert worst == 117.0  # b connects within 2 s: 80 + 2 + 30 + 5
+    assert starts == [("a/m1", 0.0), ("a/m2", 35.0), ("b/m3", 70.0)]
+    assert worst == 105.0
 
 
 def test_worst_case_is_clipped_by_the_total_deadline():
     starts, worst = worst_case(WORST + "total_timeout_s = 50\n")
 
-    assert starts[-1] == ("b/m3", 70.0)
+    assert starts[-1] == ("b/m3", 60.0)
     assert worst == 50.0
 
 
@@ -327,23 +328,23 @@ def test_check_report_prints_worst_case_and_cliff_margin():
     lines, _ = fo.check_report(fo.parse_config(WORST))
 
     assert "route r: 3 slot(s)" in lines[0]
-    assert "worst case before first byte or error 102 s" in lines[0]
-    assert "client cliff 660 s, margin 558 s" in lines[0]
+    assert "worst case before first byte or error 90 s" in lines[0]
+    assert "client cliff 660 s, margin 570 s" in lines[0]
     assert [line.split()[0] for line in lines[1:]] == ["a/m1", "a/m2", "b/m3"]
-    assert lines[3].endswith("starts by 70 s at the latest")
+    assert lines[3].endswith("starts by 60 s at the latest")
 
 
 def test_check_warns_about_a_slot_unreachable_within_total_timeout():
-    _, warnings = fo.check_report(fo.parse_config(WORST + "total_timeout_s = 70\n"))
+    _, warnings = fo.check_report(fo.parse_config(WORST + "total_timeout_s = 60\n"))
 
     unreachable = [w for w in warnings if "is not reached" in w]
     assert len(unreachable) == 1
     assert unreachable[0].startswith("routes.r: b/m3 ")
-    assert "start at 70 s" in unreachable[0]
+    assert "start at 60 s" in unreachable[0]
 
 
 def test_check_has_no_reachability_warning_when_every_slot_fits():
-    _, warnings = fo.check_report(fo.parse_config(WORST + "total_timeout_s = 71\n"))
+    _, warnings = fo.check_report(fo.parse_config(WORST + "total_timeout_s = 61\n"))
 
     assert not [w for w in warnings if "is not reached" in w]
 

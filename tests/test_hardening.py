@@ -1,0 +1,211 @@
+"""Defects found in review, each pinned by the behaviour that must hold instead.
+
+Slow clients, untidy stream endings, probes that must not leak, context errors that
+must not be claimed for transient outages, replies failoverd did not foresee, bad
+keys, and a ledger that cannot be reopened.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import trio
+import trio.testing
+from conftest import ClientResult, http_request, make_config, ok_script, read_response
+from test_engine import OVERFLOW, respond
+from test_tokens import LOCAL, send, truncating
+
+import failoverd as fo
+
+
+def socket_pair(buffer: int = 8192) -> tuple[trio.SocketStream, trio.SocketStream]:
+    """A kernel socket pair with small buffers, so a client that stops reading blocks us."""
+    a, b = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    for s in (a, b):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)
+    return trio.SocketStream(a), trio.SocketStream(b)
+
+
+async def read_all(stream: trio.SocketStream) -> bytes:
+    parts = []
+    while data := await stream.receive_some(65536):
+        parts.append(data)
+    return b"".join(parts)
+
+
+# -- a slow client is never blamed on the upstream ------------------------------
+
+BIG = "x" * 65536  # tokens that fill the socket buffers at once
+
+
+async def test_client_that_stops_reading_is_dropped_without_blaming_the_upstream(
+        harness, autojump_clock, nursery):
+    h = harness({"a/m1": ok_script(" ".join([BIG] * 20), gap=1.0), "b/m2": ok_script("b")})
+    client, server = socket_pair()
+    nursery.start_soon(fo.handle_connection, h.d, server, fo.Peer(1, 1))
+    await client.send_all(http_request({"model": "r", "stream": True,
+                                        "messages": [{"role": "user", "content": "hi"}]}))
+    await client.receive_some(1000)  # the head and the start of the answer
+    await trio.sleep(300)  # the agent's event loop is busy
+    await read_all(client)  # the connection was closed by then
+    [attempt] = h.rows("attempt")
+    assert attempt["outcome"] == "client_disconnected"
+    assert attempt["latency_ms"] == 30000.0  # blocked from the start, dropped at the timeout
+    assert h.rows("request")[0]["status"] == 499
+    assert not any(b.failures or b.state != "closed" for b in h.d.health.breakers.values())
+
+
+async def test_slow_client_does_not_eat_into_the_stall_deadline(harness, autojump_clock,
+                                                                 nursery):
+    h = harness({"a/m1": ok_script(" ".join([BIG] * 4), gap=1.0)}, routes={"r": ["a/m1"]},
+                stall_timeout_s=10.0)
+    client, server = socket_pair()
+    nursery.start_soon(fo.handle_connection, h.d, server, fo.Peer(1, 1))
+    await client.send_all(http_request({"model": "r", "stream": True,
+                                        "messages": [{"role": "user", "content": "hi"}]}))
+    await trio.sleep(20.0)  # longer than the stall deadline, shorter than the write timeout
+    with trio.fail_after(60):
+        rest = await read_response(client, ClientResult())
+    assert rest.body.endswith(b"data: [DONE]\n\n")
+    assert h.outcomes() == [("a/m1", "ok")]
+
+
+# -- untidy endings of a complete answer ----------------------------------------
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_reset_after_done_is_still_a_success(harness, autojump_clock, stream):
+    h = harness({"a/m1": [*ok_script("complete answer"), ("reset",)], "b/m2": ok_script("b")})
+    r = await h.chat(stream=stream)
+    assert (r.status, r.text) == (200, "complete answer")
+    assert h.outcomes() == [("a/m1", "ok")]
+    assert h.upstreams.keys_called() == ["a/m1"]  # not generated (and billed) twice
+
+
+async def test_stall_after_finish_reason_is_still_a_success(harness, autojump_clock):
+    script = [("head", 200, {}), ("sse", fo.sse_chunk("whole answer")),
+              ("sse", fo.sse_chunk(finish="stop")), ("hang",)]
+    h = harness({"a/m1": script, "b/m2": ok_script("b")})
+    r = await h.chat(stream=True)
+    assert r.events[-1] == "[DONE]"
+    assert r.text == "whole answer"
+    assert h.outcomes() == [("a/m1", "ok")]
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_stream_with_no_output_before_done_fails_over(harness, autojump_clock, stream):
+    empty = [("head", 200, {}), ("sse", fo.sse_chunk(role="assistant", content="")),
+             ("sse", "[DONE]")]
+    h = harness({"a/m1": empty, "b/m2": ok_script("second")})
+    r = await h.chat(stream=stream)
+    assert r.text == "second"
+    assert h.outcomes() == [("a/m1", "protocol_error"), ("b/m2", "ok")]
+
+
+# -- probes and context errors ----------------------------------------------------
+
+async def test_no_probe_is_claimed_for_a_slot_never_tried(harness, autojump_clock):
+    h = harness({"c/local": truncating(4000), "b/big": respond(500), "a/m1": ok_script("a"),
+                 "b/m2": ok_script("b2")},
+                routes={"r": ["c/local", "b/big", "a/m1"], "other": ["a/m1", "b/m2"]},
+                models=LOCAL, retry_same=0)
+    h.d.health._trip(("model", "a/m1"), 5.0, "earlier failures")
+    await trio.sleep(10)  # a/m1 is due a probe
+    assert (await send(h, 6000)).status == 502  # one re-dispatch (b/big), then no more
+    breaker = h.d.health.breakers[("model", "a/m1")]
+    assert not breaker.probing
+    assert (await h.chat("other")).text == "a"  # the next request probes and closes it
+
+
+async def test_prompt_that_fits_a_throttled_slot_is_not_called_too_large(harness,
+                                                                         autojump_clock):
+    h = harness({"a/m1": ok_script("a"), "b/m2": ok_script("b")},
+                routes={"r": ["a/m1", "b/m2"], "big": ["b/m2"]},
+                models={"a/m1": fo.ModelConfig(context_window=2000),
+                        "b/m2": fo.ModelConfig(context_window=100_000, rpm_limit=1)})
+    await h.send(http_request({"model": "big", "messages": [{"role": "user", "content": "x"}]}))
+    r = await send(h, 20_000)  # fits b/m2, which is out of budget for this minute
+    assert r.status == 502
+    assert r.json["error"]["code"] != "context_length_exceeded"
+
+
+async def test_overflow_then_open_breaker_is_not_called_too_large(harness, autojump_clock):
+    h = harness({"a/m1": respond(400, OVERFLOW), "b/m2": ok_script("b")},
+                models={"b/m2": fo.ModelConfig(context_window=100_000)})
+    h.d.health._trip(("provider", "b"), 30.0, "5 consecutive failures")
+    r = await send(h, 4000)
+    assert r.json["error"]["code"] != "context_length_exceeded"
+
+
+# -- replies failoverd did not foresee ----------------------------------------------
+
+async def test_stream_options_that_is_not_an_object_is_a_client_error(harness, autojump_clock):
+    h = harness({"a/m1": ok_script()})
+    r = await h.chat(stream=True, stream_options=True)
+    assert r.status == 400
+    assert r.json["error"]["param"] == "stream_options"
+    assert h.upstreams.calls == []
+
+
+async def test_anthropic_null_output_tokens_are_tolerated(harness, autojump_clock):
+    def ev(kind: str, **kw) -> tuple:
+        return ("raw", b"event: %b\ndata: %b\n\n" % (kind.encode(),
+                                                     fo._json_encode({"type": kind, **kw})))
+
+    script = [("head", 200, {}),
+              ev("message_start", message={"id": "m", "model": "c", "usage": {"input_tokens": 5}}),
+              ev("content_block_delta", index=0, delta={"type": "text_delta", "text": "hello"}),
+              ev("message_delta", delta={"stop_reason": "end_turn"}, usage={"output_tokens": None}),
+              ev("message_stop")]
+    h = harness({"z/m1": script}, routes={"r": ["z/m1"]}, anthropic=("z",))
+    r = await h.chat()
+    assert (r.status, r.text) == (200, "hello")
+    assert r.json["usage"]["prompt_tokens"] == 5
+
+
+async def test_an_unforeseen_error_in_an_attempt_fails_over(harness, autojump_clock,
+                                                           monkeypatch, caplog):
+    def explode(*args):
+        raise KeyError("surprise")
+
+    h = harness({"a/m1": ok_script("a"), "b/m2": ok_script("b")}, anthropic=("z",))
+    monkeypatch.setattr(fo.OpenAIAdapter, "digest", explode)
+    r = await h.chat()
+    assert r.status == 502
+    assert [o for _, o in h.outcomes()] == ["protocol_error", "protocol_error"]
+    assert h.rows("request")[0]["status"] == 502
+    assert "unexpected error handling the upstream reply" in caplog.text
+
+
+# -- keys and the ledger --------------------------------------------------------------
+
+@pytest.mark.parametrize("key", ["sk-proj-abcdef123456\u200b", "Zq9dk2LmPa0sXw8QQ\nline2secret",
+                                 "sk-with space", "sk-\x00nul"])
+def test_keys_that_cannot_go_into_a_header_are_rejected_at_load(key, tmp_path):
+    provider = fo.ProviderConfig(base_url="http://x.test", api_key_env="K")
+    with pytest.raises(fo.ConfigError) as e:
+        fo.resolve_api_key("a", provider, {"K": key})
+    assert "providers.a" in str(e.value)
+    assert key.strip() not in str(e.value)
+    (tmp_path / "key").write_text(key)
+    provider = fo.ProviderConfig(base_url="http://x.test", api_key_file=str(tmp_path / "key"))
+    with pytest.raises(fo.ConfigError):
+        fo.resolve_api_key("a", provider, {})
+
+
+async def test_failed_ledger_reopen_keeps_the_daemon_writing(tmp_path, caplog):
+    path = tmp_path / "logs" / "ledger.jsonl"
+    cfg = make_config({"r": ["a/m1"]}, ledger=str(path))
+    d = fo.Daemon(cfg, ledger=fo.Ledger(str(path)))
+    (tmp_path / "logs").rename(tmp_path / "logs.1")  # rotated away ...
+    (tmp_path / "logs").write_text("not a directory")  # ... and the path is now unusable
+    d.ledger.reopen()
+    assert "cannot reopen" in caplog.text
+    d.ledger.write(fo.RequestRow(ts="t", request_id="x", route="r", outcome="ok",
+                                 served_by=None, attempts=1, total_ms=1.0, ttft_ms=1.0,
+                                 status=200))
+    assert (tmp_path / "logs.1" / "ledger.jsonl").read_bytes().endswith(b'"status":200,'
+                                                                        b'"stream":false,'
+                                                                        b'"client_pid":null,'
+                                                                        b'"client_uid":null}\n')
