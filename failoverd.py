@@ -1570,6 +1570,8 @@ CLOSE_TIMEOUT_S = 1.0
 # After [DONE], how long the rest of the body may take before the connection is
 # dropped instead of reused (the terminating chunk normally shares [DONE]'s packet).
 DRAIN_S = 0.5
+# A relayed write slower than this gives the upstream its stall time back.
+CLIENT_WRITE_SLACK_S = 0.01
 # nginx's code for "client closed request"; used in the ledger only.
 STATUS_CLIENT_CLOSED = 499
 # A request cut off when the shutdown grace ran out.
@@ -1825,6 +1827,7 @@ class Daemon:
         self.started_at = time.time()
         self.transport = transport
         self.transports = {name: self._transport() for name in cfg.providers}
+        self.urls: dict[str, httpx.URL] = {}  # upstream URLs, parsed once
         # Where alert commands run; serve() sets it to a nursery that outlives requests.
         self.background: trio.Nursery | None = None
         self.state_path = cfg.daemon.state_file
@@ -1966,6 +1969,10 @@ class Reply:
         in-band error is out, the reply is settled even if the client hangs up."""
         raise NotImplementedError
 
+    def abort(self) -> None:
+        """A write was cut short: the framing is broken, nothing more may be sent."""
+        raise NotImplementedError
+
 
 def error_body(
     message: str, *, type_: str, code: str | None = None, param: str | None = None,
@@ -2025,6 +2032,7 @@ class Exchange:
         self.final_state: StreamState | None = None
         self.pending: list[bytes] = []  # frames held until commit
         self.holding = False  # commit held until usage is in (truncates_silently)
+        self.writing = False  # a write to the client is under way
         self.min_window = 0  # after a context overflow: only larger windows
         self.tripped = False  # the silent-truncation tripwire fired
         self.context_skips: list[tuple[Slot, int, int]] = []  # (slot, needed, window)
@@ -2179,7 +2187,14 @@ class Exchange:
                                                         f"{type(e).__name__}: {e}")
             if scope.cancelled_caught and not st.complete:
                 failure = Failure(self.armed, self._timeout_text(st))
+                if self.writing:  # cut mid-write: the client stopped reading
+                    self.reply.abort()
+                    if self.armed != "total_timeout":
+                        failure = Failure("client_disconnected", "client stopped reading for "
+                                          f"{d.cfg.daemon.client_write_timeout_s:g} s")
         except trio.Cancelled:
+            if self.writing:
+                self.reply.abort()
             gone = Failure(self.cancel_reason, self.cancel_reason)
             self._attempt_row(slot, st, m, failure=gone)
             self.d.health.record(slot, gone, None)
@@ -2251,7 +2266,10 @@ class Exchange:
         # (httpx's default 5 s read timeout would fight it).
         timeout = {"connect": provider.connect_timeout_s, "read": None, "write": None,
                    "pool": None}
-        request = httpx.Request("POST", url, headers=headers, content=payload,
+        parsed = d.urls.get(url)
+        if parsed is None:
+            parsed = d.urls[url] = httpx.URL(url)
+        request = httpx.Request("POST", parsed, headers=headers, content=payload,
                                 extensions={"timeout": timeout})
         try:
             resp = await d.transports[slot.provider].handle_async_request(request)
@@ -2326,8 +2344,11 @@ class Exchange:
     ) -> None:
         """After an event: move the deadline on progress, commit, relay.
 
-        Writing to the client happens with the upstream's deadline lifted (the write
-        has its own, see H11Reply): a client slow to read is never an upstream stall.
+        A write to the client runs under the same scope with `writing` set and a
+        deadline of at least client_write_timeout_s: if it fires mid-write, the client
+        stopped reading, and the upstream is not blamed. A write slower than
+        CLIENT_WRITE_SLACK_S gives the upstream its stall time back. With the default
+        stall (60 s) above the write timeout (30 s) that is one deadline move per token.
         """
         stall = self.route.timing.stall_timeout_s
         if st.progress:
@@ -2338,22 +2359,28 @@ class Exchange:
             elif now - m.last > m.max_gap:
                 m.max_gap = now - m.last
             m.last = now
-            if self.stream and not self.holding:
-                scope.deadline = math.inf
+            if not self.stream or self.holding:
+                self.arm(scope, now + stall, "stall_timeout")
+            else:
+                write_timeout = self.d.cfg.daemon.client_write_timeout_s
+                self.arm(scope, now + max(stall, write_timeout), "stall_timeout")
+                self.writing = True
                 if not self.committed:
                     if frame is not None:
                         self.pending.append(frame)
                     await self._commit(slot)
                 elif frame is not None:
                     await self._send(b"data: %b\n\n" % frame)
-                self.arm(scope, trio.current_time() + stall, "stall_timeout")
+                self.writing = False
+                after = trio.current_time()
+                if stall < write_timeout or after - now > CLIENT_WRITE_SLACK_S:
+                    self.arm(scope, after + stall, "stall_timeout")
                 return
-            self.arm(scope, now + stall, "stall_timeout")
         if frame is not None and self.stream:
             if self.committed:
-                deadline, scope.deadline = scope.deadline, math.inf
+                self.writing = True
                 await self._send(b"data: %b\n\n" % frame)
-                scope.deadline = deadline
+                self.writing = False
             elif self.holding or len(self.pending) < MAX_PENDING_FRAMES:
                 self.pending.append(frame)
 
@@ -2596,10 +2623,20 @@ class H11Reply(Reply):
         await self._write(events)
 
     async def send(self, data: bytes) -> None:
-        if self.chunked:
-            await self._send_all(b"%x\r\n%b\r\n" % (len(data), data))
-        else:
+        """The per-token hot path: no deadline of its own (the Exchange bounds it)."""
+        if not self.chunked:
             await self._write([h11.Data(data=data)])
+            return
+        if self.conn.our_state is h11.ERROR:
+            raise ClientGone
+        try:
+            await self.stream.send_all(b"%x\r\n%b\r\n" % (len(data), data))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.conn.send_failed()
+            raise ClientGone from None
+
+    def abort(self) -> None:
+        self.conn.send_failed()
 
     async def finish(self, data: bytes) -> None:
         await self._write([h11.Data(data=data), h11.EndOfMessage()])
@@ -2613,13 +2650,11 @@ class H11Reply(Reply):
         await self._send_all(data)
 
     async def _send_all(self, data: bytes) -> None:
-        """Write to the client under its own deadline, shielded from the upstream's:
-        a client that stops reading is dropped, never blamed on the upstream. A write
-        cut short would leave broken framing, so after one the connection is done."""
+        """Write to the client under its own deadline: a client that stops reading is
+        dropped. A write cut short leaves broken framing, so the connection is done."""
         if self.conn.our_state is h11.ERROR:
             raise ClientGone
-        with trio.CancelScope(shield=True) as scope:
-            scope.deadline = trio.current_time() + self.write_timeout
+        with trio.move_on_after(self.write_timeout) as scope:
             try:
                 await self.stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
