@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 import tomllib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import Annotated, Any, Literal
 
 import click
@@ -3193,30 +3193,39 @@ class FakeUpstream:
     async def _play(self, stream: trio.abc.Stream, script: Script) -> None:
         if script and script[0][0] not in ("head", "respond"):
             script = [("head", 200, {}), *script]
-        for step in script:
-            kind = step[0]
-            if kind == "sleep":
-                await trio.sleep(step[1])
-            elif kind == "hang":
-                await trio.sleep_forever()
-            elif kind == "close":
-                return
-            elif kind in ("head", "respond"):
-                status, headers = step[1], {k.lower(): v for k, v in step[2].items()}
-                body = step[3] if kind == "respond" else b""
-                if kind == "respond":
-                    headers.setdefault("content-type", "application/json")
-                    headers["content-length"] = str(len(body))
-                else:
-                    headers.setdefault("content-type", "text/event-stream")
-                headers["connection"] = "close"
-                head = f"HTTP/1.1 {status} X\r\n" + "".join(
-                    f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
-                await stream.send_all(head.encode() + body)
-                if kind == "respond":
-                    return
+        with contextlib.suppress(ConnectionResetError):  # a "reset" step: just drop it
+            async for piece in play_script(script):
+                await stream.send_all(piece)
+
+
+async def play_script(script: Script) -> AsyncIterator[bytes]:
+    """The bytes a script puts on the wire, at the times it puts them; ends at a
+    "close" step, raises ConnectionResetError at a "reset" step."""
+    for step in script:
+        kind = step[0]
+        if kind == "sleep":
+            await trio.sleep(step[1])
+        elif kind == "hang":
+            await trio.sleep_forever()
+        elif kind == "close":
+            return
+        elif kind == "reset":
+            raise ConnectionResetError("connection reset by peer")
+        elif kind in ("head", "respond"):
+            status, headers = step[1], {k.lower(): v for k, v in step[2].items()}
+            body = step[3] if kind == "respond" else b""
+            if kind == "respond":
+                headers.setdefault("content-type", "application/json")
+                headers["content-length"] = str(len(body))
             else:
-                await stream.send_all(script_bytes(step))
+                headers.setdefault("content-type", "text/event-stream")
+            headers["connection"] = "close"
+            yield (f"HTTP/1.1 {status} X\r\n" + "".join(
+                f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n").encode() + body
+            if kind == "respond":
+                return
+        else:
+            yield script_bytes(step)
 
 
 DEMO_FIRST_TOKEN_S = 1.5

@@ -60,18 +60,11 @@ class _ScriptStream(httpx.AsyncByteStream):
         self.steps = steps
 
     async def __aiter__(self):
-        for step in self.steps:
-            kind = step[0]
-            if kind == "sleep":
-                await trio.sleep(step[1])
-            elif kind == "hang":
-                await trio.sleep_forever()
-            elif kind == "close":
-                return
-            elif kind == "reset":
-                raise httpx.ReadError("connection reset by peer")
-            else:
-                yield fo.script_bytes(step)
+        try:
+            async for piece in fo.play_script(self.steps):
+                yield piece
+        except ConnectionResetError as e:
+            raise httpx.ReadError(str(e)) from None
 
     async def aclose(self) -> None:
         self.upstream.closed.append((trio.current_time(), self.key))
