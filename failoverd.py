@@ -581,12 +581,12 @@ def classify_status(status: int, body: bytes) -> tuple[str, str]:
     return "http_error", error
 
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
-_DURATION_UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|d|h|m|s)")
+_DURATION_UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 
 
 def parse_duration(text: str) -> float | None:
-    """Go-style durations from x-ratelimit-reset-*: `6m0s`, `1.5s`, `20ms`."""
+    """Go-style durations (x-ratelimit-reset-*, `audit --since`): `6m0s`, `20ms`, `2d`."""
     text = text.strip()
     parts = _DURATION.findall(text)
     if not parts or "".join(n + u for n, u in parts) != text:
@@ -3544,6 +3544,77 @@ def _tail(path: str, follow: bool, as_json: bool, last: int) -> None:
                     inode, partial = st.st_ino, b""
 
 
+# Outcomes that mean the upstream hung (no meaningful output in time).
+HANG_OUTCOMES = frozenset({"first_token_timeout", "stall_timeout"})
+# Outcomes that are no fault of the slot: a failover from them is not counted.
+NOT_FAILOVERS = frozenset({"ok", "skipped", "bad_request", "client_disconnected", "shutdown"})
+
+
+def percentile(values: list[float], p: float) -> float | None:
+    """Nearest-rank percentile of an unsorted list; None when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
+def audit(rows: Iterable[LedgerRow], cliff_s: float, since_epoch: float | None = None
+          ) -> list[dict[str, Any]]:
+    """Per model: volume, success, latency and TTFT percentiles, hangs, failovers, cost,
+    and the margin between the slowest request it served and the client's cliff."""
+    stats: dict[str, dict[str, Any]] = {}
+    served_worst: dict[str, float] = {}
+    for row in rows:
+        if since_epoch is not None and _dt.datetime.fromisoformat(row.ts).timestamp() < since_epoch:
+            continue
+        if isinstance(row, RequestRow) and row.served_by:
+            served_worst[row.served_by] = max(served_worst.get(row.served_by, 0.0), row.total_ms)
+        if not isinstance(row, AttemptRow) or row.outcome == "skipped":
+            continue
+        s = stats.setdefault(f"{row.provider}/{row.model}", {
+            "n": 0, "ok": 0, "latency": [], "ttft": [], "hangs": 0, "failovers": 0, "cost": 0.0})
+        s["n"] += 1
+        s["ok"] += row.outcome == "ok"
+        s["hangs"] += row.outcome in HANG_OUTCOMES
+        s["failovers"] += row.outcome not in NOT_FAILOVERS and not row.committed
+        s["cost"] += row.cost_usd or 0.0
+        if row.outcome == "ok" and row.latency_ms is not None:
+            s["latency"].append(row.latency_ms)
+        if row.ttft_ms is not None:
+            s["ttft"].append(row.ttft_ms)
+    table = []
+    for model, s in sorted(stats.items()):
+        worst = served_worst.get(model)
+        table.append({
+            "model": model, "n": s["n"], "success_pct": round(100 * s["ok"] / s["n"], 1),
+            **{f"latency_{name}_ms": percentile(s["latency"], p) for name, p in
+               (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))},
+            **{f"ttft_{name}_ms": percentile(s["ttft"], p) for name, p in
+               (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))},
+            "hangs": s["hangs"], "failovers": s["failovers"], "cost_usd": round(s["cost"], 6),
+            "cliff_margin_s": None if worst is None else round(cliff_s - worst / 1000, 3),
+        })
+    return table
+
+
+def format_audit(table: list[dict[str, Any]]) -> list[str]:
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{v / 1000:.2f}" if v >= 1000 else f"{v / 1000:.3f}"
+
+    head = (f"{'model':<36} {'n':>6} {'ok%':>6}  {'latency s p50/p90/p99/max':<27} "
+            f"{'ttft s p50/p90/p99/max':<27} {'hangs':>5} {'failover':>8} {'cost $':>10} "
+            f"{'cliff margin':>12}")
+    lines = [head]
+    for r in table:
+        lat = "/".join(ms(r[f"latency_{p}_ms"]) for p in ("p50", "p90", "p99", "max"))
+        ttft = "/".join(ms(r[f"ttft_{p}_ms"]) for p in ("p50", "p90", "p99", "max"))
+        margin = "-" if r["cliff_margin_s"] is None else f"{r['cliff_margin_s']:.1f} s"
+        lines.append(f"{r['model']:<36} {r['n']:>6} {r['success_pct']:>6.1f}  {lat:<27} "
+                     f"{ttft:<27} {r['hangs']:>5} {r['failovers']:>8} {r['cost_usd']:>10.4f} "
+                     f"{margin:>12}")
+    return lines
+
+
 def format_status(status: dict[str, Any]) -> list[str]:
     """`failoverd status` as text: in-flight requests, breakers, token divisors."""
     lines = [f"failoverd {status['version']}, up {status['uptime_s']:.0f} s"
@@ -3599,6 +3670,42 @@ def status_cmd(socket_path: str | None, config_path: str | None, as_json: bool) 
         click.echo(resp.text)
         return
     for line in format_status(resp.json()):
+        click.echo(line)
+
+
+@cli.command("audit")
+@click.argument("ledger", required=False)
+@click.option("--since", help="Only rows newer than this: 90s, 30m, 6h, 2d.")
+@click.option("--config", "config_path", help="Config for the ledger path and client_cliff_s.")
+@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
+def audit_cmd(ledger: str | None, since: str | None, config_path: str | None,
+              as_json: bool) -> None:
+    """Per-model table: n, success %, latency and TTFT p50/p90/p99/max, hangs, failovers,
+    cost, and the margin to the client's cancel cliff."""
+    try:
+        cfg = load_config(_config_path(config_path))
+    except ConfigError:
+        cfg = Config()
+    path = ledger or cfg.daemon.ledger
+    since_epoch = None
+    if since is not None:
+        seconds = parse_duration(since)
+        if seconds is None:
+            click.echo(f"failoverd: --since {since!r}: expected a duration like 30m, 6h or 2d",
+                       err=True)
+            sys.exit(2)
+        since_epoch = time.time() - seconds
+    try:
+        table = audit((row for _, row in read_ledger(path) if row is not None),
+                      cfg.daemon.client_cliff_s, since_epoch)
+    except FileNotFoundError:
+        click.echo(f"failoverd: no ledger at {path}; pass its path or check daemon.ledger",
+                   err=True)
+        sys.exit(1)
+    if as_json:
+        click.echo(msgspec.json.encode(table).decode())
+        return
+    for line in format_audit(table):
         click.echo(line)
 
 
