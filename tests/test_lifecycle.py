@@ -1,0 +1,130 @@
+"""Listeners and lifecycle on real sockets: the Unix socket's rules, the loopback TCP
+listener, systemd socket activation, and a drain that lets in-flight streams finish."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+
+import httpx
+import pytest
+import trio
+
+import failoverd as fo
+
+
+@pytest.fixture
+def sock_path():
+    directory = tempfile.mkdtemp(dir="/tmp")  # AF_UNIX paths must stay short
+    return os.path.join(directory, "fo.sock")
+
+
+async def test_stale_socket_file_is_replaced(sock_path):
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(sock_path)
+    dead.close()  # a socket file nobody listens on: left by a daemon that died
+    listener = await fo.open_unix_listener(sock_path, "0660")
+    assert stat.S_IMODE(os.stat(sock_path).st_mode) == 0o660
+    await listener.aclose()
+
+
+async def test_a_file_that_is_not_a_socket_is_never_replaced(sock_path):
+    with open(sock_path, "w") as f:  # noqa: ASYNC230 -- test setup
+        f.write("precious")
+    with pytest.raises(fo.StartupError, match="exists and is not a socket"):
+        await fo.open_unix_listener(sock_path, "0660")
+    with open(sock_path) as f:  # noqa: ASYNC230 -- test check
+        assert f.read() == "precious"
+
+
+async def test_a_live_daemons_socket_is_never_taken_over(sock_path):
+    first = await fo.open_unix_listener(sock_path, "0600")
+    with pytest.raises(fo.StartupError, match="already listening"):
+        await fo.open_unix_listener(sock_path, "0600")
+    await first.aclose()
+
+
+async def test_loopback_tcp_listener_serves_the_same_api(sock_path, tmp_path):
+    cfg = fo.Config(daemon=fo.DaemonConfig(socket=sock_path, tcp="127.0.0.1:0",
+                                           ledger=str(tmp_path / "ledger.jsonl")),
+                    providers={"a": fo.ProviderConfig(base_url="http://127.0.0.1:9/v1")},
+                    routes={"r": fo.RouteConfig(chain=["a/m"])})
+    listeners = await fo.open_listeners(cfg)
+    assert len(listeners) == 2
+    port = listeners[1].socket.getsockname()[1]
+    d = fo.Daemon(cfg, ledger=fo.Ledger(cfg.daemon.ledger))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fo.serve, d, listeners)
+        with trio.fail_after(10):
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+                models = (await client.get("/v1/models")).json()
+        assert [m["id"] for m in models["data"]] == ["r"]
+        d.shutdown.set()
+
+
+def test_tcp_listener_must_be_loopback():
+    with pytest.raises(fo.ConfigError, match="expected a loopback HOST:PORT"):
+        fo.parse_config('[daemon]\ntcp = "0.0.0.0:8411"\n')
+
+
+def test_socket_activation_takes_the_sockets_systemd_passes(sock_path):
+    listening = socket.socket(socket.AF_UNIX)
+    listening.bind(sock_path)
+    listening.listen()
+    child = (
+        "import os, sys, failoverd\n"
+        "os.dup2(int(sys.argv[1]), 3)\n"
+        "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1')\n"
+        "[listener] = failoverd.activated_listeners()\n"
+        "print(listener.socket.getsockname(), 'LISTEN_FDS' in os.environ)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", child, str(listening.fileno())],
+                         pass_fds=[listening.fileno()], capture_output=True, text=True,
+                         timeout=30, check=True)
+    assert out.stdout.split() == [sock_path, "False"]  # and the variables are consumed
+    listening.close()
+
+
+async def test_shutdown_lets_in_flight_streams_finish_then_stops_accepting(sock_path, tmp_path):
+    upstream = fo.FakeUpstream(lambda model, body, n: fo.token_script(
+        ["slow", " but", " whole"], gap=0.3))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(upstream.serve)
+        cfg = fo.Config(daemon=fo.DaemonConfig(socket=sock_path, shutdown_grace_s=10,
+                                               ledger=str(tmp_path / "ledger.jsonl")),
+                        providers={"a": fo.ProviderConfig(base_url=upstream.base_url)},
+                        routes={"r": fo.RouteConfig(chain=["a/m"])})
+        d = fo.Daemon(cfg, ledger=fo.Ledger(cfg.daemon.ledger))
+        listener = await fo.open_unix_listener(sock_path, "0600")
+        drained = trio.Event()
+
+        async def serve_until_drained(task_status=trio.TASK_STATUS_IGNORED) -> None:
+            await fo.serve(d, [listener], task_status=task_status)
+            drained.set()
+
+        await nursery.start(serve_until_drained)
+        transport = httpx.AsyncHTTPTransport(uds=sock_path)
+        body = {"model": "r", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+        with trio.fail_after(10):
+            async with httpx.AsyncClient(transport=transport, base_url="http://fo") as client, \
+                    client.stream("POST", "/v1/chat/completions", json=body) as resp:
+                pieces = resp.aiter_bytes()
+                chunks = [await pieces.__anext__()]
+                d.shutdown.set()  # SIGTERM while the answer is streaming
+                chunks += [chunk async for chunk in pieces]
+            await drained.wait()
+        answer = b"".join(chunks)
+        assert b'"slow"' in answer
+        assert answer.endswith(b"data: [DONE]\n\n")
+        [request] = [r for _, r in fo.read_ledger(cfg.daemon.ledger)
+                     if isinstance(r, fo.RequestRow)]
+        assert (request.status, request.outcome) == (200, "ok")
+        probe = socket.socket(socket.AF_UNIX)
+        with pytest.raises(ConnectionRefusedError):
+            probe.connect(sock_path)
+        probe.close()
+        nursery.cancel_scope.cancel()
