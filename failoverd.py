@@ -2101,6 +2101,10 @@ class Exchange:
                 return True, None
             last = failure
             self.failures.append((slot, failure))
+            # Fairness: when many deadlines fire at once (a provider died under load),
+            # every expired attempt is abandoned and recorded before any of them
+            # starts its next, heavier attempt.
+            await trio.lowlevel.checkpoint()
             if failure.outcome == "client_disconnected":
                 self.status = STATUS_CLIENT_CLOSED
                 self._request_row()
