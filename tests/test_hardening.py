@@ -209,3 +209,37 @@ async def test_failed_ledger_reopen_keeps_the_daemon_writing(tmp_path, caplog):
                                                                         b'"stream":false,'
                                                                         b'"client_pid":null,'
                                                                         b'"client_uid":null}\n')
+
+
+class RecordingReply(fo.Reply):
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def start(self, status, headers, body=b"", *, final=False) -> None:
+        self.calls.append("start")
+
+    async def send(self, data: bytes) -> None:
+        self.calls.append("send")
+
+    async def finish(self, data: bytes) -> None:
+        self.calls.append("finish")
+
+    def abort(self) -> None:
+        self.calls.append("abort")
+
+
+async def test_no_client_write_starts_after_the_attempts_deadline_fired(harness, autojump_clock):
+    """A token handled after its deadline already fired (a busy loop) is a timeout: no
+    half-sent head, no write cancelled mid-way, the next slot can still answer."""
+    h = harness({"a/m1": ok_script()})
+    reply = RecordingReply()
+    ex = fo.Exchange(h.d, h.d.routes["r"], {"messages": [{"role": "user", "content": "x"}]},
+                     stream=True, peer=fo.Peer(), reply=reply, request_id="r1", body_size=60)
+    st = fo.StreamState(assemble=False, want_usage=False)
+    with trio.CancelScope() as scope:
+        scope.cancel()  # the deadline fired while the token sat in the run queue
+        st.progress = True
+        await ex._digested(fo.Slot("a", "m1"), st, fo.Metrics(0.0), scope, b'{"choices":[]}')
+        await ex._digested(fo.Slot("a", "m1"), st, fo.Metrics(0.0), scope, b'{"choices":[]}')
+    assert reply.calls == []
+    assert not ex.committed
