@@ -29,6 +29,7 @@ import re
 import secrets as _secrets
 import signal
 import socket as _socket
+import ssl
 import stat
 import struct
 import sys
@@ -1847,7 +1848,8 @@ class Daemon:
         self.draining = False
         self.started_at = time.time()
         self.transport = transport
-        self.transports = {name: self._transport() for name in cfg.providers}
+        self._tls: ssl.SSLContext | None = None  # one verified context, built on first use
+        self.transports = {name: self._transport(p) for name, p in cfg.providers.items()}
         self.urls: dict[str, httpx.URL] = {}  # upstream URLs, parsed once
         # Where alert commands run; serve() sets it to a nursery that outlives requests.
         self.background: trio.Nursery | None = None
@@ -1910,14 +1912,20 @@ class Daemon:
                 log.error("cannot write state file %s (%s); breakers will not survive a "
                           "restart until this is fixed", self.state_path, e.strerror)
 
-    def _transport(self) -> PoolShards:
+    def _transport(self, provider: ProviderConfig) -> PoolShards:
         """Connection pools for one provider. failoverd uses httpx's transport layer
         directly: no redirects, cookies or auth flows to pay for on every request."""
         if self.transport is not None:
             return PoolShards([self.transport])
+        if provider.base_url.startswith("https://"):
+            if self._tls is None:  # loading the CA bundle costs ~100 ms and ~5 MB: once
+                self._tls = httpx.create_ssl_context()
+            tls = self._tls
+        else:  # plain HTTP never uses it (redirects are not followed)
+            tls = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         limits = httpx.Limits(max_connections=None,
                               max_keepalive_connections=POOL_KEEPALIVE // POOL_SHARDS)
-        return PoolShards([httpx.AsyncHTTPTransport(limits=limits, retries=0)
+        return PoolShards([httpx.AsyncHTTPTransport(verify=tls, limits=limits, retries=0)
                            for _ in range(POOL_SHARDS)])
 
     async def aclose(self) -> None:
@@ -1940,7 +1948,7 @@ class Daemon:
         self.routes = {name: resolve_route(cfg, name, rc) for name, rc in cfg.routes.items()}
         # In-flight requests keep the pool they hold; new ones use a fresh pool.
         for name in changed:
-            self.transports[name] = self._transport()
+            self.transports[name] = self._transport(cfg.providers[name])
         log.warning("config reloaded from %s: %d route(s), %d provider(s) changed",
                     config_path, len(self.routes), len(changed))
         return True
