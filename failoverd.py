@@ -81,6 +81,9 @@ class DaemonConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     shutdown_grace_s: NonNegative = 30.0
     # A client that stops reading for this long is dropped (not the upstream's fault).
     client_write_timeout_s: Seconds = 30.0
+    # Load shedding: while the event loop runs this late, new requests get a fast 503
+    # instead of joining a queue that would only grow. 0 turns it off.
+    shed_lag_s: NonNegative = 0.2
     # Breaker state and token divisors survive restarts here; default: state.json
     # beside the ledger. "" turns persistence off.
     state_file: str | None = None
@@ -760,6 +763,12 @@ def retry_wait(
         return None
     # The retry must leave room for at least a first-token deadline's worth of work.
     return wait if wait + min(timing.first_token_timeout_s, 1.0) < remaining else None
+
+
+def smoothed_lag(previous: float, observed: float) -> float:
+    """Event-loop lag with a fast attack and a slow decay: one late wake-up counts at
+    once, and the estimate halves per calm probe instead of dropping to zero."""
+    return max(observed, previous / 2)
 
 
 def is_timeout(failure: Failure) -> bool:
@@ -1583,6 +1592,8 @@ class ClientGone(Exception):
     """Sending to the client failed: it disconnected or stopped reading."""
 
 
+# How often the event loop's lag is probed.
+LAG_PROBE_S = 0.05
 # Learned divisors are saved this often (breaker transitions are saved at once).
 STATE_SAVE_EVERY_S = 60.0
 # At most this many alert commands run at once; more are dropped (and logged).
@@ -1846,6 +1857,8 @@ class Daemon:
         self.shutdown = trio.Event()
         self.idle_scopes: set[trio.CancelScope] = set()
         self.draining = False
+        self.loop_lag = 0.0  # seconds the event loop runs late (see watch_lag)
+        self.shed = 0  # requests refused while overloaded
         self.started_at = time.time()
         self.transport = transport
         self._tls: ssl.SSLContext | None = None  # one verified context, built on first use
@@ -1964,6 +1977,19 @@ class Daemon:
     def model_cfg(self, slot: Slot) -> ModelConfig:
         return self.cfg.models.get(slot.key, NO_MODEL)
 
+    @property
+    def overloaded(self) -> bool:
+        limit = self.cfg.daemon.shed_lag_s
+        return bool(limit) and self.loop_lag > limit
+
+    async def watch_lag(self) -> None:
+        """Probe how late the event loop wakes up; the measure of overload."""
+        while True:
+            before = trio.current_time()
+            await trio.sleep(LAG_PROBE_S)
+            late = trio.current_time() - before - LAG_PROBE_S
+            self.loop_lag = smoothed_lag(self.loop_lag, late)
+
     def begin(self, ex: Exchange) -> None:
         self.inflight[ex.request_id] = ex
         self.no_inflight = trio.Event() if self.no_inflight.is_set() else self.no_inflight
@@ -1979,6 +2005,8 @@ class Daemon:
             "version": __version__,
             "uptime_s": round(time.time() - self.started_at, 3),
             "draining": self.draining,
+            "loop_lag_ms": round(self.loop_lag * 1000, 3), "overloaded": self.overloaded,
+            "shed_requests": self.shed,
             "in_flight": [ex.describe(now) for ex in self.inflight.values()],
             "breakers": self.health.snapshot(),
             "token_divisors": self.divisors(),
@@ -2886,6 +2914,9 @@ async def _chat(
         await _client_error(reply, 503, "failoverd is shutting down; retry shortly",
                             code="shutting_down", close=True)
         return
+    if d.overloaded:
+        await _shed(d, reply, route, body, peer)
+        return
     ex = Exchange(d, route, body, stream=body.get("stream") is True, peer=peer, reply=reply,
                   request_id=_secrets.token_hex(8), body_size=len(raw))
     with trio.CancelScope() as ex_scope:
@@ -2893,6 +2924,20 @@ async def _chat(
             nursery.start_soon(_watch_client, conn, stream, ex, ex_scope)
             await ex.run()
             nursery.cancel_scope.cancel()
+
+
+async def _shed(d: Daemon, reply: H11Reply, route: Route, body: dict[str, Any],
+                peer: Peer) -> None:
+    """Overloaded: refuse at once, cheaply, so accepted requests stay fast."""
+    d.shed += 1
+    d.ledger.write(RequestRow(
+        ts=utc_timestamp(), request_id=_secrets.token_hex(8), route=route.name, outcome="error",
+        served_by=None, attempts=0, total_ms=0.0, ttft_ms=None, status=503,
+        stream=body.get("stream") is True, client_pid=peer.pid, client_uid=peer.uid))
+    error = error_body(f"failoverd is overloaded (event loop {d.loop_lag * 1000:.0f} ms late, "
+                       f"limit daemon.shed_lag_s = {d.cfg.daemon.shed_lag_s:g} s); retry shortly",
+                       type_="failoverd_error", code="overloaded")
+    await _simple(reply, 503, error, [("retry-after", "1")])
 
 
 async def _watch_client(
@@ -3023,6 +3068,7 @@ async def serve(
     async with trio.open_nursery() as connections:
         d.background = connections
         connections.start_soon(d.autosave)
+        connections.start_soon(d.watch_lag)
         async with trio.open_nursery() as accepting:
             for listener in listeners:
                 accepting.start_soon(functools.partial(

@@ -243,3 +243,38 @@ async def test_no_client_write_starts_after_the_attempts_deadline_fired(harness,
         await ex._digested(fo.Slot("a", "m1"), st, fo.Metrics(0.0), scope, b'{"choices":[]}')
     assert reply.calls == []
     assert not ex.committed
+
+
+# -- overload: shed fast instead of queueing ------------------------------------------
+
+def test_lag_estimate_attacks_fast_and_decays_by_halves():
+    assert fo.smoothed_lag(0.0, 0.4) == 0.4
+    assert fo.smoothed_lag(0.4, 0.0) == 0.2
+    assert fo.smoothed_lag(0.2, 0.001) == 0.1
+
+
+async def test_overloaded_daemon_sheds_new_requests_at_once(harness, autojump_clock):
+    h = harness({"a/m1": ok_script("a")})
+    h.d.loop_lag = 0.5  # the event loop runs half a second late
+    r = await h.chat()
+    assert (r.status, r.headers["retry-after"], r.json["error"]["code"]) == \
+        (503, "1", "overloaded")
+    assert r.t_first == 0.0
+    assert h.upstreams.calls == []
+    [row] = h.rows("request")
+    assert (row["status"], row["attempts"]) == (503, 0)
+    assert h.d.status()["shed_requests"] == 1
+    h.d.loop_lag = 0.01
+    assert (await h.chat()).text == "a"
+
+
+async def test_lag_probe_notices_a_late_event_loop(harness, autojump_clock, nursery):
+    h = harness({"a/m1": ok_script("a")})
+    nursery.start_soon(h.d.watch_lag)
+    await trio.sleep(0.01)
+    autojump_clock.jump(0.3)  # as if a burst of work held the loop for 0.3 s
+    await trio.sleep(0.001)
+    assert h.d.loop_lag == pytest.approx(0.26)
+    assert h.d.overloaded
+    await trio.sleep(0.06)  # one calm probe halves the estimate, below daemon.shed_lag_s
+    assert not h.d.overloaded
