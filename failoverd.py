@@ -3708,6 +3708,10 @@ def format_status(status: dict[str, Any]) -> list[str]:
     """`failoverd status` as text: in-flight requests, breakers, token divisors."""
     lines = [f"failoverd {status['version']}, up {status['uptime_s']:.0f} s"
              + (" (draining)" if status.get("draining") else "")]
+    if status.get("shed_requests") or status.get("overloaded"):
+        lines.append(f"event loop {status.get('loop_lag_ms', 0):.0f} ms late; "
+                     f"{status.get('shed_requests', 0)} request(s) shed"
+                     + (" (overloaded now)" if status.get("overloaded") else ""))
     ledger = status.get("ledger") or {}
     if ledger.get("dropped_rows"):
         lines.append(f"ledger {ledger['path']}: {ledger['dropped_rows']} row(s) dropped "

@@ -264,6 +264,7 @@ async def test_overloaded_daemon_sheds_new_requests_at_once(harness, autojump_cl
     [row] = h.rows("request")
     assert (row["status"], row["attempts"]) == (503, 0)
     assert h.d.status()["shed_requests"] == 1
+    assert "1 request(s) shed (overloaded now)" in "\n".join(fo.format_status(h.d.status()))
     h.d.loop_lag = 0.01
     assert (await h.chat()).text == "a"
 
