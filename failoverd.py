@@ -1582,8 +1582,6 @@ CLOSE_TIMEOUT_S = 1.0
 # After [DONE], how long the rest of the body may take before the connection is
 # dropped instead of reused (the terminating chunk normally shares [DONE]'s packet).
 DRAIN_S = 0.5
-# A relayed write slower than this gives the upstream its stall time back.
-CLIENT_WRITE_SLACK_S = 0.01
 # nginx's code for "client closed request"; used in the ledger only.
 STATUS_CLIENT_CLOSED = 499
 # A request cut off when the shutdown grace ran out.
@@ -2254,9 +2252,9 @@ class Exchange:
                                                         f"{type(e).__name__}: {e}")
             if scope.cancelled_caught and not st.complete:
                 failure = Failure(self.armed, self._timeout_text(st))
-                if self.writing:  # cut mid-write: the client stopped reading
+                if self.writing:  # cut mid-write: the framing is broken
                     self.reply.abort()
-                    if self.armed != "total_timeout":
+                    if self.armed == "client_write":
                         failure = Failure("client_disconnected", "client stopped reading for "
                                           f"{d.cfg.daemon.client_write_timeout_s:g} s")
         except trio.Cancelled:
@@ -2411,11 +2409,9 @@ class Exchange:
     ) -> None:
         """After an event: move the deadline on progress, commit, relay.
 
-        A write to the client runs under the same scope with `writing` set and a
-        deadline of at least client_write_timeout_s: if it fires mid-write, the client
-        stopped reading, and the upstream is not blamed. A write slower than
-        CLIENT_WRITE_SLACK_S gives the upstream its stall time back. With the default
-        stall (60 s) above the write timeout (30 s) that is one deadline move per token.
+        Nothing is dropped: if the deadline fired before this event could be handled
+        (a late event loop), the attempt ends as that timeout, so the client gets a
+        failover or an in-band error, never an answer with a hole in it.
         """
         stall = self.route.timing.stall_timeout_s
         if st.progress:
@@ -2426,34 +2422,42 @@ class Exchange:
             elif now - m.last > m.max_gap:
                 m.max_gap = now - m.last
             m.last = now
-            if not self.stream or self.holding:
-                self.arm(scope, now + stall, "stall_timeout")
-            elif scope.cancel_called:
-                # The deadline fired before this output could be handled (a busy
-                # loop): it is a timeout, and no write may start in a cancelled scope.
-                return
-            else:
-                write_timeout = self.d.cfg.daemon.client_write_timeout_s
-                self.arm(scope, now + max(stall, write_timeout), "stall_timeout")
-                self.writing = True
+            if self.stream and not self.holding:
+                if scope.cancel_called:
+                    raise Failure(self.armed, self._timeout_text(st))
                 if not self.committed:
                     if frame is not None:
                         self.pending.append(frame)
-                    await self._commit(slot)
+                    await self._write(scope, slot, None, now + stall, "stall_timeout")
                 elif frame is not None:
-                    await self._send(b"data: %b\n\n" % frame)
-                self.writing = False
-                after = trio.current_time()
-                if stall < write_timeout or after - now > CLIENT_WRITE_SLACK_S:
-                    self.arm(scope, after + stall, "stall_timeout")
+                    await self._write(scope, slot, frame, now + stall, "stall_timeout")
+                else:
+                    self.arm(scope, now + stall, "stall_timeout")
                 return
-        if frame is not None and self.stream and not scope.cancel_called:
+            self.arm(scope, now + stall, "stall_timeout")
+        if frame is not None and self.stream:
             if self.committed:
-                self.writing = True
-                await self._send(b"data: %b\n\n" % frame)
-                self.writing = False
+                if scope.cancel_called:
+                    raise Failure(self.armed, self._timeout_text(st))
+                await self._write(scope, slot, frame, scope.deadline, self.armed)
             elif self.holding or len(self.pending) < MAX_PENDING_FRAMES:
                 self.pending.append(frame)
+
+    async def _write(self, scope: trio.CancelScope, slot: Slot, frame: bytes | None,
+                     upstream_deadline: float, kind: str) -> None:
+        """Commit (frame None) or relay one frame under the client's own deadline, then
+        give the upstream its deadline back, extended by the time the write took: a
+        client slow to read is never an upstream stall, and one that stops reading is
+        dropped after client_write_timeout_s."""
+        before = trio.current_time()
+        self.arm(scope, before + self.d.cfg.daemon.client_write_timeout_s, "client_write")
+        self.writing = True
+        if frame is None:
+            await self._commit(slot)
+        else:
+            await self._send(b"data: %b\n\n" % frame)
+        self.writing = False
+        self.arm(scope, upstream_deadline + (trio.current_time() - before), kind)
 
     async def _send(self, data: bytes) -> None:
         try:

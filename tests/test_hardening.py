@@ -228,9 +228,10 @@ class RecordingReply(fo.Reply):
         self.calls.append("abort")
 
 
-async def test_no_client_write_starts_after_the_attempts_deadline_fired(harness, autojump_clock):
-    """A token handled after its deadline already fired (a busy loop) is a timeout: no
-    half-sent head, no write cancelled mid-way, the next slot can still answer."""
+async def test_output_handled_after_the_deadline_fired_ends_the_attempt(harness,
+                                                                        autojump_clock):
+    """A token handled after its deadline already fired (a late event loop) ends the
+    attempt as that timeout: nothing is written, nothing is silently dropped."""
     h = harness({"a/m1": ok_script()})
     reply = RecordingReply()
     ex = fo.Exchange(h.d, h.d.routes["r"], {"messages": [{"role": "user", "content": "x"}]},
@@ -239,8 +240,9 @@ async def test_no_client_write_starts_after_the_attempts_deadline_fired(harness,
     with trio.CancelScope() as scope:
         scope.cancel()  # the deadline fired while the token sat in the run queue
         st.progress = True
-        await ex._digested(fo.Slot("a", "m1"), st, fo.Metrics(0.0), scope, b'{"choices":[]}')
-        await ex._digested(fo.Slot("a", "m1"), st, fo.Metrics(0.0), scope, b'{"choices":[]}')
+        with pytest.raises(fo.Failure) as e:
+            await ex._digested(fo.Slot("a", "m1"), st, fo.Metrics(0.0), scope, b'{"choices":[]}')
+    assert e.value.outcome == "first_token_timeout"
     assert reply.calls == []
     assert not ex.committed
 
@@ -279,3 +281,66 @@ async def test_lag_probe_notices_a_late_event_loop(harness, autojump_clock, nurs
     assert h.d.overloaded
     await trio.sleep(0.11)  # two calm probes halve it twice, below daemon.shed_lag_s
     assert not h.d.overloaded
+
+
+# -- a late event loop and slow clients while relaying ------------------------------------
+
+async def test_late_event_loop_never_turns_a_lost_frame_into_a_complete_answer(
+        harness, autojump_clock, monkeypatch):
+    """The stall deadline passes while the loop is busy; the next read brings the last
+    content, the finish and [DONE] at once. The client must not get [DONE] after a hole."""
+    play = fo.play_script
+
+    async def play_with_jumps(script):
+        for step in script:
+            if step[0] == "jump":  # time passes with no checkpoint: a busy event loop
+                autojump_clock.jump(step[1])
+                continue
+            async for piece in play([step]):
+                yield piece
+
+    monkeypatch.setattr(fo, "play_script", play_with_jumps)
+    tail = b"".join(fo.script_bytes(s) for s in (
+        ("sse", fo.sse_chunk(" LOST")), ("sse", fo.sse_chunk(finish="stop")), ("sse", "[DONE]")))
+    script = [("head", 200, {}), ("sse", fo.sse_chunk("hello")), ("jump", 11.0), ("raw", tail)]
+    h = harness({"a/m1": script, "b/m2": ok_script("b")}, stall_timeout_s=10.0)
+    r = await h.chat(stream=True)
+    assert r.events[-1] != "[DONE]"
+    assert r.events[-1]["error"]["code"] == "stall_timeout"
+    assert h.outcomes() == [("a/m1", "stall_timeout")]
+
+
+async def test_stuck_client_is_dropped_at_the_write_timeout_not_the_stall(harness,
+                                                                          autojump_clock,
+                                                                          nursery):
+    h = harness({"a/m1": ok_script("hi " + " ".join([BIG] * 20), gap=1.0)},
+                routes={"r": ["a/m1"]})  # stall 60 s, client_write_timeout_s 30 s
+    client, server = socket_pair()
+    nursery.start_soon(fo.handle_connection, h.d, server, fo.Peer(1, 1))
+    await client.send_all(http_request({"model": "r", "stream": True,
+                                        "messages": [{"role": "user", "content": "hi"}]}))
+    await client.receive_some(100)
+    await trio.sleep(300)
+    await read_all(client)
+    [attempt] = h.rows("attempt")
+    assert attempt["outcome"] == "client_disconnected"
+    assert 30000.0 <= attempt["latency_ms"] <= 32000.0
+
+
+async def test_upstream_stall_during_a_slow_non_progress_write_is_a_stall(harness,
+                                                                          autojump_clock,
+                                                                          nursery):
+    big_empty = ('{"choices":[{"index":0,"delta":{"content":""},"finish_reason":null}],"pad":"'
+                 + "x" * 65536 + '"}')
+    script = [("head", 200, {}), ("sse", fo.sse_chunk("hi")), ("sleep", 1.0),
+              ("sse", big_empty), ("sse", big_empty), ("sse", big_empty), ("hang",)]
+    h = harness({"a/m1": script}, routes={"r": ["a/m1"]}, stall_timeout_s=10.0)
+    client, server = socket_pair()
+    nursery.start_soon(fo.handle_connection, h.d, server, fo.Peer(1, 1))
+    await client.send_all(http_request({"model": "r", "stream": True,
+                                        "messages": [{"role": "user", "content": "hi"}]}))
+    await client.receive_some(100)
+    await trio.sleep(10.5)  # a pause well under client_write_timeout_s
+    await read_all(client)
+    [attempt] = h.rows("attempt")
+    assert attempt["outcome"] == "stall_timeout"  # the upstream's silence, not the client
