@@ -504,6 +504,7 @@ class Failure(Exception):
         status: int | None = None,
         body: bytes = b"",
         retry_after: float | None = None,
+        timeout: bool = False,
     ) -> None:
         super().__init__(error)
         self.outcome = outcome
@@ -511,6 +512,7 @@ class Failure(Exception):
         self.status = status
         self.body = body
         self.retry_after = retry_after
+        self.timeout = timeout  # a deadline fired (e.g. httpx's connect timeout)
 
 
 # ---------------------------------------------------------------------------
@@ -775,8 +777,7 @@ def smoothed_lag(previous: float, observed: float) -> float:
 
 def is_timeout(failure: Failure) -> bool:
     """A deadline fired (ours, or httpx's connect timeout): the provider is unresponsive."""
-    return failure.outcome in TIMEOUT_OUTCOMES or (
-        failure.outcome == "connect_error" and "timed out" in failure.error)
+    return failure.timeout or failure.outcome in TIMEOUT_OUTCOMES
 
 
 def failure_status(last: Failure | None) -> int:
@@ -2340,7 +2341,8 @@ class Exchange:
             resp = await d.transports[slot.provider].next().handle_async_request(request)
         except httpx.TimeoutException:
             raise Failure("connect_error", f"connect timed out after "
-                                           f"{provider.connect_timeout_s:g} s") from None
+                                           f"{provider.connect_timeout_s:g} s",
+                          timeout=True) from None
         except httpx.HTTPError as e:
             raise Failure("connect_error", f"{type(e).__name__}: {e}") from None
         try:

@@ -102,10 +102,12 @@ class MockUpstreams:
         self.calls.append((trio.current_time(), key))
         self.requests.append(request)
         steps = list(self._script(key))
-        while steps and steps[0][0] in ("sleep", "hang", "refuse"):
+        while steps and steps[0][0] in ("sleep", "hang", "refuse", "connect_timeout"):
             step = steps.pop(0)
             if step[0] == "refuse":
                 raise httpx.ConnectError("[Errno 111] Connection refused")
+            if step[0] == "connect_timeout":
+                raise httpx.ConnectTimeout("timed out")
             if step[0] == "hang":
                 await trio.sleep_forever()
             await trio.sleep(step[1])

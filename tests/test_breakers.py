@@ -84,7 +84,7 @@ async def test_retry_after_holds_the_model_out_for_exactly_that_long(harness, au
     assert (opened["key"], opened["to"], closed["to"]) == ("a/m1", "open", "closed")
 
 
-async def test_401_isolates_every_model_on_the_credential_only(harness, autojump_clock):
+async def test_401_isolates_every_model_on_the_credential_only(harness, autojump_clock, caplog):
     h = harness({"a/m1": respond(401), "a/m2": ok_script("a2"), "b/m2": ok_script("b")},
                 routes={"r": ["a/m1", "b/m2"], "r2": ["a/m2", "b/m2"]})
     await h.chat("r")
@@ -94,6 +94,9 @@ async def test_401_isolates_every_model_on_the_credential_only(harness, autojump
     status = {(b["scope"], b["key"].split(":")[0]): b for b in h.d.status()["breakers"]}
     assert status[("credential", "a")]["state"] == "open"
     assert "HTTP 401" in status[("credential", "a")]["last_reason"]
+    [warning] = [r for r in caplog.records if r.getMessage().startswith("breaker credential")]
+    assert warning.levelname == "WARNING"  # one line on stderr per transition
+    assert "closed -> open" in warning.getMessage()
     assert status[("provider", "b")]["state"] == "closed"
     # Isolation is long: still out after 14 minutes.
     await trio.sleep(14 * 60)

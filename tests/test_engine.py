@@ -187,6 +187,23 @@ async def test_one_timeout_per_provider_skips_its_other_slots(harness, autojump_
                             ("b/m3", "ok")]
 
 
+async def test_connect_timeout_is_not_retried_and_skips_the_providers_other_slots(
+        harness, autojump_clock):
+    h = harness({"a/m1": [("connect_timeout",)], "a/m2": ok_script("a2"), "b/m3": ok_script("b")},
+                routes={"r": ["a/m1", "a/m2", "b/m3"]})
+    r = await h.chat()
+    assert (r.status, r.text) == (200, "b")
+    assert h.outcomes() == [("a/m1", "connect_error"), ("a/m2", "skipped:provider_timed_out"),
+                            ("b/m3", "ok")]
+
+
+def test_connect_error_mentioning_a_timeout_is_not_a_timeout():
+    """Only a deadline makes a timeout, not the words in an error message."""
+    failure = fo.Failure("connect_error", "ConnectError: upstream said: timed out earlier")
+    assert not fo.is_timeout(failure)
+    assert fo.failure_status(failure) == 502
+
+
 async def test_fast_errors_do_not_skip_the_providers_other_slots(harness, autojump_clock):
     h = harness({"a/m1": respond(404), "a/m2": ok_script("a2")}, routes={"r": ["a/m1", "a/m2"]})
     r = await h.chat()
