@@ -41,6 +41,7 @@ from typing import Annotated, Any, Literal
 
 import click
 import h11
+import httpcore
 import httpx
 import msgspec
 import trio
@@ -1572,6 +1573,175 @@ ADAPTERS: dict[str, type[OpenAIAdapter] | type[AnthropicAdapter]] = {
 }
 
 
+class NetStream(httpcore.AsyncNetworkStream):
+    """httpcore's byte stream over one upstream socket, lean on the per-token path.
+
+    httpcore's own trio stream enters a `fail_after` scope and an exception-mapping
+    context manager on every read, and trio's socket read adds an async context
+    manager, a first `recv` that fails with EAGAIN, and a checkpoint after it. One read
+    per relayed token made that about a third of the daemon's CPU per chunk. Here a
+    read waits for the socket, then reads once: a token is rarely there before it is
+    waited for. Every read is still a checkpoint. The attempt's cancel scope owns the
+    deadlines; a timeout scope is entered only where httpcore is given one (connect).
+    """
+
+    __slots__ = ("_stream", "_fd", "_more")
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self._stream = stream
+        self._fd = stream.socket.fileno()
+        self._more = False  # the last read filled its buffer: more is likely waiting
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109 (httpcore's interface)
+        if timeout is None:
+            return await self._read(max_bytes)
+        with trio.move_on_after(timeout):
+            return await self._read(max_bytes)
+        raise httpcore.ReadTimeout(f"no data within {timeout:g} s")
+
+    async def _read(self, max_bytes: int) -> bytes:
+        fd = self._fd
+        try:
+            if self._more:
+                await trio.lowlevel.checkpoint()
+            else:
+                await trio.lowlevel.wait_readable(fd)
+            while True:
+                try:
+                    data = os.read(fd, max_bytes)
+                    break
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(fd)
+        except (OSError, trio.ClosedResourceError) as e:
+            raise httpcore.ReadError(f"{type(e).__name__}: {e}") from None
+        self._more = len(data) == max_bytes
+        return data
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109 (httpcore's interface)
+        if timeout is None:
+            return await self._write(buffer)
+        with trio.move_on_after(timeout):
+            return await self._write(buffer)
+        raise httpcore.WriteTimeout(f"could not send within {timeout:g} s")
+
+    async def _write(self, buffer: bytes) -> None:
+        view = memoryview(buffer)
+        try:
+            while view:
+                try:
+                    view = view[os.write(self._fd, view):]
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(self._fd)
+        except (OSError, trio.ClosedResourceError) as e:
+            raise httpcore.WriteError(f"{type(e).__name__}: {e}") from None
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+    async def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
+                        timeout: float | None = None) -> httpcore.AsyncNetworkStream:  # noqa: ASYNC109 (httpcore's interface)
+        tls = trio.SSLStream(self._stream, ssl_context, server_hostname=server_hostname,
+                             https_compatible=True)
+        try:
+            with trio.fail_after(math.inf if timeout is None else timeout):
+                await tls.do_handshake()
+        except trio.TooSlowError:
+            await self.aclose()
+            raise httpcore.ConnectTimeout(f"TLS handshake took over {timeout:g} s") from None
+        except (trio.BrokenResourceError, OSError) as e:
+            await self.aclose()
+            raise httpcore.ConnectError(f"TLS handshake failed: {e}") from None
+        return TLSStream(tls, self._stream)
+
+    def get_extra_info(self, info: str) -> Any:
+        return _socket_info(self._stream, info)
+
+
+class TLSStream(httpcore.AsyncNetworkStream):
+    """The TLS counterpart of NetStream: trio's SSLStream, without a timeout scope
+    and a mapping context manager entered on every read."""
+
+    __slots__ = ("_tls", "_raw")
+
+    def __init__(self, tls: trio.SSLStream[trio.SocketStream], raw: trio.SocketStream) -> None:
+        self._tls = tls
+        self._raw = raw
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109 (httpcore's interface)
+        with trio.move_on_after(math.inf if timeout is None else timeout):
+            try:
+                return await self._tls.receive_some(max_bytes)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                raise httpcore.ReadError(f"{type(e).__name__}: {e}") from None
+        raise httpcore.ReadTimeout(f"no data within {timeout:g} s")
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109 (httpcore's interface)
+        with trio.move_on_after(math.inf if timeout is None else timeout):
+            try:
+                return await self._tls.send_all(buffer)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+                raise httpcore.WriteError(f"{type(e).__name__}: {e}") from None
+        raise httpcore.WriteTimeout(f"could not send within {timeout:g} s")
+
+    async def aclose(self) -> None:
+        await self._tls.aclose()
+
+    def get_extra_info(self, info: str) -> Any:
+        if info == "ssl_object":
+            return self._tls  # forwards selected_alpn_protocol(), getpeercert(), ...
+        return _socket_info(self._raw, info)
+
+
+def _socket_info(stream: trio.SocketStream, info: str) -> Any:
+    if info == "socket":
+        return stream.socket
+    if info == "is_readable":  # httpcore's check that an idle connection is still open
+        return stream.socket.is_readable()
+    if info == "client_addr":
+        return stream.socket.getsockname()
+    if info == "server_addr":
+        return stream.socket.getpeername()
+    return None
+
+
+class NetBackend(httpcore.AsyncNetworkBackend):
+    """httpcore's connection pools connect through this (see NetStream)."""
+
+    async def connect_tcp(
+        self, host: str, port: int, timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
+        local_address: str | None = None,
+        socket_options: Iterable[tuple[int, int, int | bytes | None]] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        try:
+            with trio.fail_after(math.inf if timeout is None else timeout):
+                stream = await trio.open_tcp_stream(host, port, local_address=local_address)
+        except trio.TooSlowError:
+            raise httpcore.ConnectTimeout(f"timed out after {timeout:g} s") from None
+        except OSError as e:
+            raise httpcore.ConnectError(str(e) or type(e).__name__) from None
+        for option in socket_options or ():
+            stream.setsockopt(*option)
+        return NetStream(stream)
+
+    async def sleep(self, seconds: float) -> None:
+        await trio.sleep(seconds)
+
+
+class UpstreamTransport(httpx.AsyncHTTPTransport):
+    """httpx's transport over an httpcore pool that connects through NetBackend.
+
+    httpx takes no network backend argument; its transport's one piece of state is
+    the pool, so the pool is built here and the rest (request and response mapping,
+    httpcore's exceptions as httpx's) is httpx's own.
+    """
+
+    def __init__(self, ssl_context: ssl.SSLContext, keepalive: int) -> None:
+        self._pool = httpcore.AsyncConnectionPool(
+            ssl_context=ssl_context, max_connections=None, max_keepalive_connections=keepalive,
+            keepalive_expiry=5.0, http1=True, http2=False, retries=0,
+            network_backend=NetBackend())
+
+
 # ---------------------------------------------------------------------------
 # Attempts
 # The daemon's state, slot health, and one request's walk down its chain: each
@@ -1591,6 +1761,9 @@ STATUS_SHUTDOWN = 503
 
 class ClientGone(Exception):
     """Sending to the client failed: it disconnected or stopped reading."""
+
+
+_CLIENT_GONE = "client went away or stopped reading mid-stream"
 
 
 # How often the event loop's lag is probed.
@@ -1938,9 +2111,7 @@ class Daemon:
             tls = self._tls
         else:  # plain HTTP never uses it (redirects are not followed)
             tls = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        limits = httpx.Limits(max_connections=None,
-                              max_keepalive_connections=POOL_KEEPALIVE // POOL_SHARDS)
-        return PoolShards([httpx.AsyncHTTPTransport(verify=tls, limits=limits, retries=0)
+        return PoolShards([UpstreamTransport(tls, POOL_KEEPALIVE // POOL_SHARDS)
                            for _ in range(POOL_SHARDS)])
 
     async def aclose(self) -> None:
@@ -2024,6 +2195,14 @@ class Reply:
         raise NotImplementedError
 
     async def send(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def relay_now(self, data: bytes) -> bytes | None:
+        """Relay a chunk without waiting, if the socket takes it: b"" when all of it went
+        out, else the framed rest for `send_raw`; None when there is no such path."""
+        return None
+
+    async def send_raw(self, framed: bytes) -> None:
         raise NotImplementedError
 
     async def finish(self, data: bytes) -> None:
@@ -2450,23 +2629,30 @@ class Exchange:
         """Commit (frame None) or relay one frame under the client's own deadline, then
         give the upstream its deadline back, extended by the time the write took: a
         client slow to read is never an upstream stall, and one that stops reading is
-        dropped after client_write_timeout_s."""
+        dropped after client_write_timeout_s. A client that is reading takes the
+        frame at once, without a deadline move or a checkpoint."""
+        rest = None
+        if frame is not None:
+            data = b"data: %b\n\n" % frame
+            try:
+                rest = self.reply.relay_now(data)
+            except ClientGone:
+                raise Failure("client_disconnected", _CLIENT_GONE) from None
+            if rest == b"":
+                self.arm(scope, upstream_deadline, kind)
+                return
         before = trio.current_time()
         self.arm(scope, before + self.d.cfg.daemon.client_write_timeout_s, "client_write")
         self.writing = True
         if frame is None:
             await self._commit(slot)
         else:
-            await self._send(b"data: %b\n\n" % frame)
+            try:
+                await (self.reply.send(data) if rest is None else self.reply.send_raw(rest))
+            except ClientGone:
+                raise Failure("client_disconnected", _CLIENT_GONE) from None
         self.writing = False
         self.arm(scope, upstream_deadline + (trio.current_time() - before), kind)
-
-    async def _send(self, data: bytes) -> None:
-        try:
-            await self.reply.send(data)
-        except ClientGone:
-            raise Failure("client_disconnected", "client went away or stopped reading "
-                                                 "mid-stream") from None
 
     async def _commit(self, slot: Slot) -> None:
         pending, self.pending = self.pending, []
@@ -2682,6 +2868,8 @@ class H11Reply(Reply):
         self.stream = stream
         self.write_timeout = write_timeout
         self.chunked = False
+        sock = getattr(stream, "socket", None)
+        self.fd = sock.fileno() if isinstance(sock, trio.socket.SocketType) else -1
 
     async def start(self, status: int, headers: list[tuple[str, str]], body: bytes = b"",
                     *, final: bool = False) -> None:
@@ -2700,14 +2888,34 @@ class H11Reply(Reply):
         await self._write(events)
 
     async def send(self, data: bytes) -> None:
-        """The per-token hot path: no deadline of its own (the Exchange bounds it)."""
+        """No deadline of its own: the Exchange bounds it."""
         if not self.chunked:
             await self._write([h11.Data(data=data)])
             return
+        await self.send_raw(b"%x\r\n%b\r\n" % (len(data), data))
+
+    def relay_now(self, data: bytes) -> bytes | None:
+        """The per-token hot path: one write(2) and no checkpoint. A client that is
+        reading takes a token at once; only a full socket buffer takes the slow path."""
+        if not self.chunked or self.fd < 0:
+            return None
+        if self.conn.our_state is h11.ERROR:
+            raise ClientGone
+        framed = b"%x\r\n%b\r\n" % (len(data), data)
+        try:
+            sent = os.write(self.fd, framed)
+        except BlockingIOError:
+            return framed
+        except OSError:
+            self.conn.send_failed()
+            raise ClientGone from None
+        return framed[sent:]
+
+    async def send_raw(self, framed: bytes) -> None:
         if self.conn.our_state is h11.ERROR:
             raise ClientGone
         try:
-            await self.stream.send_all(b"%x\r\n%b\r\n" % (len(data), data))
+            await self.stream.send_all(framed)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self.conn.send_failed()
             raise ClientGone from None
