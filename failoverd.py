@@ -19,7 +19,6 @@ import contextlib
 import datetime as _dt
 import email.utils
 import errno
-import functools
 import hashlib
 import logging
 import math
@@ -36,7 +35,7 @@ import sys
 import tempfile
 import time
 import tomllib
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Annotated, Any, Literal
 
 import click
@@ -86,7 +85,7 @@ class DaemonConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     # new requests get a fast 503 instead of joining a queue that only grows. Bursts
     # of new streams lag the loop by up to ~0.2 s on their own, so the default stays
     # well above that. 0 turns it off.
-    shed_lag_s: NonNegative = 0.5
+    shed_lag_s: NonNegative = 0.02
     # Breaker state and token divisors survive restarts here; default: state.json
     # beside the ledger. "" turns persistence off.
     state_file: str | None = None
@@ -768,6 +767,19 @@ def retry_wait(
         return None
     # The retry must leave room for at least a first-token deadline's worth of work.
     return wait if wait + min(timing.first_token_timeout_s, 1.0) < remaining else None
+
+
+def next_shed_share(share: float, late: float, limit: float) -> float:
+    """The share of new requests to refuse, adjusted at each lag probe: up while the
+    loop runs later than the limit, by a step per limit's worth of lateness (a probe
+    that is itself held up by the overload still acts in proportion), half a step down
+    while it does not. Refusing a share, not all, keeps serving at capacity; a refusal
+    costs about a sixth of a request."""
+    if not limit:
+        return 0.0
+    if late > limit:
+        return min(SHED_MAX, share + SHED_STEP * late / limit)
+    return max(0.0, share - SHED_STEP / 10)
 
 
 def smoothed_lag(previous: float, observed: float) -> float:
@@ -1766,8 +1778,11 @@ class ClientGone(Exception):
 _CLIENT_GONE = "client went away or stopped reading mid-stream"
 
 
-# How often the event loop's lag is probed.
-LAG_PROBE_S = 0.05
+# How often the event loop's lag is probed (and the shed share adjusted).
+LAG_PROBE_S = 0.01
+# Shedding: the share of new requests refused moves by this much per probe, up to this.
+SHED_STEP = 0.1
+SHED_MAX = 0.95
 # Learned divisors are saved this often (breaker transitions are saved at once).
 STATE_SAVE_EVERY_S = 60.0
 # At most this many alert commands run at once; more are dropped (and logged).
@@ -1987,7 +2002,7 @@ class Health:
 # request and every response close: O(n^2) in a burst of n streams. Smaller pools,
 # taken in turn, divide that. 8 x 32 idle connections per provider: enough that a
 # few hundred concurrent streams reuse connections instead of reconnecting.
-POOL_SHARDS = 8
+POOL_SHARDS = 64
 POOL_KEEPALIVE = 256
 
 
@@ -2034,6 +2049,7 @@ class Daemon:
         self.draining = False
         self.loop_lag = 0.0  # seconds the event loop runs late (see watch_lag)
         self.shed = 0  # requests refused while overloaded
+        self.shed_share = 0.0  # the share of new requests being refused (see next_shed_share)
         self.started_at = time.time()
         self.transport = transport
         self._tls: ssl.SSLContext | None = None  # one verified context, built on first use
@@ -2152,16 +2168,20 @@ class Daemon:
 
     @property
     def overloaded(self) -> bool:
-        limit = self.cfg.daemon.shed_lag_s
-        return bool(limit) and self.loop_lag > limit
+        return self.shed_share > 0
+
+    def should_shed(self) -> bool:
+        return self.shed_share > 0 and self.rng.random() < self.shed_share
 
     async def watch_lag(self) -> None:
-        """Probe how late the event loop wakes up; the measure of overload."""
+        """Probe how late the event loop wakes up, the measure of overload, and set the
+        share of new requests to refuse from it."""
         while True:
             before = trio.current_time()
             await trio.sleep(LAG_PROBE_S)
             late = trio.current_time() - before - LAG_PROBE_S
             self.loop_lag = smoothed_lag(self.loop_lag, late)
+            self.shed_share = next_shed_share(self.shed_share, late, self.cfg.daemon.shed_lag_s)
 
     def begin(self, ex: Exchange) -> None:
         self.inflight[ex.request_id] = ex
@@ -3131,7 +3151,7 @@ async def _chat(
         await _client_error(reply, 503, "failoverd is shutting down; retry shortly",
                             code="shutting_down", close=True)
         return
-    if d.overloaded:
+    if d.should_shed():
         await _shed(d, reply, route, body, peer)
         return
     ex = Exchange(d, route, body, stream=body.get("stream") is True, peer=peer, reply=reply,
@@ -3288,8 +3308,7 @@ async def serve(
         connections.start_soon(d.watch_lag)
         async with trio.open_nursery() as accepting:
             for listener in listeners:
-                accepting.start_soon(functools.partial(
-                    trio.serve_listeners, handler, [listener], handler_nursery=connections))
+                accepting.start_soon(accept_loop, listener, handler, connections)
             task_status.started()
             await d.shutdown.wait()
             accepting.cancel_scope.cancel()
@@ -3304,6 +3323,49 @@ async def serve(
             ex.cancel_reason = "shutdown"
         d.save_state()
         connections.cancel_scope.cancel()
+
+
+# Connections accepted per wake-up of the accept loop before it lets others run.
+ACCEPT_BATCH = 256
+# accept(2) errors that mean "out of a resource for now": wait and go on.
+ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+
+async def accept_loop(listener: trio.SocketListener,
+                      handler: Callable[[trio.abc.Stream], Awaitable[None]],
+                      nursery: trio.Nursery) -> None:
+    """Accept every pending connection at each wake-up.
+
+    trio's listener accepts one connection per scheduling round. Under load that
+    leaves the queue in the kernel's accept backlog, where requests wait unseen by the
+    overload signal (and unshed) while clients time out. Accepting them all moves the
+    queue into the event loop, whose lag is what the shedder watches.
+    """
+    fd = listener.socket.fileno()
+    # accept(2) on a duplicate of the listening descriptor: the stdlib socket accepts
+    # without trio's per-call checkpoint. Closed on the way out, with the listener.
+    sock = _socket.socket(fileno=os.dup(fd))
+    warned = 0.0
+    try:
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            for _ in range(ACCEPT_BATCH):
+                try:
+                    conn, _ = sock.accept()
+                except BlockingIOError:
+                    break
+                except OSError as e:
+                    if e.errno not in ACCEPT_RETRY_ERRNOS:
+                        raise
+                    if time.monotonic() - warned > 60:
+                        warned = time.monotonic()
+                        log.error("cannot accept connections: %s; retrying every 0.1 s (raise "
+                                  "LimitNOFILE if this is the open-file limit)", e.strerror)
+                    await trio.sleep(0.1)
+                    break
+                nursery.start_soon(handler, trio.SocketStream(trio.socket.from_stdlib_socket(conn)))
+    finally:
+        sock.close()
 
 
 async def _watch_signals(d: Daemon, config_path: str | None) -> None:

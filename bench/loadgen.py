@@ -415,12 +415,17 @@ async def open_loop(target: Target, req: bytes, *, rate: float, duration_s: floa
 
 
 class Burst:
-    """n requests, one per pre-opened connection, sent spread evenly over `spread_s`."""
+    """n requests, one per pre-opened connection, sent spread evenly over `spread_s`.
+
+    With `retry_shed`, a 503 (the daemon shedding load) is retried on the same
+    connection after its Retry-After, as the OpenAI SDKs do; `shed` counts them."""
 
     def __init__(self, target: Target, req: bytes, n: int, *, spread_s: float = 0.0,
-                 keep_times: bool = False) -> None:
+                 keep_times: bool = False, retry_shed: bool = False) -> None:
         self.target, self.req, self.n = target, req, n
         self.spread_s, self.keep_times = spread_s, keep_times
+        self.retry_shed = retry_shed
+        self.shed = 0
         self.conns: list[Conn] = []
         self.results: list[Result] = []
         self.sent: list[Result] = []
@@ -430,7 +435,11 @@ class Burst:
     async def connect(self) -> None:
         self.conns = await self.target.connect_many(self.n)
 
-    def _done(self, _conn: Conn, res: Result) -> None:
+    def _done(self, conn: Conn, res: Result) -> None:
+        if self.retry_shed and res.status == 503 and conn.usable:
+            self.shed += 1
+            asyncio.get_running_loop().call_later(1.0, self._resend, conn)
+            return
         self.results.append(res)
         if len(self.results) >= self.n and not self._all.done():
             self._all.set_result(None)
@@ -443,9 +452,13 @@ class Burst:
                 await sleep_until(self.t0 + i * step)
             self.sent.append(conn.request(self.req, self._done, keep_times=self.keep_times))
 
+    def _resend(self, conn: Conn) -> None:
+        if conn.usable:
+            self.sent.append(conn.request(self.req, self._done, keep_times=self.keep_times))
+
     def started(self) -> int:
-        """How many replies have their first body byte."""
-        return sum(1 for r in self.sent if r.t_first)
+        """How many replies have their first body byte (refusals do not count)."""
+        return sum(1 for r in self.sent if r.t_first and r.status != 503)
 
     async def wait(self, timeout_s: float) -> list[Result]:
         if self.n:

@@ -7,6 +7,7 @@ keys, and a ledger that cannot be reopened.
 
 from __future__ import annotations
 
+import random
 import socket
 
 import pytest
@@ -255,31 +256,65 @@ def test_lag_estimate_attacks_fast_and_decays_by_halves():
     assert fo.smoothed_lag(0.2, 0.001) == 0.1
 
 
-async def test_overloaded_daemon_sheds_new_requests_at_once(harness, autojump_clock):
+class _Draws(random.Random):
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.value = value
+
+    def random(self) -> float:
+        return self.value
+
+
+def test_shed_share_rises_with_lateness_and_falls_slowly():
+    limit = 0.02
+    assert fo.next_shed_share(0.0, 0.01, limit) == 0.0  # on time: nothing refused
+    assert fo.next_shed_share(0.0, 0.02, limit) == 0.0  # at the limit: still nothing
+    # late: a step per limit's worth of lateness, capped
+    assert fo.next_shed_share(0.0, 0.04, limit) == pytest.approx(0.2)
+    assert fo.next_shed_share(0.5, 1.0, limit) == fo.SHED_MAX
+    # calm: a tenth of a step down per probe, never below zero
+    assert fo.next_shed_share(0.5, 0.0, limit) == pytest.approx(0.49)
+    assert fo.next_shed_share(0.005, 0.0, limit) == 0.0
+    assert fo.next_shed_share(0.5, 1.0, 0.0) == 0.0  # shed_lag_s = 0 turns it off
+
+
+async def test_overloaded_daemon_sheds_its_share_of_new_requests_at_once(
+        harness, autojump_clock):
     h = harness({"a/m1": ok_script("a")})
-    h.d.loop_lag = 0.8  # the event loop runs most of a second late
+    h.d.shed_share = 0.5
+    # a request is refused exactly when its draw falls under the share
+    h.d.rng = _Draws(0.49)
+    assert [(await h.chat()).status for _ in range(3)] == [503, 503, 503]
+    h.d.rng = _Draws(0.51)
+    assert [(await h.chat()).status for _ in range(2)] == [200, 200]
+    refused = [r for r in h.rows("request") if r["status"] == 503]
+    assert [r["attempts"] for r in refused] == [0, 0, 0]
+    assert len(h.upstreams.calls) == 2
+    assert h.d.status()["shed_requests"] == 3
+    h.d.shed_share = fo.SHED_MAX
+    h.d.rng = _Draws(0.0)
     r = await h.chat()
     assert (r.status, r.headers["retry-after"], r.json["error"]["code"]) == \
         (503, "1", "overloaded")
-    assert r.t_first == 0.0
-    assert h.upstreams.calls == []
-    [row] = h.rows("request")
-    assert (row["status"], row["attempts"]) == (503, 0)
-    assert h.d.status()["shed_requests"] == 1
-    assert "1 request(s) shed (overloaded now)" in "\n".join(fo.format_status(h.d.status()))
-    h.d.loop_lag = 0.01
+    assert r.t_first == 0.0  # refused at once, no upstream touched
+    assert "shed (overloaded now)" in "\n".join(fo.format_status(h.d.status()))
+    h.d.shed_share = 0.0
     assert (await h.chat()).text == "a"
 
 
-async def test_lag_probe_notices_a_late_event_loop(harness, autojump_clock, nursery):
+async def test_lag_probe_sets_the_shed_share(harness, autojump_clock, nursery):
     h = harness({"a/m1": ok_script("a")})
     nursery.start_soon(h.d.watch_lag)
-    await trio.sleep(0.01)
-    autojump_clock.jump(0.8)  # as if a burst of work held the loop for 0.8 s
+    await trio.sleep(0.005)
+    autojump_clock.jump(0.2)  # as if a burst of work held the loop for 0.2 s
     await trio.sleep(0.001)
-    assert h.d.loop_lag == pytest.approx(0.76)
+    assert h.d.loop_lag == pytest.approx(0.195)
+    assert h.d.shed_share == fo.SHED_MAX  # 0.195 s late is ~10 limits' worth
     assert h.d.overloaded
-    await trio.sleep(0.11)  # two calm probes halve it twice, below daemon.shed_lag_s
+    await trio.sleep(0.5)  # 50 calm probes take 0.01 each off: 0.95 -> 0.45
+    assert h.d.shed_share == pytest.approx(fo.SHED_MAX - 50 * fo.SHED_STEP / 10, abs=0.011)
+    await trio.sleep(0.5)
+    assert h.d.shed_share == 0.0
     assert not h.d.overloaded
 
 

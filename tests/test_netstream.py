@@ -1,0 +1,227 @@
+"""failoverd's own httpcore network stream (NetStream, TLSStream, NetBackend) under
+httpx's transport: real loopback sockets, plain and TLS (a throwaway CA from trustme).
+
+The relay's hot path reads through these classes, so they must behave as httpcore's
+own trio backend does: bytes intact, connections reused, errors mapped to httpx's.
+"""
+
+from __future__ import annotations
+
+import functools
+import socket
+import ssl
+import struct
+from collections.abc import Awaitable, Callable
+
+import httpx
+import pytest
+import trio
+import trustme
+
+import failoverd as fo
+
+EVENTS = [fo._json_encode(fo.sse_chunk(f"tok{i} ")) for i in range(5)] + [b"[DONE]"]
+BODY = b"".join(b"data: " + e + b"\n\n" for e in EVENTS)
+
+
+def chunked(parts: list[bytes]) -> bytes:
+    return b"".join(b"%x\r\n%b\r\n" % (len(p), p) for p in parts)
+
+
+HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+
+
+async def read_request(stream: trio.abc.Stream) -> bytes:
+    """One request (head and content-length body); b"" when the client closed."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        data = await stream.receive_some(65536)
+        if not data:
+            return b""
+        buf += data
+    head, _, body = buf.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    while len(body) < length:
+        body += await stream.receive_some(65536)
+    return head
+
+
+Handler = Callable[[trio.abc.Stream, int], Awaitable[bool]]
+
+
+async def paced_sse(stream: trio.abc.Stream, n: int) -> bool:
+    """Each SSE event its own chunk and its own write, 1 ms apart, as tokens come."""
+    await stream.send_all(HEAD)
+    for e in EVENTS:
+        await stream.send_all(chunked([b"data: " + e + b"\n\n"]))
+        await trio.sleep(0.001)
+    await stream.send_all(b"0\r\n\r\n")
+    return True  # keep the connection open for the next request
+
+
+async def cut_midway(stream: trio.abc.Stream, n: int) -> bool:
+    await stream.send_all(HEAD + chunked([b"data: " + EVENTS[0] + b"\n\n"]))
+    return False
+
+
+async def reset_midway(stream: trio.abc.Stream, n: int) -> bool:
+    """One token, then a TCP reset (SO_LINGER 0): the reader gets ECONNRESET."""
+    await stream.send_all(HEAD + chunked([b"data: " + EVENTS[0] + b"\n\n"]))
+    await trio.sleep(0.05)
+    raw = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+    raw.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    raw.socket.close()
+    return False
+
+
+class Server:
+    """A loopback HTTP/1.1 server, plain or TLS, counting connections."""
+
+    def __init__(self, handler: Handler, tls: ssl.SSLContext | None = None) -> None:
+        self.handler = handler
+        self.tls = tls
+        self.connections = 0
+        self.port = 0
+
+    async def serve(self, stream: trio.abc.Stream) -> None:
+        self.connections += 1
+        if self.tls is not None:
+            stream = trio.SSLStream(stream, self.tls, server_side=True)
+        n = 0
+        try:
+            while await read_request(stream):
+                n += 1
+                if not await self.handler(stream, n):
+                    break
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        [listener] = await nursery.start(
+            functools.partial(trio.serve_tcp, self.serve, 0, host="127.0.0.1"))
+        self.port = listener.socket.getsockname()[1]
+
+
+@pytest.fixture
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+def server_tls(ca: trustme.CA) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(ctx)
+    return ctx
+
+
+def client_tls(ca: trustme.CA) -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    return ctx
+
+
+async def fetch(transport: httpx.AsyncBaseTransport, url: str,
+                connect_timeout: float = 5.0) -> tuple[int, list[bytes]]:
+    request = httpx.Request("POST", url, content=b'{"model":"m"}', extensions={
+        "timeout": {"connect": connect_timeout, "read": None, "write": None, "pool": None}})
+    resp = await transport.handle_async_request(request)
+    parts: list[bytes] = []
+    try:
+        await read_into(parts, resp)
+    finally:
+        await resp.aclose()
+    return resp.status_code, parts
+
+
+async def serving(nursery: trio.Nursery, handler: Handler, ca: trustme.CA,
+                  use_tls: bool) -> tuple[Server, fo.UpstreamTransport, str]:
+    server = Server(handler, server_tls(ca) if use_tls else None)
+    await server.start(nursery)
+    transport = fo.UpstreamTransport(client_tls(ca), keepalive=4)
+    scheme = "https" if use_tls else "http"
+    return server, transport, f"{scheme}://127.0.0.1:{server.port}/v1/chat/completions"
+
+
+async def read_into(parts: list[bytes], resp: httpx.Response) -> None:
+    async for part in resp.stream:
+        parts.append(part)
+
+
+@pytest.mark.parametrize("use_tls", [False, True], ids=["plain", "tls"])
+async def test_paced_stream_arrives_intact_and_the_connection_is_reused(
+        nursery, ca, use_tls):
+    server, transport, url = await serving(nursery, paced_sse, ca, use_tls)
+    with trio.fail_after(10):
+        for _ in range(3):
+            status, parts = await fetch(transport, url)
+            assert status == 200
+            assert b"".join(parts) == BODY
+            assert len(parts) == len(EVENTS)  # paced: one read per token
+    assert server.connections == 1  # kept alive and reused
+    await transport.aclose()
+
+
+@pytest.mark.parametrize("use_tls", [False, True], ids=["plain", "tls"])
+async def test_a_stream_cut_midway_is_an_httpx_read_error(nursery, ca, use_tls):
+    server, transport, url = await serving(nursery, cut_midway, ca, use_tls)
+    with trio.fail_after(10), pytest.raises((httpx.ReadError, httpx.RemoteProtocolError)):
+        await fetch(transport, url)
+    await transport.aclose()
+
+
+@pytest.mark.parametrize("use_tls", [False, True], ids=["plain", "tls"])
+async def test_a_reset_mid_stream_is_an_httpx_read_error_after_the_first_token(
+        nursery, ca, use_tls):
+    server, transport, url = await serving(nursery, reset_midway, ca, use_tls)
+    request = httpx.Request("POST", url, content=b"{}")
+    resp = await transport.handle_async_request(request)
+    parts: list[bytes] = []
+    with trio.fail_after(10), pytest.raises(httpx.ReadError):
+        await read_into(parts, resp)
+    assert parts == [b"data: " + EVENTS[0] + b"\n\n"]
+    await transport.aclose()
+
+
+async def test_refused_connection_is_an_httpx_connect_error():
+    with trio.socket.socket() as s:  # a port nobody listens on
+        await s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    transport = fo.UpstreamTransport(ssl.create_default_context(), keepalive=4)
+    with trio.fail_after(10), pytest.raises(httpx.ConnectError):
+        await fetch(transport, f"http://127.0.0.1:{port}/v1/chat/completions")
+
+
+async def test_a_tls_handshake_that_never_answers_is_a_connect_timeout(
+        nursery, ca, autojump_clock):
+    async def silent(stream: trio.abc.Stream) -> None:
+        await trio.sleep_forever()
+
+    [listener] = await nursery.start(
+        functools.partial(trio.serve_tcp, silent, 0, host="127.0.0.1"))
+    port = listener.socket.getsockname()[1]
+    transport = fo.UpstreamTransport(client_tls(ca), keepalive=4)
+    start = trio.current_time()
+    with pytest.raises(httpx.ConnectTimeout):
+        await fetch(transport, f"https://127.0.0.1:{port}/v1/chat/completions",
+                    connect_timeout=3.0)
+    assert trio.current_time() - start == pytest.approx(3.0)
+
+
+async def test_an_idle_connection_the_server_closed_is_not_reused(nursery, ca):
+    async def one_then_close(stream: trio.abc.Stream, n: int) -> bool:
+        await paced_sse(stream, n)
+        return False  # close after each reply, without saying so in the headers
+
+    server = Server(one_then_close)
+    await server.start(nursery)
+    transport = fo.UpstreamTransport(client_tls(ca), keepalive=4)
+    url = f"http://127.0.0.1:{server.port}/v1/chat/completions"
+    with trio.fail_after(10):
+        await fetch(transport, url)
+        await trio.sleep(0.05)  # the server's close reaches us: the socket reads EOF
+        status, parts = await fetch(transport, url)  # is_readable: a new connection
+    assert (status, b"".join(parts)) == (200, BODY)
+    assert server.connections == 2
+    await transport.aclose()
