@@ -83,9 +83,10 @@ class DaemonConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     client_write_timeout_s: Seconds = 30.0
     # Load shedding: while the event loop runs later than this, a share of new
     # requests (rising with the lateness, falling slowly once it is gone) gets a fast
-    # 503 with Retry-After: 1 instead of joining a queue that only grows. A burst of
-    # new streams beyond what one core can take in (~1000/s on the bench machine)
-    # also sees some refusals; OpenAI SDKs retry them. 0 turns shedding off.
+    # 503 with Retry-After: 1 instead of joining a queue that only grows. Streaming
+    # requests are refused only past 10 times this lateness (a burst of new streams
+    # costs the loop once, and their clients wait seconds for a first token anyway).
+    # OpenAI SDKs retry a 503 on their own. 0 turns shedding off.
     shed_lag_s: NonNegative = 0.02
     # Breaker state and token divisors survive restarts here; default: state.json
     # beside the ledger. "" turns persistence off.
@@ -1784,6 +1785,10 @@ LAG_PROBE_S = 0.01
 # Shedding: the share of new requests refused moves by this much per probe, up to this.
 SHED_STEP = 0.1
 SHED_MAX = 0.95
+# A new stream is refused only when the loop is this many times later than
+# daemon.shed_lag_s: a stream's client waits seconds for the model's first token
+# anyway, and a burst of new streams costs the loop once, on the way in.
+STREAM_SHED_FACTOR = 10
 # Learned divisors are saved this often (breaker transitions are saved at once).
 STATE_SAVE_EVERY_S = 60.0
 # At most this many alert commands run at once; more are dropped (and logged).
@@ -2051,6 +2056,7 @@ class Daemon:
         self.loop_lag = 0.0  # seconds the event loop runs late (see watch_lag)
         self.shed = 0  # requests refused while overloaded
         self.shed_share = 0.0  # the share of new requests being refused (see next_shed_share)
+        self.shed_share_streams = 0.0  # the same for streaming requests
         self.started_at = time.time()
         self.transport = transport
         self._tls: ssl.SSLContext | None = None  # one verified context, built on first use
@@ -2171,8 +2177,9 @@ class Daemon:
     def overloaded(self) -> bool:
         return self.shed_share > 0
 
-    def should_shed(self) -> bool:
-        return self.shed_share > 0 and self.rng.random() < self.shed_share
+    def should_shed(self, stream: bool) -> bool:
+        share = self.shed_share_streams if stream else self.shed_share
+        return share > 0 and self.rng.random() < share
 
     async def watch_lag(self) -> None:
         """Probe how late the event loop wakes up, the measure of overload, and set the
@@ -2182,7 +2189,10 @@ class Daemon:
             await trio.sleep(LAG_PROBE_S)
             late = trio.current_time() - before - LAG_PROBE_S
             self.loop_lag = smoothed_lag(self.loop_lag, late)
-            self.shed_share = next_shed_share(self.shed_share, late, self.cfg.daemon.shed_lag_s)
+            limit = self.cfg.daemon.shed_lag_s
+            self.shed_share = next_shed_share(self.shed_share, late, limit)
+            self.shed_share_streams = next_shed_share(self.shed_share_streams, late,
+                                                      limit * STREAM_SHED_FACTOR)
 
     def begin(self, ex: Exchange) -> None:
         self.inflight[ex.request_id] = ex
@@ -3152,7 +3162,7 @@ async def _chat(
         await _client_error(reply, 503, "failoverd is shutting down; retry shortly",
                             code="shutting_down", close=True)
         return
-    if d.should_shed():
+    if d.should_shed(body.get("stream") is True):
         await _shed(d, reply, route, body, peer)
         return
     ex = Exchange(d, route, body, stream=body.get("stream") is True, peer=peer, reply=reply,

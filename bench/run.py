@@ -410,7 +410,37 @@ def _healthz(path: str) -> bool:
         s.close()
 
 
-async def quiesce(d: Daemon, max_s: float = 10.0) -> None:
+class Relay:
+    """A reference relay from relays.py (raw or naive httpx), pinned where the daemon is."""
+
+    def __init__(self, mode: str, port: int, tmp: str) -> None:
+        self.mode = mode
+        self.socket = os.path.join(tmp, f"relay-{mode}.sock")
+        self.proc = subprocess.Popen(
+            pinned(0, [PYTHON, os.path.join(BENCH, "relays.py"), mode, str(port), self.socket]),
+            preexec_fn=_die_with_parent)
+        _children.append(self.proc)
+        for _ in range(500):
+            if os.path.exists(self.socket):
+                return
+            time.sleep(0.01)
+        raise BenchError(f"the {mode} relay did not start")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def cpu(self) -> float:
+        return proc_cpu_s(self.pid)
+
+    def target(self) -> lg.Target:
+        return lg.Target(f"relay-{self.mode}", unix=self.socket)
+
+    def stop(self) -> None:
+        _kill(self.proc)
+
+
+async def quiesce(d: Daemon | Relay, max_s: float = 10.0) -> None:
     """Wait until the daemon uses (almost) no CPU: at most one clock tick per 100 ms."""
     last = d.cpu()
     for _ in range(int(max_s * 10)):
@@ -623,11 +653,15 @@ class Bench:
                         spread=spread(per_req, lambda x: f"{x:.2f}"), target="<= 1.0 ms",
                         ok=v <= 1.0)
 
-    async def _paced_cpu(self, route: str, chunks: int) -> tuple[float, int, float]:
-        """Daemon CPU seconds for one burst of paced streams, how many completed, and
-        the share of that CPU spent in the kernel."""
+    async def _paced_cpu(self, route: str, chunks: int, via: Relay | None = None
+                         ) -> tuple[float, int, float]:
+        """Daemon (or relay) CPU seconds for one burst of paced streams, how many
+        completed, and the share of that CPU spent in the kernel."""
         d, dt = self.main()
         p = self.p
+        if via is not None:  # a relay takes the upstream's model name itself
+            d, dt = via, via.target()  # type: ignore[assignment]
+            route = f"bench-paced-{chunks}-{p.pace_ms}"
         await quiesce(d)
         burst = lg.Burst(dt, lg.chat(route, stream=True), p.chunk_streams,
                          spread_s=p.pace_ms / 1000)
@@ -650,17 +684,29 @@ class Bench:
         p = self.p
         net, gross, base, kernel = [], [], [], []
         c, b = p.chunk_count, p.chunk_base
-        await self._paced_cpu("paced_base", b)  # every measured burst finds the same pool
-        for _ in range(p.rounds):
-            cpu_c, ok_c, sys_c = await self._paced_cpu("paced", c)
-            cpu_b, ok_b, _ = await self._paced_cpu("paced_base", b)
-            kernel.append(sys_c * 100)
-            if not ok_c or not ok_b:
-                continue
-            per_chunk = (cpu_c / ok_c - cpu_b / ok_b) / (c - b)
-            net.append(per_chunk * 1e6)
-            gross.append(cpu_c / (ok_c * c) * 1e6)
-            base.append((cpu_c / ok_c - c * per_chunk) * 1e3)
+        relays = [Relay(mode, self.up.port, self.tmp) for mode in ("raw", "httpx")]
+        ref: dict[str, list[float]] = {r.mode: [] for r in relays}
+        try:
+            await self._paced_cpu("paced_base", b)  # every measured burst finds the same pool
+            for r in relays:
+                await self._paced_cpu("", b, r)
+            for _ in range(p.rounds):
+                cpu_c, ok_c, sys_c = await self._paced_cpu("paced", c)
+                cpu_b, ok_b, _ = await self._paced_cpu("paced_base", b)
+                kernel.append(sys_c * 100)
+                if ok_c and ok_b:
+                    per_chunk = (cpu_c / ok_c - cpu_b / ok_b) / (c - b)
+                    net.append(per_chunk * 1e6)
+                    gross.append(cpu_c / (ok_c * c) * 1e6)
+                    base.append((cpu_c / ok_c - c * per_chunk) * 1e3)
+                for r in relays:  # the same two bursts through each reference relay
+                    rc, rok_c, _ = await self._paced_cpu("", c, r)
+                    rb, rok_b, _ = await self._paced_cpu("", b, r)
+                    if rok_c and rok_b:
+                        ref[r.mode].append((rc / rok_c - rb / rok_b) / (c - b) * 1e6)
+        finally:
+            for r in relays:
+                r.stop()
         v = median(net)
         self.report.add(f"1. CPU / relayed chunk, marginal ({p.chunk_streams} streams x "
                         f"{c} vs {b} @ {p.pace_ms} ms)", fmt_us(v),
@@ -670,6 +716,13 @@ class Bench:
         v = median(base)
         self.report.add("   CPU / stream, per-stream part of that burst (intercept)", fmt_ms(v),
                         spread=spread(base, lambda x: f"{x:.2f}"))
+        for mode, label in (("httpx", "naive trio + httpx relay (aiter_raw, no parsing)"),
+                            ("raw", "bare trio relay, no HTTP parsing (the floor)")):
+            r = median(ref[mode])
+            self.report.add(f"   same bursts, {label}", fmt_us(r),
+                            baseline=f"failoverd {fmt_us(median(net))}",
+                            ratio=ratio(median(net), r),
+                            spread=spread(ref[mode], lambda x: f"{x:.1f}"))
 
     # -- 2. added latency ---------------------------------------------------------------
 

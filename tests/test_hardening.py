@@ -291,6 +291,11 @@ async def test_overloaded_daemon_sheds_its_share_of_new_requests_at_once(
     assert [r["attempts"] for r in refused] == [0, 0, 0]
     assert len(h.upstreams.calls) == 2
     assert h.d.status()["shed_requests"] == 3
+    # streams have their own share, zero here: a new stream still goes through
+    h.d.rng = _Draws(0.0)
+    assert (await h.chat(stream=True)).status == 200
+    h.d.shed_share_streams = 0.5
+    assert (await h.chat(stream=True)).status == 503
     h.d.shed_share = fo.SHED_MAX
     h.d.rng = _Draws(0.0)
     r = await h.chat()
@@ -310,12 +315,16 @@ async def test_lag_probe_sets_the_shed_share(harness, autojump_clock, nursery):
     await trio.sleep(0.001)
     assert h.d.loop_lag == pytest.approx(0.195)
     assert h.d.shed_share == fo.SHED_MAX  # 0.195 s late is ~10 limits' worth
+    assert h.d.shed_share_streams == 0.0  # streams: under 10 x shed_lag_s = 0.2 s
     assert h.d.overloaded
     await trio.sleep(0.5)  # 50 calm probes take 0.01 each off: 0.95 -> 0.45
     assert h.d.shed_share == pytest.approx(fo.SHED_MAX - 50 * fo.SHED_STEP / 10, abs=0.011)
     await trio.sleep(0.5)
     assert h.d.shed_share == 0.0
     assert not h.d.overloaded
+    autojump_clock.jump(0.41)  # 0.4 s late: 2 stream limits' worth
+    await trio.sleep(0.001)
+    assert h.d.shed_share_streams == pytest.approx(0.2, abs=0.01)
 
 
 # -- a late event loop and slow clients while relaying ------------------------------------
