@@ -1650,7 +1650,10 @@ class NetStream(httpcore.AsyncNetworkStream):
             raise httpcore.WriteError(f"{type(e).__name__}: {e}") from None
 
     async def aclose(self) -> None:
-        await self._stream.aclose()
+        # No checkpoint: httpcore closes under a shield when an attempt is abandoned,
+        # and a yield there would hold the failover back by a whole scheduling round
+        # (the ledger row, the next attempt) when hundreds of deadlines fire at once.
+        self._stream.socket.close()
 
     async def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
                         timeout: float | None = None) -> httpcore.AsyncNetworkStream:  # noqa: ASYNC109 (httpcore's interface)
