@@ -774,9 +774,9 @@ def retry_wait(
 def next_shed_share(share: float, late: float, limit: float) -> float:
     """The share of new requests to refuse, adjusted at each lag probe: up while the
     loop runs later than the limit, by a step per limit's worth of lateness (a probe
-    that is itself held up by the overload still acts in proportion), half a step down
-    while it does not. Refusing a share, not all, keeps serving at capacity; a refusal
-    costs about a sixth of a request."""
+    that is itself held up by the overload still acts in proportion), a tenth of a
+    step down while it does not (a quick fall made the share swing). Refusing a share,
+    not all, keeps serving at capacity; a refusal costs about a sixth of a request."""
     if not limit:
         return 0.0
     if late > limit:
@@ -1599,11 +1599,10 @@ class NetStream(httpcore.AsyncNetworkStream):
     deadlines; a timeout scope is entered only where httpcore is given one (connect).
     """
 
-    __slots__ = ("_stream", "_fd", "_more")
+    __slots__ = ("_stream", "_more")
 
     def __init__(self, stream: trio.SocketStream) -> None:
         self._stream = stream
-        self._fd = stream.socket.fileno()
         self._more = False  # the last read filled its buffer: more is likely waiting
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109 (httpcore's interface)
@@ -1614,7 +1613,7 @@ class NetStream(httpcore.AsyncNetworkStream):
         raise httpcore.ReadTimeout(f"no data within {timeout:g} s")
 
     async def _read(self, max_bytes: int) -> bytes:
-        fd = self._fd
+        fd = self._stream.socket.fileno()  # -1 once closed: EBADF, never another socket
         try:
             if self._more:
                 await trio.lowlevel.checkpoint()
@@ -1639,13 +1638,14 @@ class NetStream(httpcore.AsyncNetworkStream):
         raise httpcore.WriteTimeout(f"could not send within {timeout:g} s")
 
     async def _write(self, buffer: bytes) -> None:
+        fd = self._stream.socket.fileno()
         view = memoryview(buffer)
         try:
             while view:
                 try:
-                    view = view[os.write(self._fd, view):]
+                    view = view[os.write(fd, view):]
                 except BlockingIOError:
-                    await trio.lowlevel.wait_writable(self._fd)
+                    await trio.lowlevel.wait_writable(fd)
         except (OSError, trio.ClosedResourceError) as e:
             raise httpcore.WriteError(f"{type(e).__name__}: {e}") from None
 
@@ -1685,12 +1685,17 @@ class TLSStream(httpcore.AsyncNetworkStream):
         self._raw = raw
 
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109 (httpcore's interface)
-        with trio.move_on_after(math.inf if timeout is None else timeout):
-            try:
-                return await self._tls.receive_some(max_bytes)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
-                raise httpcore.ReadError(f"{type(e).__name__}: {e}") from None
+        if timeout is None:
+            return await self._read(max_bytes)
+        with trio.move_on_after(timeout):
+            return await self._read(max_bytes)
         raise httpcore.ReadTimeout(f"no data within {timeout:g} s")
+
+    async def _read(self, max_bytes: int) -> bytes:
+        try:
+            return await self._tls.receive_some(max_bytes)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            raise httpcore.ReadError(f"{type(e).__name__}: {e}") from None
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109 (httpcore's interface)
         with trio.move_on_after(math.inf if timeout is None else timeout):
@@ -2903,7 +2908,7 @@ class H11Reply(Reply):
         self.write_timeout = write_timeout
         self.chunked = False
         sock = getattr(stream, "socket", None)
-        self.fd = sock.fileno() if isinstance(sock, trio.socket.SocketType) else -1
+        self.sock = sock if isinstance(sock, trio.socket.SocketType) else None
 
     async def start(self, status: int, headers: list[tuple[str, str]], body: bytes = b"",
                     *, final: bool = False) -> None:
@@ -2931,13 +2936,13 @@ class H11Reply(Reply):
     def relay_now(self, data: bytes) -> bytes | None:
         """The per-token hot path: one write(2) and no checkpoint. A client that is
         reading takes a token at once; only a full socket buffer takes the slow path."""
-        if not self.chunked or self.fd < 0:
+        if not self.chunked or self.sock is None:
             return None
         if self.conn.our_state is h11.ERROR:
             raise ClientGone
         framed = b"%x\r\n%b\r\n" % (len(data), data)
         try:
-            sent = os.write(self.fd, framed)
+            sent = os.write(self.sock.fileno(), framed)  # a closed socket: -1, EBADF
         except BlockingIOError:
             return framed
         except OSError:
