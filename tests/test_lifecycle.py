@@ -13,6 +13,7 @@ import tempfile
 import httpx
 import pytest
 import trio
+import trio.testing
 
 import failoverd as fo
 
@@ -128,3 +129,63 @@ async def test_shutdown_lets_in_flight_streams_finish_then_stops_accepting(sock_
             probe.connect(sock_path)
         probe.close()
         nursery.cancel_scope.cancel()
+
+
+def _pending_clients(path: str, n: int) -> list[socket.socket]:
+    clients = []
+    for _ in range(n):
+        c = socket.socket(socket.AF_UNIX)
+        c.connect(path)  # completes into the listen backlog; nothing accepted yet
+        clients.append(c)
+    return clients
+
+
+async def test_accept_loop_takes_every_pending_connection(sock_path):
+    listener = await fo.open_unix_listener(sock_path, "0600")
+    clients = _pending_clients(sock_path, 40)
+    served: list[trio.SocketStream] = []
+
+    async def handler(stream: trio.abc.Stream) -> None:
+        served.append(stream)
+        await trio.sleep_forever()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fo.accept_loop, listener, handler, nursery)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(served) == 40
+            nursery.cancel_scope.cancel()
+    for c in clients:
+        c.close()
+    await listener.aclose()
+
+
+async def test_accept_loop_waits_out_a_full_descriptor_table(
+        sock_path, monkeypatch, caplog, autojump_clock):
+    listener = await fo.open_unix_listener(sock_path, "0600")
+    clients = _pending_clients(sock_path, 2)
+    real_accept = socket.socket.accept
+    failures = [OSError(24, "Too many open files")]  # EMFILE, once
+
+    def accept(self):
+        if failures:
+            raise failures.pop()
+        return real_accept(self)
+
+    monkeypatch.setattr(socket.socket, "accept", accept)
+    served: list[float] = []
+
+    async def handler(stream: trio.abc.Stream) -> None:
+        served.append(trio.current_time())
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fo.accept_loop, listener, handler, nursery)
+        await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    assert served == [pytest.approx(0.1), pytest.approx(0.1)]  # after one 0.1 s pause
+    assert "cannot accept connections: Too many open files" in caplog.text
+    assert "LimitNOFILE" in caplog.text
+    for c in clients:
+        c.close()
+    await listener.aclose()
