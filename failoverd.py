@@ -1788,8 +1788,10 @@ class ClientGone(Exception):
 _CLIENT_GONE = "client went away or stopped reading mid-stream"
 
 
-# How often the event loop's lag is probed (and the shed share adjusted).
+# How often the event loop's lag is probed (and the shed share adjusted) while
+# requests are in flight, and while none are (an idle daemon stays idle).
 LAG_PROBE_S = 0.01
+LAG_PROBE_IDLE_S = 0.25
 # Shedding: the share of new requests refused moves by this much per probe, up to this.
 SHED_STEP = 0.1
 SHED_MAX = 0.95
@@ -2065,6 +2067,7 @@ class Daemon:
         self.shed = 0  # requests refused while overloaded
         self.shed_share = 0.0  # the share of new requests being refused (see next_shed_share)
         self.shed_share_streams = 0.0  # the same for streaming requests
+        self.idle_probe: trio.CancelScope | None = None  # the lag probe's idle sleep
         self.started_at = time.time()
         self.transport = transport
         self._tls: ssl.SSLContext | None = None  # one verified context, built on first use
@@ -2193,9 +2196,16 @@ class Daemon:
         """Probe how late the event loop wakes up, the measure of overload, and set the
         share of new requests to refuse from it."""
         while True:
+            busy = self.inflight or self.shed_share or self.shed_share_streams
+            interval = LAG_PROBE_S if busy else LAG_PROBE_IDLE_S
             before = trio.current_time()
-            await trio.sleep(LAG_PROBE_S)
-            late = trio.current_time() - before - LAG_PROBE_S
+            with trio.CancelScope(deadline=before + interval) as probe:
+                self.idle_probe = None if busy else probe
+                await trio.sleep_forever()
+            self.idle_probe = None
+            if trio.current_time() < before + interval:
+                continue  # a request began: probe at the busy pace from now on
+            late = trio.current_time() - before - interval
             self.loop_lag = smoothed_lag(self.loop_lag, late)
             limit = self.cfg.daemon.shed_lag_s
             self.shed_share = next_shed_share(self.shed_share, late, limit)
@@ -2203,6 +2213,8 @@ class Daemon:
                                                       limit * STREAM_SHED_FACTOR)
 
     def begin(self, ex: Exchange) -> None:
+        if self.idle_probe is not None:  # overload can start with the first request
+            self.idle_probe.cancel()
         self.inflight[ex.request_id] = ex
         self.no_inflight = trio.Event() if self.no_inflight.is_set() else self.no_inflight
 

@@ -309,6 +309,7 @@ async def test_overloaded_daemon_sheds_its_share_of_new_requests_at_once(
 
 async def test_lag_probe_sets_the_shed_share(harness, autojump_clock, nursery):
     h = harness({"a/m1": ok_script("a")})
+    h.d.inflight["busy"] = None  # requests in flight: probed every LAG_PROBE_S
     nursery.start_soon(h.d.watch_lag)
     await trio.sleep(0.005)
     autojump_clock.jump(0.2)  # as if a burst of work held the loop for 0.2 s
@@ -325,6 +326,26 @@ async def test_lag_probe_sets_the_shed_share(harness, autojump_clock, nursery):
     autojump_clock.jump(0.41)  # 0.4 s late: 2 stream limits' worth
     await trio.sleep(0.001)
     assert h.d.shed_share_streams == pytest.approx(0.2, abs=0.01)
+
+
+async def test_an_idle_daemon_probes_its_loop_rarely(harness, autojump_clock, nursery):
+    h = harness({"a/m1": ok_script("a")})
+    nursery.start_soon(h.d.watch_lag)
+    await trio.sleep(0.005)
+    autojump_clock.jump(0.3)
+    await trio.sleep(0.001)
+    # the probe slept LAG_PROBE_IDLE_S, not LAG_PROBE_S: 0.305 - 0.25 late
+    assert h.d.loop_lag == pytest.approx(0.055)
+    # a request beginning wakes the idle probe: from then on it probes at the busy pace
+    h.d.shed_share = h.d.shed_share_streams = h.d.loop_lag = 0.0  # calm again
+    await trio.sleep(0.02)  # the probe goes back to its idle pace
+    h.d.begin(fo.Exchange(h.d, h.d.routes["r"], {"messages": []}, stream=False,
+                          peer=fo.Peer(pid=None, uid=None), reply=fo.Reply(),
+                          request_id="x", body_size=0))
+    await trio.sleep(0.001)
+    autojump_clock.jump(0.05)  # a busy probe (0.01 s) now sees 0.04 s of lateness
+    await trio.sleep(0.001)
+    assert h.d.loop_lag == pytest.approx(0.04, abs=0.002)
 
 
 # -- a late event loop and slow clients while relaying ------------------------------------
