@@ -2231,6 +2231,8 @@ class Daemon:
             "draining": self.draining,
             "loop_lag_ms": round(self.loop_lag * 1000, 3), "overloaded": self.overloaded,
             "shed_requests": self.shed,
+            "shed_share": round(self.shed_share, 3),
+            "shed_share_streams": round(self.shed_share_streams, 3),
             "in_flight": [ex.describe(now) for ex in self.inflight.values()],
             "breakers": self.health.snapshot(),
             "token_divisors": self.divisors(),
@@ -4018,7 +4020,9 @@ def format_status(status: dict[str, Any]) -> list[str]:
     if status.get("shed_requests") or status.get("overloaded"):
         lines.append(f"event loop {status.get('loop_lag_ms', 0):.0f} ms late; "
                      f"{status.get('shed_requests', 0)} request(s) shed"
-                     + (" (overloaded now)" if status.get("overloaded") else ""))
+                     + (f" (overloaded now: refusing {status.get('shed_share', 0):.0%} of new "
+                        f"requests, {status.get('shed_share_streams', 0):.0%} of new streams)"
+                        if status.get("overloaded") else ""))
     ledger = status.get("ledger") or {}
     if ledger.get("dropped_rows"):
         lines.append(f"ledger {ledger['path']}: {ledger['dropped_rows']} row(s) dropped "

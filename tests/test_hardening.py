@@ -302,7 +302,8 @@ async def test_overloaded_daemon_sheds_its_share_of_new_requests_at_once(
     assert (r.status, r.headers["retry-after"], r.json["error"]["code"]) == \
         (503, "1", "overloaded")
     assert r.t_first == 0.0  # refused at once, no upstream touched
-    assert "shed (overloaded now)" in "\n".join(fo.format_status(h.d.status()))
+    assert "shed (overloaded now: refusing 95% of new requests, 50% of new streams)" in \
+        "\n".join(fo.format_status(h.d.status()))
     h.d.shed_share = 0.0
     assert (await h.chat()).text == "a"
 
