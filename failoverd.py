@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 import tomllib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Annotated, Any, Literal
 
 import click
@@ -1613,19 +1613,21 @@ class NetStream(httpcore.AsyncNetworkStream):
         raise httpcore.ReadTimeout(f"no data within {timeout:g} s")
 
     async def _read(self, max_bytes: int) -> bytes:
-        fd = self._stream.socket.fileno()  # -1 once closed: EBADF, never another socket
+        # The descriptor is looked up after every wait: it is -1 once the socket is
+        # closed (EBADF), so a number reused by a newer socket is never read.
+        sock = self._stream.socket
         try:
             if self._more:
                 await trio.lowlevel.checkpoint()
             else:
-                await trio.lowlevel.wait_readable(fd)
+                await trio.lowlevel.wait_readable(sock)
             while True:
                 try:
-                    data = os.read(fd, max_bytes)
+                    data = os.read(sock.fileno(), max_bytes)
                     break
                 except BlockingIOError:
-                    await trio.lowlevel.wait_readable(fd)
-        except (OSError, trio.ClosedResourceError) as e:
+                    await trio.lowlevel.wait_readable(sock)
+        except (OSError, ValueError, trio.ClosedResourceError) as e:
             raise httpcore.ReadError(f"{type(e).__name__}: {e}") from None
         self._more = len(data) == max_bytes
         return data
@@ -1638,15 +1640,15 @@ class NetStream(httpcore.AsyncNetworkStream):
         raise httpcore.WriteTimeout(f"could not send within {timeout:g} s")
 
     async def _write(self, buffer: bytes) -> None:
-        fd = self._stream.socket.fileno()
+        sock = self._stream.socket
         view = memoryview(buffer)
         try:
             while view:
                 try:
-                    view = view[os.write(fd, view):]
+                    view = view[os.write(sock.fileno(), view):]
                 except BlockingIOError:
-                    await trio.lowlevel.wait_writable(fd)
-        except (OSError, trio.ClosedResourceError) as e:
+                    await trio.lowlevel.wait_writable(sock)
+        except (OSError, ValueError, trio.ClosedResourceError) as e:
             raise httpcore.WriteError(f"{type(e).__name__}: {e}") from None
 
     async def aclose(self) -> None:
@@ -2016,24 +2018,31 @@ class Health:
 
 # httpcore's pool scans all its connections (and polls each idle one) on every
 # request and every response close: O(n^2) in a burst of n streams. Smaller pools,
-# taken in turn, divide that: with 1000 streams open on one provider, 64 pools
-# hold ~16 connections each. 64 x 4 idle connections per provider are kept.
+# chosen by load, divide that: with 1000 streams open on one provider, 64 pools hold
+# ~16 connections each. Each pool keeps up to 16 idle connections for 5 s.
 POOL_SHARDS = 64
-POOL_KEEPALIVE = 256
+POOL_SHARD_LOAD = 16
 
 
 class PoolShards:
-    """A provider's connection pools, used round-robin."""
+    """A provider's connection pools. Light traffic stays on the first pool, so its
+    idle connections are reused within their keep-alive; every POOL_SHARD_LOAD
+    concurrent requests more open the next one, so no pool's scan grows long."""
 
-    __slots__ = ("pools", "_turn")
+    __slots__ = ("pools", "active")
 
     def __init__(self, pools: list[httpx.AsyncBaseTransport]) -> None:
         self.pools = pools
-        self._turn = 0
+        self.active = 0  # requests under way on this provider
 
-    def next(self) -> httpx.AsyncBaseTransport:
-        self._turn = (self._turn + 1) % len(self.pools)
-        return self.pools[self._turn]
+    @contextlib.contextmanager
+    def lease(self) -> Iterator[httpx.AsyncBaseTransport]:
+        pool = self.pools[min(self.active // POOL_SHARD_LOAD, len(self.pools) - 1)]
+        self.active += 1
+        try:
+            yield pool
+        finally:
+            self.active -= 1
 
 
 class Daemon:
@@ -2145,8 +2154,7 @@ class Daemon:
             tls = self._tls
         else:  # plain HTTP never uses it (redirects are not followed)
             tls = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        return PoolShards([UpstreamTransport(tls, POOL_KEEPALIVE // POOL_SHARDS)
-                           for _ in range(POOL_SHARDS)])
+        return PoolShards([UpstreamTransport(tls, POOL_SHARD_LOAD) for _ in range(POOL_SHARDS)])
 
     async def aclose(self) -> None:
         for shards in self.transports.values():
@@ -2569,8 +2577,16 @@ class Exchange:
             parsed = d.urls[url] = httpx.URL(url)
         request = httpx.Request("POST", parsed, headers=headers, content=payload,
                                 extensions={"timeout": timeout})
+        with d.transports[slot.provider].lease() as pool:
+            await self._call(pool, request, slot, adapter, st, m, scope)
+
+    async def _call(
+        self, pool: httpx.AsyncBaseTransport, request: httpx.Request, slot: Slot, adapter: Any,
+        st: StreamState, m: Metrics, scope: trio.CancelScope,
+    ) -> None:
+        provider = self.d.cfg.providers[slot.provider]
         try:
-            resp = await d.transports[slot.provider].next().handle_async_request(request)
+            resp = await pool.handle_async_request(request)
         except httpx.TimeoutException:
             raise Failure("connect_error", f"connect timed out after "
                                            f"{provider.connect_timeout_s:g} s",
@@ -3362,6 +3378,12 @@ async def serve(
 ACCEPT_BATCH = 256
 # accept(2) errors that mean "out of a resource for now": wait and go on.
 ACCEPT_RETRY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+# accept(2) errors about the one connection being accepted (a firewall's EPERM, a
+# client that reset first, ...): skip it. The list is trio's own listener's.
+ACCEPT_SKIP_ERRNOS = {getattr(errno, name) for name in (
+    "EPERM", "ECONNABORTED", "EPROTO", "ENETDOWN", "ENOPROTOOPT", "EHOSTDOWN", "ENONET",
+    "EHOSTUNREACH", "EOPNOTSUPP", "ENETUNREACH", "ENOSR", "ESOCKTNOSUPPORT",
+    "EPROTONOSUPPORT", "ETIMEDOUT", "ECONNRESET") if hasattr(errno, name)}
 
 
 async def accept_loop(listener: trio.SocketListener,
@@ -3388,6 +3410,8 @@ async def accept_loop(listener: trio.SocketListener,
                 except BlockingIOError:
                     break
                 except OSError as e:
+                    if e.errno in ACCEPT_SKIP_ERRNOS:
+                        continue
                     if e.errno not in ACCEPT_RETRY_ERRNOS:
                         raise
                     if time.monotonic() - warned > 60:

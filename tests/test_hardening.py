@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import socket
 
+import h11
 import pytest
 import trio
 import trio.testing
@@ -410,3 +411,20 @@ async def test_upstream_stall_during_a_slow_non_progress_write_is_a_stall(harnes
     await read_all(client)
     [attempt] = h.rows("attempt")
     assert attempt["outcome"] == "stall_timeout"  # the upstream's silence, not the client
+
+
+async def test_a_client_gone_mid_relay_is_client_gone_and_the_connection_is_done():
+    """The synchronous relay write to a closed client (EPIPE/ECONNRESET) must become
+    ClientGone, which the Exchange records as client_disconnected, never a failover."""
+    ours, theirs = trio.socket.socketpair()
+    conn = h11.Connection(h11.SERVER)
+    reply = fo.H11Reply(conn, trio.SocketStream(ours), write_timeout=5.0)
+    reply.chunked = True
+    assert reply.relay_now(b"data: 1\n\n") == b""  # a reading client takes it at once
+    theirs.close()
+    with pytest.raises(fo.ClientGone):
+        reply.relay_now(b"data: 2\n\n")
+    assert conn.our_state is h11.ERROR
+    with pytest.raises(fo.ClientGone):  # and nothing more is written
+        reply.relay_now(b"data: 3\n\n")
+    ours.close()

@@ -3,6 +3,7 @@ listener, systemd socket activation, and a drain that lets in-flight streams fin
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import stat
@@ -140,32 +141,13 @@ def _pending_clients(path: str, n: int) -> list[socket.socket]:
     return clients
 
 
-async def test_accept_loop_takes_every_pending_connection(sock_path):
-    listener = await fo.open_unix_listener(sock_path, "0600")
-    clients = _pending_clients(sock_path, 40)
-    served: list[trio.SocketStream] = []
-
-    async def handler(stream: trio.abc.Stream) -> None:
-        served.append(stream)
-        await trio.sleep_forever()
-
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(fo.accept_loop, listener, handler, nursery)
-            await trio.testing.wait_all_tasks_blocked()
-            assert len(served) == 40
-            nursery.cancel_scope.cancel()
-    for c in clients:
-        c.close()
-    await listener.aclose()
-
-
-async def test_accept_loop_waits_out_a_full_descriptor_table(
-        sock_path, monkeypatch, caplog, autojump_clock):
+async def _serve_after_one_accept_error(sock_path: str, monkeypatch: pytest.MonkeyPatch,
+                                       err: int) -> list[float]:
+    """Two pending clients, accept(2) failing once with `err`: when each was served."""
     listener = await fo.open_unix_listener(sock_path, "0600")
     clients = _pending_clients(sock_path, 2)
     real_accept = socket.socket.accept
-    failures = [OSError(24, "Too many open files")]  # EMFILE, once
+    failures = [OSError(err, os.strerror(err))]
 
     def accept(self):
         if failures:
@@ -183,9 +165,54 @@ async def test_accept_loop_waits_out_a_full_descriptor_table(
         nursery.start_soon(fo.accept_loop, listener, handler, nursery)
         await trio.sleep(1)
         nursery.cancel_scope.cancel()
+    for c in clients:
+        c.close()
+    await listener.aclose()
+    return served
+
+
+async def test_accept_loop_waits_out_a_full_descriptor_table(
+        sock_path, monkeypatch, caplog, autojump_clock):
+    served = await _serve_after_one_accept_error(sock_path, monkeypatch, errno.EMFILE)
     assert served == [pytest.approx(0.1), pytest.approx(0.1)]  # after one 0.1 s pause
     assert "cannot accept connections: Too many open files" in caplog.text
     assert "LimitNOFILE" in caplog.text
+
+
+@pytest.mark.parametrize("err", ["EPERM", "ECONNABORTED", "EPROTO", "ECONNRESET"])
+async def test_accept_loop_skips_an_error_about_one_connection(
+        sock_path, monkeypatch, caplog, autojump_clock, err):
+    """trio's own listener skips these (a firewall's EPERM, a client that reset first):
+    the connection is lost, never the daemon."""
+    served = await _serve_after_one_accept_error(sock_path, monkeypatch, getattr(errno, err))
+    assert served == [0.0, 0.0]  # no pause (the simulated error took no connection)
+    assert "cannot accept" not in caplog.text
+
+
+async def test_accept_loop_takes_the_whole_backlog_in_one_wake_up(sock_path, monkeypatch):
+    listener = await fo.open_unix_listener(sock_path, "0600")
+    clients = _pending_clients(sock_path, 40)
+    waits = []
+    real_wait = trio.lowlevel.wait_readable
+
+    async def counting_wait(fd):
+        waits.append(fd)
+        await real_wait(fd)
+
+    monkeypatch.setattr(trio.lowlevel, "wait_readable", counting_wait)
+    served: list[trio.abc.Stream] = []
+
+    async def handler(stream: trio.abc.Stream) -> None:
+        served.append(stream)
+        await trio.sleep_forever()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fo.accept_loop, listener, handler, nursery)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(served) == 40
+            assert len(waits) == 2  # one wake-up took all 40; the second waits for more
+            nursery.cancel_scope.cancel()
     for c in clients:
         c.close()
     await listener.aclose()

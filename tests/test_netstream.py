@@ -7,6 +7,7 @@ own trio backend does: bytes intact, connections reused, errors mapped to httpx'
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import socket
 import ssl
@@ -225,3 +226,32 @@ async def test_an_idle_connection_the_server_closed_is_not_reused(nursery, ca):
     assert (status, b"".join(parts)) == (200, BODY)
     assert server.connections == 2
     await transport.aclose()
+
+
+async def test_light_traffic_reuses_one_connection_across_the_pool_shards(nursery, ca):
+    """failoverd keeps one pool per POOL_SHARD_LOAD concurrent requests: sequential
+    requests all lease the first pool, so its idle connection is reused."""
+    server, _, url = await serving(nursery, paced_sse, ca, use_tls=False)
+    shards = fo.PoolShards([fo.UpstreamTransport(client_tls(ca), fo.POOL_SHARD_LOAD)
+                            for _ in range(fo.POOL_SHARDS)])
+    with trio.fail_after(10):
+        for _ in range(10):
+            with shards.lease() as pool:
+                status, parts = await fetch(pool, url)
+            assert (status, b"".join(parts)) == (200, BODY)
+            await trio.sleep(0.02)
+    assert server.connections == 1
+    assert shards.active == 0
+
+
+def test_pool_shards_spread_only_under_load():
+    shards = fo.PoolShards(list(range(4)))  # stand-ins for transports
+    with contextlib.ExitStack() as stack:
+        leased = [stack.enter_context(shards.lease()) for _ in range(3 * fo.POOL_SHARD_LOAD + 5)]
+        assert shards.active == 3 * fo.POOL_SHARD_LOAD + 5
+    assert leased[:fo.POOL_SHARD_LOAD] == [0] * fo.POOL_SHARD_LOAD
+    assert leased[fo.POOL_SHARD_LOAD] == 1
+    assert leased[-1] == 3  # the last pool takes whatever is beyond
+    assert shards.active == 0
+    with shards.lease() as pool:
+        assert pool == 0
