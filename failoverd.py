@@ -2017,30 +2017,32 @@ class Health:
 
 
 # httpcore's pool scans all its connections (and polls each idle one) on every
-# request and every response close: O(n^2) in a burst of n streams. Smaller pools,
-# chosen by load, divide that: with 1000 streams open on one provider, 64 pools hold
-# ~16 connections each. Each pool keeps up to 16 idle connections for 5 s.
+# request and every response close: O(n^2) per event with n connections, which
+# costs even at n = 8. Smaller pools divide that: with 1000 streams open on one
+# provider, 64 pools hold ~16 connections each; at 8 concurrent requests, about one.
+# Each pool keeps up to 4 idle connections for 5 s.
 POOL_SHARDS = 64
-POOL_SHARD_LOAD = 16
+POOL_KEEPALIVE = 4
 
 
 class PoolShards:
-    """A provider's connection pools. Light traffic stays on the first pool, so its
-    idle connections are reused within their keep-alive; every POOL_SHARD_LOAD
-    concurrent requests more open the next one, so no pool's scan grows long."""
+    """A provider's connection pools, taken in turn among as many as there are
+    requests under way: light traffic stays on the first pool, so its idle connection
+    is reused within its keep-alive, and under load each pool holds a few."""
 
-    __slots__ = ("pools", "active")
+    __slots__ = ("pools", "active", "_turn")
 
     def __init__(self, pools: list[httpx.AsyncBaseTransport]) -> None:
         self.pools = pools
         self.active = 0  # requests under way on this provider
+        self._turn = 0
 
     @contextlib.contextmanager
     def lease(self) -> Iterator[httpx.AsyncBaseTransport]:
-        pool = self.pools[min(self.active // POOL_SHARD_LOAD, len(self.pools) - 1)]
+        self._turn = (self._turn + 1) % min(len(self.pools), self.active + 1)
         self.active += 1
         try:
-            yield pool
+            yield self.pools[self._turn]
         finally:
             self.active -= 1
 
@@ -2154,7 +2156,7 @@ class Daemon:
             tls = self._tls
         else:  # plain HTTP never uses it (redirects are not followed)
             tls = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        return PoolShards([UpstreamTransport(tls, POOL_SHARD_LOAD) for _ in range(POOL_SHARDS)])
+        return PoolShards([UpstreamTransport(tls, POOL_KEEPALIVE) for _ in range(POOL_SHARDS)])
 
     async def aclose(self) -> None:
         for shards in self.transports.values():

@@ -229,10 +229,10 @@ async def test_an_idle_connection_the_server_closed_is_not_reused(nursery, ca):
 
 
 async def test_light_traffic_reuses_one_connection_across_the_pool_shards(nursery, ca):
-    """failoverd keeps one pool per POOL_SHARD_LOAD concurrent requests: sequential
-    requests all lease the first pool, so its idle connection is reused."""
+    """Pools are taken in turn among as many as there are requests under way:
+    sequential requests all lease the first pool, so its idle connection is reused."""
     server, _, url = await serving(nursery, paced_sse, ca, use_tls=False)
-    shards = fo.PoolShards([fo.UpstreamTransport(client_tls(ca), fo.POOL_SHARD_LOAD)
+    shards = fo.PoolShards([fo.UpstreamTransport(client_tls(ca), fo.POOL_KEEPALIVE)
                             for _ in range(fo.POOL_SHARDS)])
     with trio.fail_after(10):
         for _ in range(10):
@@ -247,11 +247,10 @@ async def test_light_traffic_reuses_one_connection_across_the_pool_shards(nurser
 def test_pool_shards_spread_only_under_load():
     shards = fo.PoolShards(list(range(4)))  # stand-ins for transports
     with contextlib.ExitStack() as stack:
-        leased = [stack.enter_context(shards.lease()) for _ in range(3 * fo.POOL_SHARD_LOAD + 5)]
-        assert shards.active == 3 * fo.POOL_SHARD_LOAD + 5
-    assert leased[:fo.POOL_SHARD_LOAD] == [0] * fo.POOL_SHARD_LOAD
-    assert leased[fo.POOL_SHARD_LOAD] == 1
-    assert leased[-1] == 3  # the last pool takes whatever is beyond
+        leased = [stack.enter_context(shards.lease()) for _ in range(6)]
+        assert shards.active == 6
+    assert leased == [0, 1, 2, 3, 0, 1]  # one more pool per concurrent request, then turns
     assert shards.active == 0
-    with shards.lease() as pool:
-        assert pool == 0
+    for _ in range(3):  # one at a time: always the first pool
+        with shards.lease() as pool:
+            assert pool == 0
