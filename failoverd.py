@@ -2019,16 +2019,17 @@ class Health:
 # httpcore's pool scans all its connections (and polls each idle one) on every
 # request and every response close: O(n^2) per event with n connections, which
 # costs even at n = 8. Smaller pools divide that: with 1000 streams open on one
-# provider, 64 pools hold ~16 connections each; at 8 concurrent requests, about one.
+# provider, 64 pools hold ~16 connections each; at 8 concurrent requests, one or two.
 # Each pool keeps up to 4 idle connections for 5 s.
 POOL_SHARDS = 64
 POOL_KEEPALIVE = 4
 
 
 class PoolShards:
-    """A provider's connection pools, taken in turn among as many as there are
+    """A provider's connection pools, taken in turn among twice as many as there are
     requests under way: light traffic stays on the first pool, so its idle connection
-    is reused within its keep-alive, and under load each pool holds a few."""
+    is reused within its keep-alive; under load each pool holds one or two, and the
+    pool whose turn it is has likely an idle one."""
 
     __slots__ = ("pools", "active", "_turn")
 
@@ -2039,7 +2040,7 @@ class PoolShards:
 
     @contextlib.contextmanager
     def lease(self) -> Iterator[httpx.AsyncBaseTransport]:
-        self._turn = (self._turn + 1) % min(len(self.pools), self.active + 1)
+        self._turn = (self._turn + 1) % min(len(self.pools), 2 * self.active + 1)
         self.active += 1
         try:
             yield self.pools[self._turn]

@@ -229,7 +229,7 @@ async def test_an_idle_connection_the_server_closed_is_not_reused(nursery, ca):
 
 
 async def test_light_traffic_reuses_one_connection_across_the_pool_shards(nursery, ca):
-    """Pools are taken in turn among as many as there are requests under way:
+    """Pools are taken in turn among twice as many as there are requests under way:
     sequential requests all lease the first pool, so its idle connection is reused."""
     server, _, url = await serving(nursery, paced_sse, ca, use_tls=False)
     shards = fo.PoolShards([fo.UpstreamTransport(client_tls(ca), fo.POOL_KEEPALIVE)
@@ -249,7 +249,7 @@ def test_pool_shards_spread_only_under_load():
     with contextlib.ExitStack() as stack:
         leased = [stack.enter_context(shards.lease()) for _ in range(6)]
         assert shards.active == 6
-    assert leased == [0, 1, 2, 3, 0, 1]  # one more pool per concurrent request, then turns
+    assert leased == [0, 1, 2, 3, 0, 1]  # more pools as more requests are under way, then turns
     assert shards.active == 0
     for _ in range(3):  # one at a time: always the first pool
         with shards.lease() as pool:
