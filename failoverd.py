@@ -1587,7 +1587,34 @@ ADAPTERS: dict[str, type[OpenAIAdapter] | type[AnthropicAdapter]] = {
 }
 
 
-class NetStream(httpcore.AsyncNetworkStream):
+class _BoundedStream(httpcore.AsyncNetworkStream):
+    """httpcore's read/write, bounded by a timeout scope only when httpcore gives a
+    timeout; subclasses implement the unbounded `_read` and `_write`."""
+
+    __slots__ = ()
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109 (httpcore's interface)
+        if timeout is None:
+            return await self._read(max_bytes)
+        with trio.move_on_after(timeout):
+            return await self._read(max_bytes)
+        raise httpcore.ReadTimeout(f"no data within {timeout:g} s")
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109 (httpcore's interface)
+        if timeout is None:
+            return await self._write(buffer)
+        with trio.move_on_after(timeout):
+            return await self._write(buffer)
+        raise httpcore.WriteTimeout(f"could not send within {timeout:g} s")
+
+    async def _read(self, max_bytes: int) -> bytes:
+        raise NotImplementedError
+
+    async def _write(self, buffer: bytes) -> None:
+        raise NotImplementedError
+
+
+class NetStream(_BoundedStream):
     """httpcore's byte stream over one upstream socket, lean on the per-token path.
 
     httpcore's own trio stream enters a `fail_after` scope and an exception-mapping
@@ -1604,13 +1631,6 @@ class NetStream(httpcore.AsyncNetworkStream):
     def __init__(self, stream: trio.SocketStream) -> None:
         self._stream = stream
         self._more = False  # the last read filled its buffer: more is likely waiting
-
-    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109 (httpcore's interface)
-        if timeout is None:
-            return await self._read(max_bytes)
-        with trio.move_on_after(timeout):
-            return await self._read(max_bytes)
-        raise httpcore.ReadTimeout(f"no data within {timeout:g} s")
 
     async def _read(self, max_bytes: int) -> bytes:
         # The descriptor is looked up after every wait: it is -1 once the socket is
@@ -1631,13 +1651,6 @@ class NetStream(httpcore.AsyncNetworkStream):
             raise httpcore.ReadError(f"{type(e).__name__}: {e}") from None
         self._more = len(data) == max_bytes
         return data
-
-    async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109 (httpcore's interface)
-        if timeout is None:
-            return await self._write(buffer)
-        with trio.move_on_after(timeout):
-            return await self._write(buffer)
-        raise httpcore.WriteTimeout(f"could not send within {timeout:g} s")
 
     async def _write(self, buffer: bytes) -> None:
         sock = self._stream.socket
@@ -1676,7 +1689,7 @@ class NetStream(httpcore.AsyncNetworkStream):
         return _socket_info(self._stream, info)
 
 
-class TLSStream(httpcore.AsyncNetworkStream):
+class TLSStream(_BoundedStream):
     """The TLS counterpart of NetStream: trio's SSLStream, without a timeout scope
     and a mapping context manager entered on every read."""
 
@@ -1686,26 +1699,17 @@ class TLSStream(httpcore.AsyncNetworkStream):
         self._tls = tls
         self._raw = raw
 
-    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109 (httpcore's interface)
-        if timeout is None:
-            return await self._read(max_bytes)
-        with trio.move_on_after(timeout):
-            return await self._read(max_bytes)
-        raise httpcore.ReadTimeout(f"no data within {timeout:g} s")
-
     async def _read(self, max_bytes: int) -> bytes:
         try:
             return await self._tls.receive_some(max_bytes)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
             raise httpcore.ReadError(f"{type(e).__name__}: {e}") from None
 
-    async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109 (httpcore's interface)
-        with trio.move_on_after(math.inf if timeout is None else timeout):
-            try:
-                return await self._tls.send_all(buffer)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
-                raise httpcore.WriteError(f"{type(e).__name__}: {e}") from None
-        raise httpcore.WriteTimeout(f"could not send within {timeout:g} s")
+    async def _write(self, buffer: bytes) -> None:
+        try:
+            await self._tls.send_all(buffer)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            raise httpcore.WriteError(f"{type(e).__name__}: {e}") from None
 
     async def aclose(self) -> None:
         await self._tls.aclose()

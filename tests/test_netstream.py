@@ -159,7 +159,7 @@ async def test_paced_stream_arrives_intact_and_the_connection_is_reused(
             status, parts = await fetch(transport, url)
             assert status == 200
             assert b"".join(parts) == BODY
-            assert len(parts) == len(EVENTS)  # paced: one read per token
+            assert len(parts) == len(EVENTS)  # one part per HTTP chunk, as httpcore yields
     assert server.connections == 1  # kept alive and reused
     await transport.aclose()
 
