@@ -19,6 +19,7 @@ import contextlib
 import datetime as _dt
 import email.utils
 import errno
+import gc
 import hashlib
 import logging
 import math
@@ -2252,6 +2253,8 @@ class Daemon:
             "breakers": self.health.snapshot(),
             "token_divisors": self.divisors(),
             "ledger": {"path": self.ledger.path, "dropped_rows": self.ledger.dropped},
+            "gc": {"frozen_objects": gc.get_freeze_count(), "threshold": list(gc.get_threshold()),
+                   "collections": [g["collections"] for g in gc.get_stats()]},
         }
 
 
@@ -3262,6 +3265,24 @@ class StartupError(Exception):
     """The daemon cannot start; the message says what to do."""
 
 
+# Python's cycle collector walks live objects, and a collection of the oldest
+# generation walks all of them: with 500 streams in flight one took ~75 ms, a pause
+# every stream feels and every deadline fires late by. What exists once the daemon
+# has started (modules, config, TLS context: ~45,000 objects) is never garbage, so
+# it is frozen out of every walk. Requests in flight hold thousands of objects that
+# die by reference count, not by collection; a first generation of 20,000 instead of
+# 700 walks them 30 times less often. On 500 simultaneous failovers in one process
+# (medians of 7 runs), CPU per failover went 1.6 -> 1.1 ms and lateness p50 84 -> 39 ms.
+GC_THRESHOLD = (20_000, 10, 10)
+
+
+def tune_gc() -> None:
+    """Freeze what start-up built and collect less often (see GC_THRESHOLD)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLD)
+
+
 def peer_credentials(stream: trio.abc.Stream) -> Peer:
     sock = getattr(stream, "socket", None)
     if sock is None or sock.family != _socket.AF_UNIX:
@@ -3475,6 +3496,7 @@ async def run_daemon(cfg: Config, config_path: str | None) -> None:
                            "create the directory or fix its permissions") from None
     d = Daemon(cfg, ledger=ledger, keys=keys)
     listeners = await open_listeners(cfg)
+    tune_gc()
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_watch_signals, d, config_path)

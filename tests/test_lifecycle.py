@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 
 import httpx
 import pytest
@@ -216,3 +217,29 @@ async def test_accept_loop_takes_the_whole_backlog_in_one_wake_up(sock_path, mon
     for c in clients:
         c.close()
     await listener.aclose()
+
+
+def test_serve_freezes_start_up_objects_out_of_the_collector(sock_path, tmp_path):
+    """`failoverd serve` tunes the cycle collector once it has started: what start-up
+    built is frozen (never walked again) and the first generation is larger."""
+    config = tmp_path / "failoverd.toml"
+    config.write_text(
+        f'[daemon]\nsocket = "{sock_path}"\nledger = "{tmp_path / "ledger.jsonl"}"\n'
+        '[providers.local]\nbase_url = "http://127.0.0.1:9/v1"\n'
+        '[routes.r]\nchain = ["local/m"]\n')
+    proc = subprocess.Popen([sys.executable, "-c", "import failoverd; failoverd.cli()", "serve",
+                             "--config", str(config), "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        with httpx.Client(transport=httpx.HTTPTransport(uds=sock_path),
+                          base_url="http://failoverd", timeout=5) as client:
+            for _ in range(200):  # start-up takes ~0.2 s; allow 20 s on a loaded machine
+                if proc.poll() is not None or os.path.exists(sock_path):
+                    break
+                time.sleep(0.1)
+            status = client.get("/status").json()
+    finally:
+        proc.terminate()
+        output = proc.communicate(timeout=30)[0].decode()
+    assert status["gc"]["threshold"] == list(fo.GC_THRESHOLD), output
+    assert status["gc"]["frozen_objects"] > 10_000  # modules, config, pools: ~45,000
