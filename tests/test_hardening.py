@@ -428,3 +428,78 @@ async def test_a_client_gone_mid_relay_is_client_gone_and_the_connection_is_done
     with pytest.raises(fo.ClientGone):  # and nothing more is written
         reply.relay_now(b"data: 3\n\n")
     ours.close()
+
+
+# -- failover storms: next attempts wait their turn while the loop runs late ---------
+
+
+def test_fallback_release_doubles_on_time_and_halves_when_late():
+    assert fo.next_release(4, 0.0) == 8
+    assert fo.next_release(4, fo.FALLBACK_LAG_S) == 8  # at the limit: still on time
+    assert fo.next_release(fo.FALLBACK_RELEASE_MAX, 0.0) == fo.FALLBACK_RELEASE_MAX
+    assert fo.next_release(8, 0.05) == 4
+    assert fo.next_release(fo.FALLBACK_RELEASE_MIN, 0.05) == fo.FALLBACK_RELEASE_MIN
+
+
+async def test_a_fallback_waits_for_the_next_lag_probe_while_the_loop_runs_late(
+        harness, autojump_clock, nursery):
+    h = harness({"a/m1": respond(401), "b/m2": ok_script("from b")})
+    nursery.start_soon(h.d.watch_lag)
+    await trio.sleep(0.001)
+    h.d.late = 0.05  # the last probe woke 50 ms late
+    started = trio.current_time()
+    done = ClientResult()
+    async def chat() -> None:
+        nonlocal done
+        done = await h.chat()
+    nursery.start_soon(chat)
+    await trio.sleep(0.005)
+    # a failed at once; its fallback waits instead of adding to a late loop
+    assert len(h.d.fallbacks) == 1
+    assert h.outcomes() == [("a/m1", "auth_error")]
+    await trio.sleep(0.05)
+    # the request woke the probe; its next, on-time probe 10 ms later let b start
+    assert len(h.d.fallbacks) == 0
+    assert done.status == 200
+    assert "from b" in done.body.decode()
+    assert done.t_end - started == pytest.approx(fo.LAG_PROBE_S)
+    assert h.outcomes() == [("a/m1", "auth_error"), ("b/m2", "ok")]
+
+
+async def test_a_fallback_starts_at_once_when_the_loop_is_on_time(harness, autojump_clock):
+    h = harness({"a/m1": respond(401), "b/m2": ok_script("from b")})
+    h.d.late = fo.FALLBACK_LAG_S  # on time, as far as the gate is concerned
+    result = await h.chat()
+    assert result.status == 200
+    assert result.t_end - result.t_start == 0.0
+    assert len(h.d.fallbacks) == 0
+
+
+async def test_a_waiting_fallback_gives_up_at_the_total_deadline(harness, autojump_clock):
+    h = harness({"a/m1": respond(401), "b/m2": ok_script("from b")}, total_timeout_s=5.0)
+    h.d.late = 0.05  # late, and no probe runs to let anyone start
+    result = await h.chat()
+    assert result.t_end - result.t_start == 5.0
+    assert result.status == 502  # a gateway error: the one attempt made failed
+    assert len(h.d.fallbacks) == 0
+    assert h.outcomes() == [("a/m1", "auth_error")]
+    [request] = h.rows("request")
+    assert request["total_ms"] == 5000.0
+
+
+async def test_a_client_gone_while_its_fallback_waits_leaves_the_queue(harness, autojump_clock,
+                                                                      nursery):
+    h = harness({"a/m1": respond(401), "b/m2": ok_script("from b")})
+    h.d.late = 0.05
+    client, server = trio.testing.memory_stream_pair()
+    nursery.start_soon(fo.handle_connection, h.d, server, fo.Peer(4242, 1000))
+    await client.send_all(http_request({"model": "r", "messages": [
+        {"role": "user", "content": "hello"}]}))
+    await trio.sleep(1.0)
+    assert len(h.d.fallbacks) == 1
+    await client.aclose()
+    await trio.sleep(0.1)
+    assert len(h.d.fallbacks) == 0
+    [request] = h.rows("request")
+    assert request["status"] == fo.STATUS_CLIENT_CLOSED
+    assert h.outcomes() == [("a/m1", "auth_error")]
