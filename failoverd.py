@@ -4008,10 +4008,8 @@ def _decoded(line: bytes, decoder: msgspec.json.Decoder) -> tuple[bytes, LedgerR
         return None  # a torn or foreign line
 
 
-def _print_line(line: bytes, decoder: msgspec.json.Decoder, as_json: bool) -> None:
-    decoded = _decoded(line, decoder)
-    if decoded is not None:
-        click.echo(line.strip().decode() if as_json else format_row(decoded[1]))
+def _print_row(line: bytes, row: LedgerRow, as_json: bool) -> None:
+    click.echo(line.decode() if as_json else format_row(row))
 
 
 def _tail(path: str, follow: bool, as_json: bool, last: int) -> None:
@@ -4019,7 +4017,7 @@ def _tail(path: str, follow: bool, as_json: bool, last: int) -> None:
     with open(path, "rb") as f:
         rows = [r for r in (_decoded(line, decoder) for line in f) if r is not None]
         for line, row in rows[-last:] if last else rows:
-            click.echo(line.decode() if as_json else format_row(row))
+            _print_row(line, row, as_json)
         if not follow:
             return
         inode, partial = os.fstat(f.fileno()).st_ino, b""
@@ -4027,9 +4025,9 @@ def _tail(path: str, follow: bool, as_json: bool, last: int) -> None:
             chunk = f.read()
             if chunk:
                 *complete, partial = (partial + chunk).split(b"\n")
-                for line in complete:
-                    if line.strip():
-                        _print_line(line.strip(), decoder, as_json)
+                for decoded in (_decoded(line, decoder) for line in complete):
+                    if decoded is not None:
+                        _print_row(*decoded, as_json)
                 continue
             time.sleep(0.25)
             with contextlib.suppress(FileNotFoundError):
