@@ -2447,10 +2447,6 @@ class Exchange:
                 return True, None
             last = failure
             self.failures.append((slot, failure))
-            # Fairness: when many deadlines fire at once (a provider died under load),
-            # every expired attempt is abandoned and recorded before any of them
-            # starts its next, heavier attempt.
-            await trio.lowlevel.checkpoint()
             if failure.outcome == "client_disconnected":
                 self.status = STATUS_CLIENT_CLOSED
                 self._request_row()
@@ -2479,9 +2475,12 @@ class Exchange:
 
     async def _wait_turn(self) -> bool:
         """A next attempt waits while the loop runs late (see FALLBACK_LAG_S); False
-        when the request's total deadline passed meanwhile."""
+        when the request's total deadline passed meanwhile. On time it still yields
+        once: when many deadlines fire together, every expired attempt is abandoned
+        and recorded before any of them starts its next, heavier one."""
         d = self.d
         if d.late <= FALLBACK_LAG_S and not d.fallbacks:
+            await trio.lowlevel.checkpoint()
             return True
         with trio.move_on_at(self.deadline):
             await d.fallbacks.park()

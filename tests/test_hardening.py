@@ -503,3 +503,28 @@ async def test_a_client_gone_while_its_fallback_waits_leaves_the_queue(harness, 
     [request] = h.rows("request")
     assert request["status"] == fo.STATUS_CLIENT_CLOSED
     assert h.outcomes() == [("a/m1", "auth_error")]
+
+
+async def test_deadlines_that_fire_together_are_all_recorded_before_any_fallback(
+        harness, autojump_clock, nursery):
+    """Even with the loop on time, a next attempt yields once first: when many first-token
+    deadlines fire at the same moment, every abandoned attempt is in the ledger before
+    any fallback starts its heavier work."""
+    rows_seen: list[int] = []
+
+    def b_script(now: float) -> fo.Script:
+        rows_seen.append(sum(r["outcome"] == "first_token_timeout" for r in h.rows("attempt")))
+        return ok_script("from b")
+
+    h = harness({"a/m1": [("hang",)], "b/m2": b_script}, first_token_timeout_s=2.0)
+    results: list[ClientResult] = []
+
+    async def chat() -> None:
+        results.append(await h.chat())
+
+    for _ in range(3):
+        nursery.start_soon(chat)
+    await trio.sleep(5)
+    assert [r.status for r in results] == [200, 200, 200]
+    assert [r.t_end for r in results] == [2.0, 2.0, 2.0]
+    assert rows_seen == [3, 3, 3]
