@@ -4118,6 +4118,9 @@ def format_status(status: dict[str, Any]) -> list[str]:
                      + (f" (overloaded now: refusing {status.get('shed_share', 0):.0%} of new "
                         f"requests, {status.get('shed_share_streams', 0):.0%} of new streams)"
                         if status.get("overloaded") else ""))
+    if status.get("fallbacks_waiting"):
+        lines.append(f"{status['fallbacks_waiting']} next attempt(s) waiting their turn while "
+                     "the event loop runs late (a failover storm)")
     ledger = status.get("ledger") or {}
     if ledger.get("dropped_rows"):
         lines.append(f"ledger {ledger['path']}: {ledger['dropped_rows']} row(s) dropped "

@@ -497,6 +497,9 @@ async def test_a_client_gone_while_its_fallback_waits_leaves_the_queue(harness, 
         {"role": "user", "content": "hello"}]}))
     await trio.sleep(1.0)
     assert len(h.d.fallbacks) == 1
+    status = h.d.status()
+    assert status["fallbacks_waiting"] == 1
+    assert "1 next attempt(s) waiting their turn" in "\n".join(fo.format_status(status))
     await client.aclose()
     await trio.sleep(0.1)
     assert len(h.d.fallbacks) == 0
