@@ -259,7 +259,6 @@ class Conn(asyncio.Protocol):
             self._finish(clock(), why)
         if self.transport is not None:
             self.transport.abort()
-        self.closed = True
 
     def close(self) -> None:
         if self.transport is not None:

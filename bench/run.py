@@ -91,7 +91,7 @@ QUICK = Params(
     mem_hold_s=0.5, recover_singles=1,
 )
 
-# failoverd's upstream pool (httpx defaults) closes idle keep-alive connections after 5 s,
+# failoverd's upstream pools (keepalive_expiry = 5.0) close idle connections after 5 s,
 # on the next request. A phase that leaves many idle connections makes the next phase pay
 # for them (httpcore's pool bookkeeping grows with the number of connections), so the
 # phases that follow one are preceded by this pause and one request.
@@ -131,8 +131,14 @@ def proc_cpu_split(pid: int) -> tuple[float, float]:
 
 
 def proc_cpu_s(pid: int) -> float:
-    """utime + stime of a process (all threads), in seconds."""
-    return sum(proc_cpu_split(pid))
+    """CPU time of a process (all threads), in seconds, to the nanosecond: the kernel's
+    per-process CPU clock (clockid ~pid << 3 | CPUCLOCK_SCHED). /proc/PID/stat counts
+    in 10 ms ticks, which blurred the per-chunk figure by up to ~4 us (it is built from
+    four readings); it stays the fallback, and the user/kernel split comes from it."""
+    try:
+        return time.clock_gettime((~pid << 3) | 2)
+    except OSError:
+        return sum(proc_cpu_split(pid))
 
 
 def core_busy_s(core: int) -> tuple[float, float]:
@@ -229,7 +235,10 @@ def snapshot_daemon(tmp: str, source: str) -> str:
     where = subprocess.run([PYTHON, "-c", "import failoverd; print(failoverd.__file__)"],
                            env=env, cwd=tmp, capture_output=True, text=True, timeout=60)
     if where.stdout.strip() != os.path.join(snap, "failoverd.py"):
-        return f"live file (the snapshot did not take: {where.stdout.strip() or where.stderr})"
+        # Measuring another file than the one named (an A/B with --daemon-file) would
+        # be silently wrong: stop instead.
+        raise BenchError(f"the daemon would not import the snapshot of {source} (it imports "
+                         f"{where.stdout.strip() or where.stderr.strip()}); check PYTHONPATH")
     DAEMON_ENV = env
     with open(os.path.join(snap, "failoverd.py"), "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()[:12]
@@ -272,15 +281,6 @@ class Upstream:
             raise BenchError("the fake upstream did not start (no port on its stdout)")
         self.port = int(line)
 
-    def stop(self) -> None:
-        if self.proc.stdin is not None:
-            with contextlib.suppress(OSError):
-                self.proc.stdin.close()
-        try:
-            self.proc.wait(3)
-        except subprocess.TimeoutExpired:
-            _kill(self.proc)
-
 
 def write_config(tmp: str, port: int, p: Params) -> str:
     up = f"http://127.0.0.1:{port}/v1"
@@ -321,7 +321,6 @@ class Daemon:
 
     def __init__(self, config: str, tmp: str, tag: str) -> None:
         self.tmp = tmp
-        self.tag = tag
         self.socket = os.path.join(tmp, f"fo-{tag}.sock")
         self.config = os.path.join(tmp, f"failoverd-{tag}.toml")
         with open(config) as f:
@@ -330,7 +329,6 @@ class Daemon:
             f.write(text.replace(f'socket = "{tmp}/fo.sock"', f'socket = "{self.socket}"'))
         self.log_path = os.path.join(tmp, f"daemon-{tag}.log")
         self.proc: subprocess.Popen[bytes] | None = None
-        self.startup_s = math.nan
 
     @property
     def pid(self) -> int:
@@ -362,8 +360,7 @@ class Daemon:
                 raise BenchError(f"failoverd exited with status {self.proc.returncode} during "
                                  f"start-up; its stderr:\n{self.stderr_text()}")
             if _healthz(self.socket):
-                self.startup_s = time.perf_counter() - t0
-                return self.startup_s
+                return time.perf_counter() - t0
             time.sleep(0.002)
         self.stop()
         raise BenchError(f"failoverd did not answer GET /healthz within {timeout_s:g} s; its "
@@ -527,6 +524,7 @@ class Bench:
         self.dt: lg.Target | None = None
         self.idle_rss: list[float] = []
         self.speed: list[float] = [calibrate()]
+        self.relays_cpu = 0.0  # CPU of the reference relays, pinned to the daemon's core
 
     def main(self) -> tuple[Daemon, lg.Target]:
         assert self.d is not None
@@ -548,6 +546,7 @@ class Bench:
         t0 = time.perf_counter()
         busy0, steal0 = core_busy_s(0)
         daemon0 = self.d.cpu() if self.d is not None else 0.0
+        relays0 = self.relays_cpu
         try:
             await fn()
         except BenchError:
@@ -561,7 +560,8 @@ class Bench:
         took = time.perf_counter() - t0
         if self.d is not None and PINNING:
             busy1, steal1 = core_busy_s(0)
-            other = (busy1 - busy0 - (self.d.cpu() - daemon0)) / took
+            ours = self.d.cpu() - daemon0 + self.relays_cpu - relays0
+            other = (busy1 - busy0 - ours) / took
             steal = (steal1 - steal0) / took
             if other > 0.05 or steal > 0.02:
                 self.note(f"{name}: core 0 was {other:.0%} busy with other work (other "
@@ -666,16 +666,16 @@ class Bench:
         burst = lg.Burst(dt, lg.chat(route, stream=True), p.chunk_streams,
                          spread_s=p.pace_ms / 1000)
         await burst.connect()
-        u0, s0 = proc_cpu_split(d.pid)
+        c0, (u0, s0) = proc_cpu_s(d.pid), proc_cpu_split(d.pid)
         await burst.send()
         res = await burst.wait(chunks * p.pace_ms / 1000 * 4 + 10)
-        u1, s1 = proc_cpu_split(d.pid)
+        cpu, (u1, s1) = proc_cpu_s(d.pid) - c0, proc_cpu_split(d.pid)
         burst.close()
         ok = sum(r.ok for r in res)
         if ok < p.chunk_streams:
             self.note(f"CPU/chunk: only {ok}/{p.chunk_streams} {route} streams completed")
-        cpu = (u1 - u0) + (s1 - s0)
-        return cpu, ok, (s1 - s0) / cpu if cpu else 0.0
+        ticks = (u1 - u0) + (s1 - s0)  # the kernel's share: only /proc/PID/stat splits it
+        return cpu, ok, (s1 - s0) / ticks if ticks else 0.0
 
     async def cpu_chunks(self) -> None:
         """Two bursts that differ only in stream length: S streams x C deltas and S x B.
@@ -706,6 +706,7 @@ class Bench:
                         ref[r.mode].append((rc / rok_c - rb / rok_b) / (c - b) * 1e6)
         finally:
             for r in relays:
+                self.relays_cpu += r.cpu()
                 r.stop()
         v = median(net)
         self.report.add(f"1. CPU / relayed chunk, marginal ({p.chunk_streams} streams x "
