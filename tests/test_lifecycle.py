@@ -233,13 +233,18 @@ def test_serve_freezes_start_up_objects_out_of_the_collector(sock_path, tmp_path
     try:
         with httpx.Client(transport=httpx.HTTPTransport(uds=sock_path),
                           base_url="http://failoverd", timeout=5) as client:
+            status = None
             for _ in range(200):  # start-up takes ~0.2 s; allow 20 s on a loaded machine
-                if proc.poll() is not None or os.path.exists(sock_path):
+                if proc.poll() is not None:
                     break
-                time.sleep(0.1)
-            status = client.get("/status").json()
+                try:  # the socket file exists from bind(), before listen(): ask, not look
+                    status = client.get("/status").json()
+                    break
+                except httpx.TransportError:
+                    time.sleep(0.1)
     finally:
         proc.terminate()
         output = proc.communicate(timeout=30)[0].decode()
+    assert status is not None, output
     assert status["gc"]["threshold"] == list(fo.GC_THRESHOLD), output
     assert status["gc"]["frozen_objects"] > 10_000  # modules, config, pools: ~45,000
