@@ -26,10 +26,15 @@ PROVIDERS = ("a", "b", "c")
 
 
 class FixedJitter(random.Random):
-    """Jitter at the middle of its range: a 0.3 s backoff waits exactly 0.3 s."""
+    """Every draw is `value`: by default the middle of the jitter range, so a 0.3 s
+    backoff waits exactly 0.3 s."""
+
+    def __init__(self, value: float = 0.5) -> None:
+        super().__init__()
+        self.value = value
 
     def random(self) -> float:
-        return 0.5
+        return self.value
 
 
 def make_config(

@@ -7,14 +7,13 @@ keys, and a ledger that cannot be reopened.
 
 from __future__ import annotations
 
-import random
 import socket
 
 import h11
 import pytest
 import trio
 import trio.testing
-from conftest import ClientResult, http_request, make_config, ok_script, read_response
+from conftest import ClientResult, FixedJitter, http_request, make_config, ok_script, read_response
 from test_engine import OVERFLOW, respond
 from test_tokens import LOCAL, send, truncating
 
@@ -259,15 +258,6 @@ def test_lag_estimate_attacks_fast_and_decays_by_halves():
     assert fo.smoothed_lag(0.2, 0.001) == 0.1
 
 
-class _Draws(random.Random):
-    def __init__(self, value: float) -> None:
-        super().__init__()
-        self.value = value
-
-    def random(self) -> float:
-        return self.value
-
-
 def test_shed_share_rises_with_lateness_and_falls_slowly():
     limit = 0.02
     assert fo.next_shed_share(0.0, 0.01, limit) == 0.0  # on time: nothing refused
@@ -286,21 +276,21 @@ async def test_overloaded_daemon_sheds_its_share_of_new_requests_at_once(
     h = harness({"a/m1": ok_script("a")})
     h.d.shed_share = 0.5
     # a request is refused exactly when its draw falls under the share
-    h.d.rng = _Draws(0.49)
+    h.d.rng = FixedJitter(0.49)
     assert [(await h.chat()).status for _ in range(3)] == [503, 503, 503]
-    h.d.rng = _Draws(0.51)
+    h.d.rng = FixedJitter(0.51)
     assert [(await h.chat()).status for _ in range(2)] == [200, 200]
     refused = [r for r in h.rows("request") if r["status"] == 503]
     assert [r["attempts"] for r in refused] == [0, 0, 0]
     assert len(h.upstreams.calls) == 2
     assert h.d.status()["shed_requests"] == 3
     # streams have their own share, zero here: a new stream still goes through
-    h.d.rng = _Draws(0.0)
+    h.d.rng = FixedJitter(0.0)
     assert (await h.chat(stream=True)).status == 200
     h.d.shed_share_streams = 0.5
     assert (await h.chat(stream=True)).status == 503
     h.d.shed_share = fo.SHED_MAX
-    h.d.rng = _Draws(0.0)
+    h.d.rng = FixedJitter(0.0)
     calls = len(h.upstreams.calls)
     r = await h.chat()
     assert (r.status, r.headers["retry-after"], r.json["error"]["code"]) == \
