@@ -41,8 +41,8 @@ from typing import Annotated, Any, Literal
 
 import click
 import h11
-import httpcore
-import httpx
+import httpcore2
+import httpx2
 import msgspec
 import trio
 
@@ -1073,25 +1073,51 @@ class SSEParser:
     """Server-sent events from a byte stream: yields (event name, data) per event.
 
     Comment lines (heartbeats) are counted, never yielded; `id:`, `retry:` and
-    unknown fields are ignored as the SSE spec says.
+    unknown fields are ignored as the SSE spec says. A chunk may be bytes or a
+    bytearray (h11's body data); data values come out as slices of it.
+
+    Each byte fed is searched for a line end once: a line that spans chunks is held
+    as a list of pieces and joined when its end comes, so a long line costs time in
+    proportion to its length (re-searching the held start on every chunk made a
+    7.9 MiB line cost ~1.1 s of loop time before the cap below tripped).
     """
 
-    __slots__ = ("_buf", "_event", "_data", "heartbeats", "junk")
+    __slots__ = ("_held", "_held_len", "_event", "_data", "heartbeats", "junk")
 
     def __init__(self) -> None:
-        self._buf = b""
+        self._held: list[bytes] = []  # the start of a line whose end has not come yet
+        self._held_len = 0
         self._event: bytes | None = None
         self._data: bytes | None = None
         self.heartbeats = 0
         self.junk = 0
 
     def feed(self, chunk: bytes) -> list[tuple[bytes | None, bytes]]:
-        buf = self._buf + chunk if self._buf else chunk
-        lines = buf.split(b"\n")
-        self._buf = lines.pop()
-        if len(self._buf) > MAX_SSE_LINE:
+        out: list[tuple[bytes | None, bytes]] = []
+        if self._held:
+            end = chunk.find(b"\n")
+            if end < 0:
+                self._hold(chunk)
+                return out
+            self._held.append(chunk[:end])
+            line = b"".join(self._held)
+            self._held, self._held_len = [], 0
+            self._lines([line], out)
+            chunk = chunk[end + 1:]
+        lines = chunk.split(b"\n")
+        rest = lines.pop()
+        self._lines(lines, out)
+        if rest:
+            self._hold(rest)
+        return out
+
+    def _hold(self, piece: bytes) -> None:
+        self._held.append(piece)
+        self._held_len += len(piece)
+        if self._held_len > MAX_SSE_LINE:
             raise Failure("protocol_error", f"SSE line longer than {MAX_SSE_LINE} bytes")
-        out = []
+
+    def _lines(self, lines: list[bytes], out: list[tuple[bytes | None, bytes]]) -> None:
         for line in lines:
             if line.endswith(b"\r"):
                 line = line[:-1]
@@ -1105,33 +1131,32 @@ class SSEParser:
             elif line[0] == 0x3A:  # ':' comment: a heartbeat
                 self.heartbeats += 1
             elif line.startswith(b"event:"):
-                self._event = line[6:].strip()
+                self._event = bytes(line[6:].strip())
             elif not line.startswith((b"id:", b"retry:")):
                 self.junk += 1
-        return out
 
     def close(self) -> list[tuple[bytes | None, bytes]]:
         """At end of stream: an event whose blank line never came still counts."""
-        out = self.feed(b"\n") if self._buf else []
+        out = self.feed(b"\n") if self._held else []
         if self._data is not None:
             out.append((self._event, self._data))
             self._event = self._data = None
         return out
 
 
-class _Function(msgspec.Struct):
+class _Function(msgspec.Struct, gc=False):
     name: str | None = None
     arguments: str | None = None
 
 
-class _ToolCallDelta(msgspec.Struct):
+class _ToolCallDelta(msgspec.Struct, gc=False):
     index: int = 0
     id: str | None = None
     type: str | None = None
     function: _Function | None = None
 
 
-class _Delta(msgspec.Struct):
+class _Delta(msgspec.Struct, gc=False):
     role: str | None = None
     content: str | None = None
     refusal: str | None = None
@@ -1140,14 +1165,14 @@ class _Delta(msgspec.Struct):
     tool_calls: list[_ToolCallDelta] | None = None
 
 
-class _Choice(msgspec.Struct):
+class _Choice(msgspec.Struct, gc=False):
     index: int = 0
     delta: _Delta | None = None
     message: _Delta | None = None  # a non-streamed reply from a server that ignored stream
     finish_reason: str | None = None
 
 
-class _Chunk(msgspec.Struct):
+class _Chunk(msgspec.Struct, gc=False):
     id: str | None = None
     model: str | None = None
     created: int | None = None
@@ -1328,26 +1353,31 @@ class OpenAIAdapter:
             st.progress = True
             relay = st.want_usage or bool(chunk.choices)
         for choice in chunk.choices or ():
-            d = choice.delta or choice.message
-            if choice.finish_reason:
-                if choice.finish_reason == "error":
-                    raise Failure("upstream_error_event", "finish_reason: error")
-                st.finish_reason = choice.finish_reason
-                st.progress = True
-            if d is not None and (d.content or d.tool_calls or d.refusal or d.reasoning_content
-                                  or d.reasoning):
-                st.progress = True
-                st.out_chars += len(d.content or "") + len(d.reasoning_content or d.reasoning
-                                                           or "")
-            if st.choices is not None:
-                acc = st.choices.get(choice.index)
-                if acc is None:
-                    acc = st.choices[choice.index] = ChoiceAcc()
-                if d is not None:
-                    acc.add(d)
-                if choice.finish_reason:
-                    acc.finish_reason = choice.finish_reason
+            OpenAIAdapter._choice(choice, st)
         return data if relay else None
+
+    @staticmethod
+    def _choice(choice: _Choice, st: StreamState) -> None:
+        """One choice of a chunk: progress, output size, and the assembled reply."""
+        d = choice.delta or choice.message
+        reason = choice.finish_reason
+        if reason:
+            if reason == "error":
+                raise Failure("upstream_error_event", "finish_reason: error")
+            st.finish_reason = reason
+            st.progress = True
+        if d is not None and (d.content or d.tool_calls or d.refusal or d.reasoning_content
+                              or d.reasoning):
+            st.progress = True
+            st.out_chars += len(d.content or "") + len(d.reasoning_content or d.reasoning or "")
+        if st.choices is not None:
+            acc = st.choices.get(choice.index)
+            if acc is None:
+                acc = st.choices[choice.index] = ChoiceAcc()
+            if d is not None:
+                acc.add(d)
+            if reason:
+                acc.finish_reason = reason
 
     @staticmethod
     def whole_body(body: bytes, st: StreamState) -> bytes | None:
@@ -1596,7 +1626,7 @@ ADAPTERS: dict[str, type[OpenAIAdapter] | type[AnthropicAdapter]] = {
 }
 
 
-class _BoundedStream(httpcore.AsyncNetworkStream):
+class _BoundedStream(httpcore2.AsyncNetworkStream):
     """httpcore's read/write, bounded by a timeout scope only when httpcore gives a
     timeout; subclasses implement the unbounded `_read` and `_write`."""
 
@@ -1607,14 +1637,14 @@ class _BoundedStream(httpcore.AsyncNetworkStream):
             return await self._read(max_bytes)
         with trio.move_on_after(timeout):
             return await self._read(max_bytes)
-        raise httpcore.ReadTimeout(f"no data within {timeout:g} s")
+        raise httpcore2.ReadTimeout(f"no data within {timeout:g} s")
 
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109 (httpcore's interface)
         if timeout is None:
             return await self._write(buffer)
         with trio.move_on_after(timeout):
             return await self._write(buffer)
-        raise httpcore.WriteTimeout(f"could not send within {timeout:g} s")
+        raise httpcore2.WriteTimeout(f"could not send within {timeout:g} s")
 
     async def _read(self, max_bytes: int) -> bytes:
         raise NotImplementedError
@@ -1657,7 +1687,7 @@ class NetStream(_BoundedStream):
                 except BlockingIOError:
                     await trio.lowlevel.wait_readable(sock)
         except (OSError, ValueError, trio.ClosedResourceError) as e:
-            raise httpcore.ReadError(f"{type(e).__name__}: {e}") from None
+            raise httpcore2.ReadError(f"{type(e).__name__}: {e}") from None
         self._more = len(data) == max_bytes
         return data
 
@@ -1671,7 +1701,7 @@ class NetStream(_BoundedStream):
                 except BlockingIOError:
                     await trio.lowlevel.wait_writable(sock)
         except (OSError, ValueError, trio.ClosedResourceError) as e:
-            raise httpcore.WriteError(f"{type(e).__name__}: {e}") from None
+            raise httpcore2.WriteError(f"{type(e).__name__}: {e}") from None
 
     async def aclose(self) -> None:
         # No checkpoint: httpcore closes under a shield when an attempt is abandoned,
@@ -1680,7 +1710,7 @@ class NetStream(_BoundedStream):
         self._stream.socket.close()
 
     async def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
-                        timeout: float | None = None) -> httpcore.AsyncNetworkStream:  # noqa: ASYNC109 (httpcore's interface)
+                        timeout: float | None = None) -> httpcore2.AsyncNetworkStream:  # noqa: ASYNC109 (httpcore's interface)
         tls = trio.SSLStream(self._stream, ssl_context, server_hostname=server_hostname,
                              https_compatible=True)
         try:
@@ -1688,10 +1718,10 @@ class NetStream(_BoundedStream):
                 await tls.do_handshake()
         except trio.TooSlowError:
             await self.aclose()
-            raise httpcore.ConnectTimeout(f"TLS handshake took over {timeout:g} s") from None
+            raise httpcore2.ConnectTimeout(f"TLS handshake took over {timeout:g} s") from None
         except (trio.BrokenResourceError, OSError) as e:
             await self.aclose()
-            raise httpcore.ConnectError(f"TLS handshake failed: {e}") from None
+            raise httpcore2.ConnectError(f"TLS handshake failed: {e}") from None
         return TLSStream(tls, self._stream)
 
     def get_extra_info(self, info: str) -> Any:
@@ -1712,13 +1742,13 @@ class TLSStream(_BoundedStream):
         try:
             return await self._tls.receive_some(max_bytes)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
-            raise httpcore.ReadError(f"{type(e).__name__}: {e}") from None
+            raise httpcore2.ReadError(f"{type(e).__name__}: {e}") from None
 
     async def _write(self, buffer: bytes) -> None:
         try:
             await self._tls.send_all(buffer)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
-            raise httpcore.WriteError(f"{type(e).__name__}: {e}") from None
+            raise httpcore2.WriteError(f"{type(e).__name__}: {e}") from None
 
     async def aclose(self) -> None:
         await self._tls.aclose()
@@ -1741,21 +1771,21 @@ def _socket_info(stream: trio.SocketStream, info: str) -> Any:
     return None
 
 
-class NetBackend(httpcore.AsyncNetworkBackend):
+class NetBackend(httpcore2.AsyncNetworkBackend):
     """httpcore's connection pools connect through this (see NetStream)."""
 
     async def connect_tcp(
         self, host: str, port: int, timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
         local_address: str | None = None,
         socket_options: Iterable[tuple[int, int, int | bytes | None]] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
+    ) -> httpcore2.AsyncNetworkStream:
         try:
             with trio.fail_after(math.inf if timeout is None else timeout):
                 stream = await trio.open_tcp_stream(host, port, local_address=local_address)
         except trio.TooSlowError:
-            raise httpcore.ConnectTimeout(f"timed out after {timeout:g} s") from None
+            raise httpcore2.ConnectTimeout(f"timed out after {timeout:g} s") from None
         except OSError as e:
-            raise httpcore.ConnectError(str(e) or type(e).__name__) from None
+            raise httpcore2.ConnectError(str(e) or type(e).__name__) from None
         for option in socket_options or ():
             stream.setsockopt(*option)
         return NetStream(stream)
@@ -1764,19 +1794,151 @@ class NetBackend(httpcore.AsyncNetworkBackend):
         await trio.sleep(seconds)
 
 
-class UpstreamTransport(httpx.AsyncHTTPTransport):
-    """httpx's transport over an httpcore pool that connects through NetBackend.
+# httpcore2's exceptions as the httpx2 ones the engine catches (httpx2's own table is
+# in a private module). Base classes are listed so that nothing maps to a vaguer type.
+_HTTPX_ERRORS: dict[type[Exception], type[httpx2.TransportError]] = {
+    httpcore2.ConnectTimeout: httpx2.ConnectTimeout, httpcore2.ReadTimeout: httpx2.ReadTimeout,
+    httpcore2.WriteTimeout: httpx2.WriteTimeout, httpcore2.PoolTimeout: httpx2.PoolTimeout,
+    httpcore2.TimeoutException: httpx2.TimeoutException,
+    httpcore2.ConnectError: httpx2.ConnectError, httpcore2.ReadError: httpx2.ReadError,
+    httpcore2.WriteError: httpx2.WriteError, httpcore2.NetworkError: httpx2.NetworkError,
+    httpcore2.RemoteProtocolError: httpx2.RemoteProtocolError,
+    httpcore2.LocalProtocolError: httpx2.LocalProtocolError,
+    httpcore2.ProtocolError: httpx2.ProtocolError,
+    httpcore2.UnsupportedProtocol: httpx2.UnsupportedProtocol,
+    httpcore2.ProxyError: httpx2.ProxyError,
+}
+_HTTPCORE_ERRORS = tuple(_HTTPX_ERRORS)
 
-    httpx takes no network backend argument; its transport's one piece of state is
-    the pool, so the pool is built here and the rest (request and response mapping,
-    httpcore's exceptions as httpx's) is httpx's own.
-    """
+
+def _httpx_error(e: Exception) -> httpx2.TransportError:
+    return _HTTPX_ERRORS.get(type(e), httpx2.TransportError)(str(e) or type(e).__name__)
+
+
+class UpstreamTransport(httpx2.AsyncBaseTransport):
+    """One httpcore2 connection pool, connecting through NetBackend, behind httpx2's
+    transport interface: an httpx2.Request in, an httpx2.Response out, httpcore2's
+    errors as httpx2's. httpcore2 does the rest: connections, TLS, keep-alive, the
+    request, the response head, and bodies other than streamed replies (H11Body)."""
+
+    __slots__ = ("pool",)
 
     def __init__(self, ssl_context: ssl.SSLContext, keepalive: int) -> None:
-        self._pool = httpcore.AsyncConnectionPool(
+        self.pool = httpcore2.AsyncConnectionPool(
             ssl_context=ssl_context, max_connections=None, max_keepalive_connections=keepalive,
             keepalive_expiry=5.0, http1=True, http2=False, retries=0,
             network_backend=NetBackend())
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        url = request.url
+        core = httpcore2.Request(
+            request.method, httpcore2.URL(scheme=url.raw_scheme, host=url.raw_host,
+                                          port=url.port, target=url.raw_path),
+            headers=request.headers.raw, content=request.stream, extensions=request.extensions)
+        try:
+            resp = await self.pool.handle_async_request(core)
+        except _HTTPCORE_ERRORS as e:
+            raise _httpx_error(e) from None
+        return httpx2.Response(resp.status, headers=resp.headers, stream=PoolStream(resp.stream),
+                               extensions=resp.extensions)
+
+    async def aclose(self) -> None:
+        await self.pool.aclose()
+
+
+class PoolStream(httpx2.AsyncByteStream):
+    """A response body from an UpstreamTransport: httpcore2's stream, its errors as
+    httpx2's; closing it gives the connection back to the pool (or closes it)."""
+
+    __slots__ = ("core",)
+
+    def __init__(self, core: Any) -> None:
+        self.core = core  # httpcore2's PoolByteStream
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        try:
+            async for part in self.core:
+                yield part
+        except _HTTPCORE_ERRORS as e:
+            raise _httpx_error(e) from None
+
+    async def aclose(self) -> None:
+        await self.core.aclose()
+
+    def h11_body(self) -> H11Body | None:
+        """The body read straight from the HTTP/1.1 connection that received the head,
+        or None if this response did not come over one (its layout below is
+        httpcore2's; anything unexpected there keeps httpcore2's own reader)."""
+        conn = getattr(getattr(self.core, "_stream", None), "_connection", None)
+        if not isinstance(conn, httpcore2.AsyncHTTP11Connection):
+            return None
+        state = getattr(conn, "_h11_state", None)
+        net = getattr(conn, "_network_stream", None)
+        if (isinstance(state, h11.Connection) and isinstance(net, _BoundedStream)
+                and state.their_state is h11.SEND_BODY):
+            return H11Body(state, net)
+        return None
+
+
+# As httpcore2 reads: one read(2) of up to 64 KiB.
+UPSTREAM_READ = 64 * 1024
+
+
+class H11Body:
+    """A streamed reply's body, read by driving the h11 state machine of the httpcore2
+    connection that sent the request and received the head. Per read: one read(2),
+    h11 for the framing, the data out; no layers of async generators in between.
+
+    It ends (StopAsyncIteration) when h11 has the whole body: the connection is then
+    in h11's DONE state, and closing the response returns it to its pool. It raises
+    httpx2.RemoteProtocolError when the connection ends before the body does (a cut
+    chunk, or no terminating chunk: the engine's `truncated`), httpx2.DecodingError
+    when the bytes break HTTP/1.1 framing (bad chunk sizes, an endless chunk header:
+    `protocol_error`), and httpx2.ReadError when the socket fails.
+    """
+
+    __slots__ = ("_h11", "_net", "_eof")
+
+    def __init__(self, state: h11.Connection, net: _BoundedStream) -> None:
+        self._h11 = state
+        self._net = net
+        self._eof = False
+
+    def __aiter__(self) -> H11Body:
+        return self
+
+    async def __anext__(self) -> bytes:
+        h = self._h11
+        while True:
+            try:
+                event = h.next_event()
+            except h11.RemoteProtocolError as e:
+                if self._eof:
+                    raise httpx2.RemoteProtocolError(
+                        f"the upstream closed the connection before the body ended: {e}"
+                    ) from None
+                raise httpx2.DecodingError(f"the upstream broke HTTP/1.1 framing: {e}") from None
+            if type(event) is h11.Data:
+                return event.data
+            if event is not h11.NEED_DATA or h.their_state is not h11.SEND_BODY:
+                raise StopAsyncIteration  # EndOfMessage: the whole body is in
+            try:
+                data = await self._net._read(UPSTREAM_READ)
+            except httpcore2.ReadError as e:
+                raise httpx2.ReadError(str(e)) from None
+            self._eof = not data
+            h.receive_data(data)
+
+
+def upstream_body(resp: httpx2.Response) -> AsyncIterator[bytes] | httpx2.AsyncByteStream:
+    """The body of a streamed 200: H11Body when it came over an HTTP/1.1 connection
+    of failoverd's pools; else the transport's stream (test transports), or httpx2's
+    decoding iterator if the server compressed it although we asked it not to."""
+    if "content-encoding" in resp.headers:
+        return resp.aiter_bytes()
+    stream = resp.stream
+    body = stream.h11_body() if isinstance(stream, PoolStream) else None
+    return stream if body is None else body
 
 
 # ---------------------------------------------------------------------------
@@ -2058,13 +2220,13 @@ class PoolShards:
 
     __slots__ = ("pools", "active", "_turn")
 
-    def __init__(self, pools: list[httpx.AsyncBaseTransport]) -> None:
+    def __init__(self, pools: list[httpx2.AsyncBaseTransport]) -> None:
         self.pools = pools
         self.active = 0  # requests under way on this provider
         self._turn = 0
 
     @contextlib.contextmanager
-    def lease(self) -> Iterator[httpx.AsyncBaseTransport]:
+    def lease(self) -> Iterator[httpx2.AsyncBaseTransport]:
         self._turn = (self._turn + 1) % min(len(self.pools), 2 * self.active + 1)
         self.active += 1
         try:
@@ -2082,7 +2244,7 @@ class Daemon:
         *,
         ledger: Ledger,
         keys: Mapping[str, str | None] | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
+        transport: httpx2.AsyncBaseTransport | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.cfg = cfg
@@ -2112,7 +2274,7 @@ class Daemon:
         self.transport = transport
         self._tls: ssl.SSLContext | None = None  # one verified context, built on first use
         self.transports = {name: self._transport(p) for name, p in cfg.providers.items()}
-        self.urls: dict[str, httpx.URL] = {}  # upstream URLs, parsed once
+        self.urls: dict[str, httpx2.URL] = {}  # upstream URLs, parsed once
         # Where alert commands run; serve() sets it to a nursery that outlives requests.
         self.background: trio.Nursery | None = None
         self.state_path = cfg.daemon.state_file
@@ -2181,7 +2343,7 @@ class Daemon:
             return PoolShards([self.transport])
         if provider.base_url.startswith("https://"):
             if self._tls is None:  # loading the CA bundle costs ~100 ms and ~5 MB: once
-                self._tls = httpx.create_ssl_context()
+                self._tls = httpx2.create_ssl_context()
             tls = self._tls
         else:  # plain HTTP never uses it (redirects are not followed)
             tls = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -2297,12 +2459,14 @@ class Reply:
                     *, final: bool = False) -> None:
         raise NotImplementedError
 
-    async def send(self, data: bytes) -> None:
+    async def send(self, frame: bytes) -> None:
+        """Relay one SSE event's data (`frame`) as a `data:` event."""
         raise NotImplementedError
 
-    def relay_now(self, data: bytes) -> bytes | None:
-        """Relay a chunk without waiting, if the socket takes it: b"" when all of it went
-        out, else the framed rest for `send_raw`; None when there is no such path."""
+    def relay_now(self, frame: bytes) -> bytes | None:
+        """Relay an event's data without waiting, if the socket takes it: b"" when all
+        of it went out, else the framed rest for `send_raw`; None when there is no such
+        path."""
         return None
 
     async def send_raw(self, framed: bytes) -> None:
@@ -2628,38 +2792,39 @@ class Exchange:
                    "pool": None}
         parsed = d.urls.get(url)
         if parsed is None:
-            parsed = d.urls[url] = httpx.URL(url)
-        request = httpx.Request("POST", parsed, headers=headers, content=payload,
+            parsed = d.urls[url] = httpx2.URL(url)
+        request = httpx2.Request("POST", parsed, headers=headers, content=payload,
                                 extensions={"timeout": timeout})
         with d.transports[slot.provider].lease() as pool:
             await self._call(pool, request, slot, adapter, st, m, scope)
 
     async def _call(
-        self, pool: httpx.AsyncBaseTransport, request: httpx.Request, slot: Slot, adapter: Any,
+        self, pool: httpx2.AsyncBaseTransport, request: httpx2.Request, slot: Slot, adapter: Any,
         st: StreamState, m: Metrics, scope: trio.CancelScope,
     ) -> None:
         provider = self.d.cfg.providers[slot.provider]
         try:
             resp = await pool.handle_async_request(request)
-        except httpx.TimeoutException:
+        except httpx2.TimeoutException:
             raise Failure("connect_error", f"connect timed out after "
                                            f"{provider.connect_timeout_s:g} s",
                           timeout=True) from None
-        except httpx.HTTPError as e:
+        except httpx2.HTTPError as e:
             raise Failure("connect_error", f"{type(e).__name__}: {e}") from None
         try:
             await self._consume(slot, adapter, resp, st, m, scope)
-        except httpx.HTTPError as e:
+        except httpx2.HTTPError as e:
             if st.complete:
                 return  # the answer was whole; only the connection's end was untidy
-            outcome = "truncated" if m.first is not None else "connect_error"
+            outcome = ("protocol_error" if isinstance(e, httpx2.DecodingError)
+                       else "truncated" if m.first is not None else "connect_error")
             raise Failure(outcome, f"{type(e).__name__} after {st.events} event(s): {e}") from None
         finally:
             with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
                 await resp.aclose()
 
     async def _consume(
-        self, slot: Slot, adapter: Any, resp: httpx.Response, st: StreamState, m: Metrics,
+        self, slot: Slot, adapter: Any, resp: httpx2.Response, st: StreamState, m: Metrics,
         scope: trio.CancelScope,
     ) -> None:
         status = resp.status_code
@@ -2680,9 +2845,7 @@ class Exchange:
             return
         sse = st.sse
         on_event = adapter.on_event
-        # We ask for identity encoding; read the transport's stream directly unless a
-        # server compressed anyway (httpx's iterators then decode it).
-        body = resp.aiter_bytes() if "content-encoding" in resp.headers else resp.stream
+        body = upstream_body(resp)
         async for chunk in body:
             if st.done:
                 continue  # drain to the end, so the connection goes back to the pool
@@ -2756,9 +2919,8 @@ class Exchange:
         frame at once, without a deadline move or a checkpoint."""
         rest = None
         if frame is not None:
-            data = b"data: %b\n\n" % frame
             try:
-                rest = self.reply.relay_now(data)
+                rest = self.reply.relay_now(frame)
             except ClientGone:
                 raise Failure("client_disconnected", _CLIENT_GONE) from None
             if rest == b"":
@@ -2771,7 +2933,7 @@ class Exchange:
             await self._commit(slot)
         else:
             try:
-                await (self.reply.send(data) if rest is None else self.reply.send_raw(rest))
+                await (self.reply.send(frame) if rest is None else self.reply.send_raw(rest))
             except ClientGone:
                 raise Failure("client_disconnected", _CLIENT_GONE) from None
         self.writing = False
@@ -2959,7 +3121,7 @@ class Exchange:
         }
 
 
-async def _read_limited(resp: httpx.Response, limit: int) -> bytes:
+async def _read_limited(resp: httpx2.Response, limit: int) -> bytes:
     parts, size = [], 0
     async for chunk in resp.aiter_bytes():
         parts.append(chunk)
@@ -3010,21 +3172,22 @@ class H11Reply(Reply):
             events.append(h11.EndOfMessage())
         await self._write(events)
 
-    async def send(self, data: bytes) -> None:
+    async def send(self, frame: bytes) -> None:
         """No deadline of its own: the Exchange bounds it."""
         if not self.chunked:
-            await self._write([h11.Data(data=data)])
+            await self._write([h11.Data(data=b"data: %b\n\n" % frame)])
             return
-        await self.send_raw(b"%x\r\n%b\r\n" % (len(data), data))
+        await self.send_raw(b"%x\r\ndata: %b\n\n\r\n" % (len(frame) + 8, frame))
 
-    def relay_now(self, data: bytes) -> bytes | None:
+    def relay_now(self, frame: bytes) -> bytes | None:
         """The per-token hot path: one write(2) and no checkpoint. A client that is
-        reading takes a token at once; only a full socket buffer takes the slow path."""
+        reading takes a token at once; only a full socket buffer takes the slow path.
+        The event and its HTTP chunk are framed in one formatting: one copy."""
         if not self.chunked or self.sock is None:
             return None
         if self.conn.our_state is h11.ERROR:
             raise ClientGone
-        framed = b"%x\r\n%b\r\n" % (len(data), data)
+        framed = b"%x\r\ndata: %b\n\n\r\n" % (len(frame) + 8, frame)
         try:
             sent = os.write(self.sock.fileno(), framed)  # a closed socket: -1, EBADF
         except BlockingIOError:
@@ -3792,9 +3955,9 @@ async def run_demo(echo: Callable[[str], None] = print) -> int:
                  f"{cfg.daemon.socket}")
             echo(f"route demo = hung/stuck -> beat/heartbeat-only -> good/healthy, "
                  f"first_token_timeout_s = {DEMO_FIRST_TOKEN_S:g}\n")
-            transport = httpx.AsyncHTTPTransport(uds=cfg.daemon.socket)
+            transport = httpx2.AsyncHTTPTransport(uds=cfg.daemon.socket)
             ok = True
-            async with httpx.AsyncClient(transport=transport, base_url="http://failoverd",
+            async with httpx2.AsyncClient(transport=transport, base_url="http://failoverd",
                                          timeout=30) as client:
                 for title, route, stream in (
                     ("1. streaming request: a hung upstream, then one that only sends "
@@ -3815,7 +3978,7 @@ async def run_demo(echo: Callable[[str], None] = print) -> int:
 
 
 async def _demo_request(
-    client: httpx.AsyncClient, echo: Callable[[str], None], title: str, route: str,
+    client: httpx2.AsyncClient, echo: Callable[[str], None], title: str, route: str,
     stream: bool, ledger_path: str,
 ) -> bool:
     echo(title)
@@ -4160,11 +4323,11 @@ def status_cmd(socket_path: str | None, config_path: str | None, as_json: bool) 
             socket_path = load_config(_config_path(config_path)).daemon.socket
         except ConfigError:
             socket_path = DaemonConfig().socket
-    transport = httpx.HTTPTransport(uds=socket_path)
+    transport = httpx2.HTTPTransport(uds=socket_path)
     try:
-        with httpx.Client(transport=transport, base_url="http://failoverd", timeout=5) as c:
+        with httpx2.Client(transport=transport, base_url="http://failoverd", timeout=5) as c:
             resp = c.get("/status")
-    except httpx.HTTPError as e:
+    except httpx2.HTTPError as e:
         click.echo(f"failoverd: cannot reach the daemon at {socket_path} ({e}); is it running? "
                    "(systemctl status failoverd)", err=True)
         sys.exit(1)

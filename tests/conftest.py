@@ -1,6 +1,6 @@
 """Shared test machinery.
 
-- `MockUpstreams`: an `httpx.MockTransport` that plays failoverd's upstream scripts
+- `MockUpstreams`: an `httpx2.MockTransport` that plays failoverd's upstream scripts
   (the same step format as `failoverd.FakeUpstream`) in trio time, so deadline tests
   run under `autojump_clock` with exact times.
 - `Harness`: a Daemon on that transport, a ledger in tmp_path, and `chat()` that
@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import h11
-import httpx
+import httpx2
 import msgspec
 import pytest
 import trio
@@ -58,7 +58,7 @@ def make_config(
     )
 
 
-class _ScriptStream(httpx.AsyncByteStream):
+class _ScriptStream(httpx2.AsyncByteStream):
     def __init__(self, upstream: MockUpstreams, key: str, steps: fo.Script) -> None:
         self.upstream = upstream
         self.key = key
@@ -69,7 +69,7 @@ class _ScriptStream(httpx.AsyncByteStream):
             async for piece in fo.play_script(self.steps):
                 yield piece
         except ConnectionResetError as e:
-            raise httpx.ReadError(str(e)) from None
+            raise httpx2.ReadError(str(e)) from None
 
     async def aclose(self) -> None:
         self.upstream.closed.append((trio.current_time(), self.key))
@@ -82,9 +82,9 @@ class MockUpstreams:
     def __init__(self, scripts: dict[str, Any] | None = None) -> None:
         self.scripts: dict[str, Any] = dict(scripts or {})
         self.calls: list[tuple[float, str]] = []
-        self.requests: list[httpx.Request] = []
+        self.requests: list[httpx2.Request] = []
         self.closed: list[tuple[float, str]] = []
-        self.transport = httpx.MockTransport(self._handle)
+        self.transport = httpx2.MockTransport(self._handle)
 
     def keys_called(self) -> list[str]:
         return [key for _, key in self.calls]
@@ -100,7 +100,7 @@ class MockUpstreams:
             return entry[min(n, len(entry) - 1)]
         return entry
 
-    async def _handle(self, request: httpx.Request) -> httpx.Response:
+    async def _handle(self, request: httpx2.Request) -> httpx2.Response:
         provider = request.url.host.split(".")[0]
         body = msgspec.json.decode(request.content)
         key = f"{provider}/{body['model']}"
@@ -110,9 +110,9 @@ class MockUpstreams:
         while steps and steps[0][0] in ("sleep", "hang", "refuse", "connect_timeout"):
             step = steps.pop(0)
             if step[0] == "refuse":
-                raise httpx.ConnectError("[Errno 111] Connection refused")
+                raise httpx2.ConnectError("[Errno 111] Connection refused")
             if step[0] == "connect_timeout":
-                raise httpx.ConnectTimeout("timed out")
+                raise httpx2.ConnectTimeout("timed out")
             if step[0] == "hang":
                 await trio.sleep_forever()
             await trio.sleep(step[1])
@@ -120,13 +120,13 @@ class MockUpstreams:
             raise AssertionError(f"script for {key} has no response")
         first = steps[0]
         if first[0] == "respond":
-            return httpx.Response(first[1], headers=first[2], content=first[3])
+            return httpx2.Response(first[1], headers=first[2], content=first[3])
         if first[0] == "head":
             headers = {"content-type": "text/event-stream", **first[2]}
-            return httpx.Response(first[1], headers=headers,
+            return httpx2.Response(first[1], headers=headers,
                                   stream=_ScriptStream(self, key, steps[1:]))
         headers = {"content-type": "text/event-stream"}
-        return httpx.Response(200, headers=headers, stream=_ScriptStream(self, key, steps))
+        return httpx2.Response(200, headers=headers, stream=_ScriptStream(self, key, steps))
 
 
 class ClientResult:

@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
-import httpx
 import httpx2
 import openai
 import pytest
@@ -116,9 +115,9 @@ class Rig:
         return client
 
     @asynccontextmanager
-    async def http(self) -> AsyncIterator[httpx.AsyncClient]:
-        transport = httpx.AsyncHTTPTransport(uds=self.sock)
-        async with httpx.AsyncClient(transport=transport, base_url="http://failoverd",
+    async def http(self) -> AsyncIterator[httpx2.AsyncClient]:
+        transport = httpx2.AsyncHTTPTransport(uds=self.sock)
+        async with httpx2.AsyncClient(transport=transport, base_url="http://failoverd",
                                      timeout=CLIENT_TIMEOUT_S, trust_env=False) as client:
             yield client
 

@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 
-import httpx
+import httpx2
 import pytest
 import trio
 import trio.testing
@@ -63,7 +63,7 @@ async def test_loopback_tcp_listener_serves_the_same_api(sock_path, tmp_path):
     async with trio.open_nursery() as nursery:
         await nursery.start(fo.serve, d, listeners)
         with trio.fail_after(10):
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            async with httpx2.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
                 models = (await client.get("/v1/models")).json()
         assert [m["id"] for m in models["data"]] == ["r"]
         d.shutdown.set()
@@ -110,10 +110,10 @@ async def test_shutdown_lets_in_flight_streams_finish_then_stops_accepting(sock_
             drained.set()
 
         await nursery.start(serve_until_drained)
-        transport = httpx.AsyncHTTPTransport(uds=sock_path)
+        transport = httpx2.AsyncHTTPTransport(uds=sock_path)
         body = {"model": "r", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
         with trio.fail_after(10):
-            async with httpx.AsyncClient(transport=transport, base_url="http://fo") as client, \
+            async with httpx2.AsyncClient(transport=transport, base_url="http://fo") as client, \
                     client.stream("POST", "/v1/chat/completions", json=body) as resp:
                 pieces = resp.aiter_bytes()
                 chunks = [await pieces.__anext__()]
@@ -231,7 +231,7 @@ def test_serve_freezes_start_up_objects_out_of_the_collector(sock_path, tmp_path
                              "--config", str(config), "--quiet"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        with httpx.Client(transport=httpx.HTTPTransport(uds=sock_path),
+        with httpx2.Client(transport=httpx2.HTTPTransport(uds=sock_path),
                           base_url="http://failoverd", timeout=5) as client:
             status = None
             for _ in range(200):  # start-up takes ~0.2 s; allow 20 s on a loaded machine
@@ -240,7 +240,7 @@ def test_serve_freezes_start_up_objects_out_of_the_collector(sock_path, tmp_path
                 try:  # the socket file exists from bind(), before listen(): ask, not look
                     status = client.get("/status").json()
                     break
-                except httpx.TransportError:
+                except httpx2.TransportError:
                     time.sleep(0.1)
     finally:
         proc.terminate()

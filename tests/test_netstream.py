@@ -14,7 +14,7 @@ import ssl
 import struct
 from collections.abc import Awaitable, Callable
 
-import httpx
+import httpx2
 import pytest
 import trio
 import trustme
@@ -125,9 +125,9 @@ def client_tls(ca: trustme.CA) -> ssl.SSLContext:
     return ctx
 
 
-async def fetch(transport: httpx.AsyncBaseTransport, url: str,
+async def fetch(transport: httpx2.AsyncBaseTransport, url: str,
                 connect_timeout: float = 5.0) -> tuple[int, list[bytes]]:
-    request = httpx.Request("POST", url, content=b'{"model":"m"}', extensions={
+    request = httpx2.Request("POST", url, content=b'{"model":"m"}', extensions={
         "timeout": {"connect": connect_timeout, "read": None, "write": None, "pool": None}})
     resp = await transport.handle_async_request(request)
     parts: list[bytes] = []
@@ -147,7 +147,7 @@ async def serving(nursery: trio.Nursery, handler: Handler, ca: trustme.CA,
     return server, transport, f"{scheme}://127.0.0.1:{server.port}/v1/chat/completions"
 
 
-async def read_into(parts: list[bytes], resp: httpx.Response) -> None:
+async def read_into(parts: list[bytes], resp: httpx2.Response) -> None:
     async for part in resp.stream:
         parts.append(part)
 
@@ -170,7 +170,7 @@ async def test_paced_stream_arrives_intact_and_the_connection_is_reused(
 async def test_a_stream_cut_midway_is_an_httpx_protocol_error(nursery, ca, use_tls):
     """The connection closes inside a chunked body: h11 reports the body incomplete."""
     server, transport, url = await serving(nursery, cut_midway, ca, use_tls)
-    with trio.fail_after(10), pytest.raises(httpx.RemoteProtocolError):
+    with trio.fail_after(10), pytest.raises(httpx2.RemoteProtocolError):
         await fetch(transport, url)
     await transport.aclose()
 
@@ -179,10 +179,10 @@ async def test_a_stream_cut_midway_is_an_httpx_protocol_error(nursery, ca, use_t
 async def test_a_reset_mid_stream_is_an_httpx_read_error_after_the_first_token(
         nursery, ca, use_tls):
     server, transport, url = await serving(nursery, reset_midway, ca, use_tls)
-    request = httpx.Request("POST", url, content=b"{}")
+    request = httpx2.Request("POST", url, content=b"{}")
     resp = await transport.handle_async_request(request)
     parts: list[bytes] = []
-    with trio.fail_after(10), pytest.raises(httpx.ReadError):
+    with trio.fail_after(10), pytest.raises(httpx2.ReadError):
         await read_into(parts, resp)
     assert parts == [b"data: " + EVENTS[0] + b"\n\n"]
     await transport.aclose()
@@ -193,7 +193,7 @@ async def test_refused_connection_is_an_httpx_connect_error():
         await s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     transport = fo.UpstreamTransport(ssl.create_default_context(), keepalive=4)
-    with trio.fail_after(10), pytest.raises(httpx.ConnectError):
+    with trio.fail_after(10), pytest.raises(httpx2.ConnectError):
         await fetch(transport, f"http://127.0.0.1:{port}/v1/chat/completions")
 
 
@@ -207,7 +207,7 @@ async def test_a_tls_handshake_that_never_answers_is_a_connect_timeout(
     port = listener.socket.getsockname()[1]
     transport = fo.UpstreamTransport(client_tls(ca), keepalive=4)
     start = trio.current_time()
-    with trio.fail_after(10), pytest.raises(httpx.ConnectTimeout) as raised:
+    with trio.fail_after(10), pytest.raises(httpx2.ConnectTimeout) as raised:
         await fetch(transport, f"https://127.0.0.1:{port}/v1/chat/completions",
                     connect_timeout=3.0)
     assert trio.current_time() - start == pytest.approx(3.0)

@@ -44,7 +44,7 @@ async def test_status_command_reads_a_running_daemon(tmp_path):
         d = fo.Daemon(cfg, ledger=fo.Ledger(cfg.daemon.ledger))
         await nursery.start(fo.serve, d, [await fo.open_unix_listener(sock, "0600")])
         with trio.fail_after(20):
-            async with fo.httpx.AsyncClient(transport=fo.httpx.AsyncHTTPTransport(uds=sock),
+            async with fo.httpx2.AsyncClient(transport=fo.httpx2.AsyncHTTPTransport(uds=sock),
                                             base_url="http://failoverd") as client:
                 r = await client.post("/v1/chat/completions", json={
                     "model": "r", "messages": [{"role": "user", "content": "hi"}]})
