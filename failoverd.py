@@ -1865,7 +1865,7 @@ class PoolStream(httpx2.AsyncByteStream):
     async def aclose(self) -> None:
         await self.core.aclose()
 
-    def h11_body(self) -> H11Body | None:
+    def h11_body(self, *, chunked: bool) -> H11Body | None:
         """The body read straight from the HTTP/1.1 connection that received the head,
         or None if this response did not come over one (its layout below is
         httpcore2's; anything unexpected there keeps httpcore2's own reader)."""
@@ -1876,18 +1876,22 @@ class PoolStream(httpx2.AsyncByteStream):
         net = getattr(conn, "_network_stream", None)
         if (isinstance(state, h11.Connection) and isinstance(net, _BoundedStream)
                 and state.their_state is h11.SEND_BODY):
-            return H11Body(state, net)
+            return H11Body(state, net, chunked=chunked)
         return None
 
 
 # As httpcore2 reads: one read(2) of up to 64 KiB.
 UPSTREAM_READ = 64 * 1024
+# What h11 may still hold right after a chunk of a chunked body when nothing more can
+# be parsed without new bytes: nothing, or the chunk's closing CRLF (a chunk header
+# must come next). Then the next call reads at once instead of asking h11 first.
+_CHUNK_GAP = (b"", b"\r", b"\r\n")
 
 
 class H11Body:
     """A streamed reply's body, read by driving the h11 state machine of the httpcore2
-    connection that sent the request and received the head. Per read: one read(2),
-    h11 for the framing, the data out; no layers of async generators in between.
+    connection that sent the request and received the head. Per chunk: one read(2),
+    one h11 event; no layers of async generators in between.
 
     It ends (StopAsyncIteration) when h11 has the whole body: the connection is then
     in h11's DONE state, and closing the response returns it to its pool. It raises
@@ -1897,11 +1901,13 @@ class H11Body:
     `protocol_error`), and httpx2.ReadError when the socket fails.
     """
 
-    __slots__ = ("_h11", "_net", "_eof")
+    __slots__ = ("_h11", "_net", "_chunked", "_gap", "_eof")
 
-    def __init__(self, state: h11.Connection, net: _BoundedStream) -> None:
+    def __init__(self, state: h11.Connection, net: _BoundedStream, *, chunked: bool) -> None:
         self._h11 = state
         self._net = net
+        self._chunked = chunked
+        self._gap = False  # the last event was a chunk: check for _CHUNK_GAP
         self._eof = False
 
     def __aiter__(self) -> H11Body:
@@ -1909,25 +1915,31 @@ class H11Body:
 
     async def __anext__(self) -> bytes:
         h = self._h11
+        read = self._gap and h.trailing_data[0] in _CHUNK_GAP
         while True:
-            try:
-                event = h.next_event()
-            except h11.RemoteProtocolError as e:
-                if self._eof:
-                    raise httpx2.RemoteProtocolError(
-                        f"the upstream closed the connection before the body ended: {e}"
-                    ) from None
-                raise httpx2.DecodingError(f"the upstream broke HTTP/1.1 framing: {e}") from None
-            if type(event) is h11.Data:
-                return event.data
-            if event is not h11.NEED_DATA or h.their_state is not h11.SEND_BODY:
-                raise StopAsyncIteration  # EndOfMessage: the whole body is in
+            if not read:
+                try:
+                    event = h.next_event()
+                except h11.RemoteProtocolError as e:
+                    raise self._broken(e) from None
+                if type(event) is h11.Data:
+                    self._gap = self._chunked
+                    return event.data
+                if event is not h11.NEED_DATA or h.their_state is not h11.SEND_BODY:
+                    raise StopAsyncIteration  # EndOfMessage: the whole body is in
+            read = False
             try:
                 data = await self._net._read(UPSTREAM_READ)
             except httpcore2.ReadError as e:
                 raise httpx2.ReadError(str(e)) from None
             self._eof = not data
             h.receive_data(data)
+
+    def _broken(self, e: h11.RemoteProtocolError) -> httpx2.HTTPError:
+        if self._eof:
+            return httpx2.RemoteProtocolError(
+                f"the upstream closed the connection before the body ended: {e}")
+        return httpx2.DecodingError(f"the upstream broke HTTP/1.1 framing: {e}")
 
 
 def upstream_body(resp: httpx2.Response) -> AsyncIterator[bytes] | httpx2.AsyncByteStream:
@@ -1937,7 +1949,9 @@ def upstream_body(resp: httpx2.Response) -> AsyncIterator[bytes] | httpx2.AsyncB
     if "content-encoding" in resp.headers:
         return resp.aiter_bytes()
     stream = resp.stream
-    body = stream.h11_body() if isinstance(stream, PoolStream) else None
+    # h11 frames a body by chunks exactly when the head names a transfer-encoding.
+    chunked = "transfer-encoding" in resp.headers
+    body = stream.h11_body(chunked=chunked) if isinstance(stream, PoolStream) else None
     return stream if body is None else body
 
 
@@ -3732,6 +3746,12 @@ async def run_daemon(cfg: Config, config_path: str | None) -> None:
 # A script is a list of steps the fake upstream performs in order:
 #   ("respond", status, headers, body)  a whole non-streamed reply, then close
 #   ("head", status, headers)           start a close-delimited reply (default: 200 SSE)
+#   ("chunked", status, headers)        start a chunked reply (default: 200 SSE) on a
+#                                       kept-alive connection: each later write step is one
+#                                       HTTP chunk ("raw" bytes go out unframed)
+#   ("end",)                            the terminating chunk: the reply is complete and
+#                                       the connection waits for its next request
+#                                       (FakeUpstream only: MockUpstreams knows no chunks)
 #   ("raw", bytes)                      write bytes as they are
 #   ("sse", dict | str)                 one `data:` event (dicts are JSON-encoded)
 #   ("comment", text)                   an SSE comment: a heartbeat
@@ -3796,13 +3816,16 @@ def script_bytes(step: tuple[Any, ...]) -> bytes:
 class FakeUpstream:
     """A scripted upstream HTTP server on 127.0.0.1 for the demo and end-to-end tests.
 
-    `scripts(model, body, n)` returns the script for the n-th request (0-based).
+    `scripts(model, body, n)` returns the script for the n-th request (0-based). A
+    script that ends with ("end",) keeps its connection for the next request;
+    `connections` counts the connections accepted (`serve_stream` serves one given).
     """
 
     def __init__(self, scripts: Callable[[str, dict[str, Any], int], Script]) -> None:
         self.scripts = scripts
         self.port = 0
         self.requests: list[dict[str, Any]] = []
+        self.connections = 0
         self.disconnects = 0  # clients that hung up while their script was still running
         self.disconnected = trio.Event()
 
@@ -3814,74 +3837,115 @@ class FakeUpstream:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
         self.port = listeners[0].socket.getsockname()[1]
         task_status.started()
-        await trio.serve_listeners(self._handle, listeners)
+        await trio.serve_listeners(self.serve_stream, listeners)
 
-    async def _handle(self, stream: trio.abc.Stream) -> None:
-        conn = h11.Connection(h11.SERVER)
-        parts = []
+    async def serve_stream(self, stream: trio.abc.Stream) -> None:
+        """Serve requests on one connection until a reply closes it."""
+        self.connections += 1
+        leftover = b""
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError,
                                  h11.RemoteProtocolError):
             while True:
-                event = await _next_event(conn, stream)
-                if isinstance(event, h11.Data):
-                    parts.append(event.data)
-                elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                conn = h11.Connection(h11.SERVER)
+                if leftover:
+                    conn.receive_data(leftover)
+                body = await self._request(conn, stream)
+                if body is None or not await self._reply(stream, body):
                     break
-            if not isinstance(event, h11.EndOfMessage):
-                return
-            body = msgspec.json.decode(b"".join(parts)) if parts else {}
-            n = len(self.requests)
-            self.requests.append(body)
-            script = self.scripts(str(body.get("model")), body, n)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._watch, stream, nursery.cancel_scope)
-                await self._play(stream, script)
-                nursery.cancel_scope.cancel()
+                leftover = conn.trailing_data[0]
         with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
             await stream.aclose()
 
+    async def _request(self, conn: h11.Connection, stream: trio.abc.Stream
+                       ) -> dict[str, Any] | None:
+        parts = []
+        while True:
+            event = await _next_event(conn, stream)
+            if isinstance(event, h11.Data):
+                parts.append(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                return msgspec.json.decode(b"".join(parts)) if parts else {}
+            elif isinstance(event, h11.ConnectionClosed):
+                return None
+
+    async def _reply(self, stream: trio.abc.Stream, body: dict[str, Any]) -> bool:
+        """Play the request's script; True if the connection stays open after it."""
+        n = len(self.requests)
+        self.requests.append(body)
+        script = self.scripts(str(body.get("model")), body, n)
+        done = False  # stays False if the client hangs up first
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch, stream, nursery.cancel_scope)
+            done = await self._play(stream, script)
+            nursery.cancel_scope.cancel()
+        return done and bool(script) and script[-1] == ("end",)
+
     async def _watch(self, stream: trio.abc.Stream, script_scope: trio.CancelScope) -> None:
-        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-            while await stream.receive_some(RECV_SIZE):
-                pass
+        """Notice the client hanging up, without taking bytes of its next request."""
+        sock = getattr(stream, "socket", None)
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            if sock is not None:
+                if await sock.recv(1, _socket.MSG_PEEK):
+                    return  # the client sent more: its next request, not a hang-up
+            else:
+                while await stream.receive_some(RECV_SIZE):
+                    pass
         self.disconnects += 1
         self.disconnected.set()
         script_scope.cancel()
 
-    async def _play(self, stream: trio.abc.Stream, script: Script) -> None:
-        if script and script[0][0] not in ("head", "respond"):
+    async def _play(self, stream: trio.abc.Stream, script: Script) -> bool:
+        """Write the script's bytes; False if a "reset" step dropped the connection."""
+        if script and script[0][0] not in ("head", "respond", "chunked"):
             script = [("head", 200, {}), *script]
-        with contextlib.suppress(ConnectionResetError):  # a "reset" step: just drop it
+        try:
             async for piece in play_script(script):
                 await stream.send_all(piece)
+        except ConnectionResetError:  # a "reset" step: just drop it
+            return False
+        return True
+
+
+def _reply_head(step: tuple[Any, ...]) -> bytes:
+    kind, status = step[0], step[1]
+    headers = {k.lower(): v for k, v in step[2].items()}
+    if kind == "respond":
+        headers.setdefault("content-type", "application/json")
+        headers["content-length"] = str(len(step[3]))
+    else:
+        headers.setdefault("content-type", "text/event-stream")
+    if kind == "chunked":
+        headers["transfer-encoding"] = "chunked"
+    else:
+        headers["connection"] = "close"
+    return (f"HTTP/1.1 {status} X\r\n" + "".join(
+        f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n").encode()
 
 
 async def play_script(script: Script) -> AsyncIterator[bytes]:
     """The bytes a script puts on the wire, at the times it puts them; ends at a
     "close" step, raises ConnectionResetError at a "reset" step."""
+    chunked = False
     for step in script:
         kind = step[0]
         if kind == "sleep":
             await trio.sleep(step[1])
         elif kind == "hang":
             await trio.sleep_forever()
-        elif kind == "close":
+        elif kind in ("close", "end"):
+            if kind == "end":
+                yield b"0\r\n\r\n"
             return
         elif kind == "reset":
             raise ConnectionResetError("connection reset by peer")
-        elif kind in ("head", "respond"):
-            status, headers = step[1], {k.lower(): v for k, v in step[2].items()}
-            body = step[3] if kind == "respond" else b""
-            if kind == "respond":
-                headers.setdefault("content-type", "application/json")
-                headers["content-length"] = str(len(body))
-            else:
-                headers.setdefault("content-type", "text/event-stream")
-            headers["connection"] = "close"
-            yield (f"HTTP/1.1 {status} X\r\n" + "".join(
-                f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n").encode() + body
+        elif kind in ("head", "respond", "chunked"):
+            chunked = kind == "chunked"
+            yield _reply_head(step) + (step[3] if kind == "respond" else b"")
             if kind == "respond":
                 return
+        elif chunked and kind != "raw":
+            data = script_bytes(step)
+            yield b"%x\r\n%b\r\n" % (len(data), data)
         else:
             yield script_bytes(step)
 

@@ -1,7 +1,7 @@
 """Reference relays for the per-chunk CPU figure: what a relay costs without failoverd.
 
     python bench/relays.py raw   PORT SOCKET   # trio, no HTTP parsing at all: the floor
-    python bench/relays.py httpx PORT SOCKET   # trio + httpx2.AsyncClient.stream, naive
+    python bench/relays.py httpx2 PORT SOCKET  # trio + httpx2.AsyncClient.stream, naive
 
 Both take one streaming request per connection on a Unix socket (the load generator's
 request, sent as is) and relay the fake upstream's reply at PORT back to the client.
@@ -9,7 +9,7 @@ request, sent as is) and relay the fake upstream's reply at PORT back to the cli
 `raw` forwards bytes: wait for the upstream socket, read, write to the client. It is
 what trio and the kernel cost per chunk, with nothing parsed.
 
-`httpx` is the relay one writes first: an `httpx2.AsyncClient`, `client.stream(...)`,
+`httpx2` is the relay one writes first: an `httpx2.AsyncClient`, `client.stream(...)`,
 `aiter_raw()`, and each piece re-framed as an HTTP chunk to the client. No deadlines,
 no SSE parsing, no ledger: failoverd does all of that on top of the same libraries.
 """
@@ -58,7 +58,8 @@ async def raw_relay(port: int, client: trio.SocketStream) -> None:
     await up.aclose()
 
 
-async def httpx_relay(port: int, http: httpx2.AsyncClient, client: trio.SocketStream) -> None:
+async def httpx2_relay(port: int, http: httpx2.AsyncClient,
+                      client: trio.SocketStream) -> None:
     req = await read_request(client)
     body = req.partition(b"\r\n\r\n")[2]
     async with http.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions",
@@ -73,7 +74,7 @@ async def main(mode: str, port: int, path: str) -> None:
     sock = trio.socket.socket(trio.socket.AF_UNIX)
     await sock.bind(path)
     sock.listen(4096)
-    # No idle connections kept: httpx's pool scans every connection it holds on each
+    # No idle connections kept: httpx2's pool scans every connection it holds on each
     # request, which would make the per-stream cost drift between bursts and spoil the
     # two-burst difference. A new upstream connection per stream costs the same in both.
     async with httpx2.AsyncClient(timeout=None, limits=httpx2.Limits(
@@ -83,7 +84,7 @@ async def main(mode: str, port: int, path: str) -> None:
                 if mode == "raw":
                     await raw_relay(port, client)
                 else:
-                    await httpx_relay(port, http, client)
+                    await httpx2_relay(port, http, client)
                 await trio.sleep(0.5)  # let the client read the end before closing
             except (trio.BrokenResourceError, httpx2.HTTPError):
                 pass

@@ -408,7 +408,7 @@ def _healthz(path: str) -> bool:
 
 
 class Relay:
-    """A reference relay from relays.py (raw or naive httpx), pinned where the daemon is."""
+    """A reference relay from relays.py (raw or naive httpx2), pinned where the daemon is."""
 
     def __init__(self, mode: str, port: int, tmp: str) -> None:
         self.mode = mode
@@ -684,7 +684,7 @@ class Bench:
         p = self.p
         net, gross, base, kernel = [], [], [], []
         c, b = p.chunk_count, p.chunk_base
-        relays = [Relay(mode, self.up.port, self.tmp) for mode in ("raw", "httpx")]
+        relays = [Relay(mode, self.up.port, self.tmp) for mode in ("raw", "httpx2")]
         ref: dict[str, list[float]] = {r.mode: [] for r in relays}
         try:
             await self._paced_cpu("paced_base", b)  # every measured burst finds the same pool
@@ -717,7 +717,7 @@ class Bench:
         v = median(base)
         self.report.add("   CPU / stream, per-stream part of that burst (intercept)", fmt_ms(v),
                         spread=spread(base, lambda x: f"{x:.2f}"))
-        for mode, label in (("httpx", "naive trio + httpx relay (aiter_raw, no parsing)"),
+        for mode, label in (("httpx2", "naive trio + httpx2 relay (aiter_raw, no parsing)"),
                             ("raw", "bare trio relay, no HTTP parsing (the floor)")):
             r = median(ref[mode])
             self.report.add(f"   same bursts, {label}", fmt_us(r),
