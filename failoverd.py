@@ -1823,11 +1823,12 @@ class UpstreamTransport(httpx2.AsyncBaseTransport):
 
     __slots__ = ("pool",)
 
-    def __init__(self, ssl_context: ssl.SSLContext, keepalive: int) -> None:
+    def __init__(self, ssl_context: ssl.SSLContext, keepalive: int,
+                 backend: httpcore2.AsyncNetworkBackend | None = None) -> None:
         self.pool = httpcore2.AsyncConnectionPool(
             ssl_context=ssl_context, max_connections=None, max_keepalive_connections=keepalive,
             keepalive_expiry=5.0, http1=True, http2=False, retries=0,
-            network_backend=NetBackend())
+            network_backend=backend or NetBackend())
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         url = request.url
