@@ -100,14 +100,19 @@ class Rig:
         self.d.background = self.nursery
         return self
 
-    async def chat(self, *, stream: bool = True) -> ClientResult:
+    async def ask(self, *, stream: bool = True) -> trio.SocketStream:
+        """A client connection that has sent its request."""
         assert self.d is not None
         client, server = socket_pair(buffer=256 * 1024)
         self.nursery.start_soon(fo.handle_connection, self.d, server, fo.Peer(1, 1))
-        result = ClientResult()
-        result.t_start = trio.current_time()
         await client.send_all(http_request({"model": "r", "stream": stream,
                                             "messages": [{"role": "user", "content": "hi"}]}))
+        return client
+
+    async def chat(self, *, stream: bool = True) -> ClientResult:
+        result = ClientResult()
+        result.t_start = trio.current_time()
+        client = await self.ask(stream=stream)
         await read_response(client, result)
         await client.aclose()
         return result
@@ -318,13 +323,9 @@ async def test_a_clean_end_after_done_gives_the_connection_back_at_once(rig, aut
     assert [a["latency_ms"] for a in r.rows("attempt")] == [1000.0] * 3
 
 
-async def test_a_client_gone_mid_body_hangs_up_on_the_upstream_at_once(
-        rig, autojump_clock, nursery):
+async def test_a_client_gone_mid_body_hangs_up_on_the_upstream_at_once(rig, autojump_clock):
     r = await rig({"m1": [*answer(["a", " b", " c"], gap=1.0), ("end",)]}, pairs=True)
-    client, server = socket_pair()
-    nursery.start_soon(fo.handle_connection, r.d, server, fo.Peer(1, 1))
-    await client.send_all(http_request({"model": "r", "stream": True,
-                                        "messages": [{"role": "user", "content": "hi"}]}))
+    client = await r.ask()
     await client.receive_some(65536)
     await trio.sleep(1.5)
     await client.aclose()
