@@ -3904,6 +3904,8 @@ class FakeUpstream:
                 await stream.send_all(piece)
         except ConnectionResetError:  # a "reset" step: just drop it
             return False
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False  # the client hung up mid-reply (caught here, not as a group)
         return True
 
 
