@@ -1721,7 +1721,12 @@ class NetStream(_BoundedStream):
             raise httpcore2.ConnectTimeout(f"TLS handshake took over {timeout:g} s") from None
         except (trio.BrokenResourceError, OSError) as e:
             await self.aclose()
-            raise httpcore2.ConnectError(f"TLS handshake failed: {e}") from None
+            why = e.__cause__ or e  # trio's error wraps ssl's, which says what failed
+            hint = (" (the upstream's certificate is checked against the system's CA store; "
+                    "for a private CA, set SSL_CERT_FILE to its bundle)"
+                    if isinstance(why, ssl.SSLCertVerificationError) else "")
+            raise httpcore2.ConnectError(f"TLS handshake failed: {why or type(why).__name__}"
+                                         f"{hint}") from None
         return TLSStream(tls, self._stream)
 
     def get_extra_info(self, info: str) -> Any:

@@ -258,3 +258,39 @@ def test_pool_shards_spread_only_under_load():
     for _ in range(3):  # one at a time: always the first pool
         with shards.lease() as pool:
             assert pool == 0
+
+
+def https_daemon(port: int, tmp_path) -> fo.Daemon:
+    cfg = fo.Config(providers={"a": fo.ProviderConfig(base_url=f"https://127.0.0.1:{port}/v1")},
+                    routes={"r": fo.RouteConfig(chain=["a/m"])})
+    return fo.Daemon(cfg, ledger=fo.Ledger(str(tmp_path / "ledger.jsonl")))
+
+
+@pytest.mark.parametrize(("bundle", "cert_for", "verified"), [
+    (False, "127.0.0.1", False),  # a private CA is not in the system store
+    (True, "127.0.0.1", True),  # SSL_CERT_FILE names a bundle that has it
+    (True, "elsewhere.test", False),  # trusted CA, wrong name: still refused
+], ids=["system-store", "ssl-cert-file", "wrong-name"])
+async def test_upstream_tls_is_verified_against_the_system_store_or_ssl_cert_file(
+        nursery, ca, tmp_path, monkeypatch, bundle, cert_for, verified):
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(cert_for).configure_cert(ctx)
+    server = Server(paced_sse, ctx)
+    await server.start(nursery)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    if bundle:
+        ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+        monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+    else:
+        monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    d = https_daemon(server.port, tmp_path)
+    pool = d.transports["a"].pools[0]
+    url = f"https://127.0.0.1:{server.port}/v1/chat/completions"
+    with trio.fail_after(10):
+        if verified:
+            assert await fetch(pool, url) == (200, [b"data: " + e + b"\n\n" for e in EVENTS])
+        else:
+            with pytest.raises(httpx2.ConnectError,
+                               match="CERTIFICATE_VERIFY_FAILED.*SSL_CERT_FILE"):
+                await fetch(pool, url)
+    await d.aclose()
