@@ -28,6 +28,7 @@ import os
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -88,6 +89,23 @@ async def burst(target: lg.Target, model: str, streams: int, pace_ms: int) -> in
     return sum(r.ok for r in res)
 
 
+async def per_request(counted: Counted, target: lg.Target, model: str,
+                      p: argparse.Namespace) -> list[float]:
+    """Instructions per non-streaming request (closed loop, 8 connections)."""
+    req = lg.chat(model, stream=False)
+    await lg.closed_loop(target, req, concurrency=8, total=p.requests // 2)  # warm-up
+    out = []
+    for _ in range(p.rounds):
+        await asyncio.sleep(1.0)
+        counted.control("-z")
+        res = await lg.closed_loop(target, req, concurrency=8, total=p.requests)
+        total, _ = counted.dump()
+        ok = sum(r.ok for r in res)
+        out.append(total / max(1, ok))
+        print(f"  round: {out[-1]:,.0f} instructions per request ({ok} ok)", file=sys.stderr)
+    return out
+
+
 async def measure(counted: Counted, target: lg.Target, models: tuple[str, str],
                   p: argparse.Namespace) -> list[float]:
     for _ in range(2):  # warm-up: imports, pools, caches
@@ -131,7 +149,7 @@ async def main_async(p: argparse.Namespace, tmp: str) -> int:
     else:
         source = run.snapshot_daemon(tmp, p.daemon_file)
         params = run.Params(chunk_count=p.chunks, chunk_base=p.base, pace_ms=p.pace)
-        config = run.write_config(tmp, up.port, params)
+        config = never_shed(run.write_config(tmp, up.port, params))
         sock = os.path.join(tmp, "fo.sock")
         counted = Counted([run.PYTHON, run.FAILOVERD, "serve", "--config", config, "--quiet"],
                           tmp, run.DAEMON_ENV)
@@ -144,6 +162,12 @@ async def main_async(p: argparse.Namespace, tmp: str) -> int:
         await asyncio.sleep(0.1)
     else:
         raise run.BenchError("the process under valgrind did not start")
+    if p.requests:
+        fast = "up/bench-fast-4" if not p.relay else "bench-fast-4"
+        v = statistics.median(await per_request(counted, target, fast, p))
+        print(f"{label}: {v:,.0f} instructions per non-streaming request (bench-fast-4, "
+              f"closed loop c=8, median of {p.rounds} rounds of {p.requests})")
+        return 0
     per_chunk = await measure(counted, target, models, p)
     v = sorted(per_chunk)[len(per_chunk) // 2]
     print(f"{label}: {v:,.0f} instructions per relayed chunk (median of {len(per_chunk)} "
@@ -152,6 +176,15 @@ async def main_async(p: argparse.Namespace, tmp: str) -> int:
     if p.profile:
         p.profile_text = profile(counted.dumps()[-2], p.top)
     return 0
+
+
+def never_shed(config: str) -> str:
+    """Under valgrind the event loop always runs late: switch the shedder off."""
+    with open(config) as f:
+        text = f.read().replace("[daemon]\n", "[daemon]\nshed_lag_s = 0\n", 1)
+    with open(config, "w") as f:
+        f.write(text)
+    return config
 
 
 def ready(sock: str, relay: bool) -> bool:
@@ -176,6 +209,8 @@ def main() -> int:
     ap.add_argument("--base", type=int, default=10)
     ap.add_argument("--pace", type=int, default=50, help="ms between deltas")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--requests", type=int, default=0, metavar="N",
+                    help="count per non-streaming request instead (N per round)")
     ap.add_argument("--profile", metavar="PATH", help="write callgrind_annotate's top functions")
     ap.add_argument("--top", type=int, default=60)
     p = ap.parse_args()
