@@ -2223,11 +2223,14 @@ class Health:
         self.d.save_state()
 
 
-# httpcore's pool scans all its connections (and polls each idle one) on every
-# request and every response close: O(n^2) per event with n connections, which
-# costs even at n = 8. Smaller pools divide that: with 1000 streams open on one
-# provider, 64 pools hold ~16 connections each; at 8 concurrent requests, one or two.
-# Each pool keeps up to 4 idle connections for 5 s.
+# httpcore2's pool goes through its connections on every request and every response
+# close, and asks each idle one whether the server closed it: one poll(2) per idle
+# connection per event (httpcore 1.x also scanned in O(n^2); httpcore2 does not).
+# Smaller pools divide that: with 1000 streams open on one provider, 64 pools hold ~16
+# connections each; at 8 concurrent requests, one or two. Measured on httpcore2 in
+# bursts of 500 requests with idle connections kept between them (bench/RESULTS.md,
+# session 4): 1 pool 2.4-3.2 ms of CPU per request, 4 pools ~2.0, 16 ~1.8, 64 1.35-1.9
+# (16 and 64 alike within the noise), so 64 stays. Each keeps up to 4 idle for 5 s.
 POOL_SHARDS = 64
 POOL_KEEPALIVE = 4
 
