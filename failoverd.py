@@ -3518,7 +3518,7 @@ def tune_gc() -> None:
 # afresh. A 10 MB request body passes through ~4 buffers of its size (the body, the
 # decoded prompt, the upstream request, h11's write), so every such request faulted
 # ~7,300 pages (~29 MB) back in: ~20 ms of kernel time, a third of its CPU, and the
-# reason a 10 MB body cost 12-17x a 1 MB one. With these bounds, buffers up to 32 MiB
+# reason a 10 MB body cost 10-17x a 1 MB one. With these bounds, buffers up to 32 MiB
 # (twice max_body_bytes' default) come from the heap, and up to 64 MiB of freed heap is
 # kept for the next one (RSS stays that much higher after a large request).
 MALLOC_MMAP_THRESHOLD = 32 * 1024 * 1024
