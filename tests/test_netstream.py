@@ -294,3 +294,44 @@ async def test_upstream_tls_is_verified_against_the_system_store_or_ssl_cert_fil
                                match="CERTIFICATE_VERIFY_FAILED.*SSL_CERT_FILE"):
                 await fetch(pool, url)
     await d.aclose()
+
+
+@pytest.mark.parametrize("use_tls", [False, True], ids=["plain", "tls"])
+async def test_h11body_reads_plain_and_tls_bodies_and_the_connection_is_reused(
+        nursery, ca, use_tls):
+    server, transport, url = await serving(nursery, paced_sse, ca, use_tls)
+    with trio.fail_after(10):
+        for _ in range(3):
+            resp = await transport.handle_async_request(httpx2.Request("POST", url, content=b"{}"))
+            body = fo.upstream_body(resp)
+            assert isinstance(body, fo.H11Body)
+            parts = [bytes(part) async for part in body]
+            await resp.aclose()
+            assert parts == [b"data: " + e + b"\n\n" for e in EVENTS]
+    assert server.connections == 1
+    await transport.aclose()
+
+
+async def sse_with_length(stream: trio.abc.Stream, n: int) -> bool:
+    """A streamed reply framed by Content-Length, the connection kept open after it."""
+    await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                          b"content-length: %d\r\n\r\n" % len(BODY))
+    for e in EVENTS:
+        await stream.send_all(b"data: " + e + b"\n\n")
+        await trio.sleep(0.001)
+    return True
+
+
+async def test_h11body_ends_a_content_length_body_without_waiting_for_more_bytes(nursery, ca):
+    """Once Content-Length bytes are in, h11 has the end of the body without another
+    read: the reader must ask it rather than wait on a socket that stays quiet."""
+    server, transport, url = await serving(nursery, sse_with_length, ca, use_tls=False)
+    with trio.fail_after(5):
+        for _ in range(2):
+            resp = await transport.handle_async_request(httpx2.Request("POST", url, content=b"{}"))
+            body = fo.upstream_body(resp)
+            assert isinstance(body, fo.H11Body)
+            assert b"".join([bytes(p) async for p in body]) == BODY
+            await resp.aclose()
+    assert server.connections == 1
+    await transport.aclose()
