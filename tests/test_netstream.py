@@ -302,14 +302,20 @@ async def test_h11body_reads_plain_and_tls_bodies_and_the_connection_is_reused(
     server, transport, url = await serving(nursery, paced_sse, ca, use_tls)
     with trio.fail_after(10):
         for _ in range(3):
-            resp = await transport.handle_async_request(httpx2.Request("POST", url, content=b"{}"))
-            body = fo.upstream_body(resp)
-            assert isinstance(body, fo.H11Body)
-            parts = [bytes(part) async for part in body]
-            await resp.aclose()
-            assert parts == [b"data: " + e + b"\n\n" for e in EVENTS]
+            assert await read_h11(transport, url) == [b"data: " + e + b"\n\n" for e in EVENTS]
     assert server.connections == 1
     await transport.aclose()
+
+
+async def read_h11(transport: fo.UpstreamTransport, url: str) -> list[bytes]:
+    """A streamed reply's parts as H11Body reads them (asserting it does)."""
+    resp = await transport.handle_async_request(httpx2.Request("POST", url, content=b"{}"))
+    body = fo.upstream_body(resp)
+    assert isinstance(body, fo.H11Body)
+    try:
+        return [bytes(part) async for part in body]
+    finally:
+        await resp.aclose()
 
 
 async def sse_with_length(stream: trio.abc.Stream, n: int) -> bool:
@@ -328,10 +334,6 @@ async def test_h11body_ends_a_content_length_body_without_waiting_for_more_bytes
     server, transport, url = await serving(nursery, sse_with_length, ca, use_tls=False)
     with trio.fail_after(5):
         for _ in range(2):
-            resp = await transport.handle_async_request(httpx2.Request("POST", url, content=b"{}"))
-            body = fo.upstream_body(resp)
-            assert isinstance(body, fo.H11Body)
-            assert b"".join([bytes(p) async for p in body]) == BODY
-            await resp.aclose()
+            assert b"".join(await read_h11(transport, url)) == BODY
     assert server.connections == 1
     await transport.aclose()
