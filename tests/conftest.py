@@ -4,12 +4,14 @@
   (the same step format as `failoverd.FakeUpstream`) in trio time, so deadline tests
   run under `autojump_clock` with exact times.
 - `Harness`: a Daemon on that transport, a ledger in tmp_path, and `chat()` that
-  speaks HTTP/1.1 to `failoverd.handle_connection` over `memory_stream_pair()`.
+  speaks HTTP/1.1 to `failoverd.handle_connection` over a kernel socket pair (the
+  production relay path), or over `memory_stream_pair()` with `memory=True`.
 """
 
 from __future__ import annotations
 
 import random
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -56,6 +58,15 @@ def make_config(
         models=models or {},
         routes={name: fo.RouteConfig(chain=chain) for name, chain in (routes or {}).items()},
     )
+
+
+def socket_pair(buffer: int | None = None) -> tuple[trio.SocketStream, trio.SocketStream]:
+    """A kernel Unix socket pair; small buffers make a client that stops reading block."""
+    a, b = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    for s in (a, b) if buffer else ():
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)
+    return trio.SocketStream(a), trio.SocketStream(b)
 
 
 class _ScriptStream(httpx.AsyncByteStream):
@@ -213,8 +224,12 @@ class Harness:
         self.nursery = nursery
         self.ledger_path = ledger_path
 
-    async def send(self, raw: bytes, peer: fo.Peer | None = None) -> ClientResult:
-        client, server = trio.testing.memory_stream_pair()
+    async def send(self, raw: bytes, peer: fo.Peer | None = None, *,
+                   memory: bool = False) -> ClientResult:
+        """One request over a kernel socket pair, the path production takes (the
+        relay's one-write fast path and the final write need a real socket), or over
+        a memory stream."""
+        client, server = trio.testing.memory_stream_pair() if memory else socket_pair()
         self.nursery.start_soon(fo.handle_connection, self.d, server, peer or fo.Peer(4242, 1000))
         result = ClientResult()
         result.t_start = trio.current_time()
@@ -223,10 +238,11 @@ class Harness:
         await client.aclose()
         return result
 
-    async def chat(self, route: str = "r", *, stream: bool = False, **extra: Any) -> ClientResult:
+    async def chat(self, route: str = "r", *, stream: bool = False, memory: bool = False,
+                   **extra: Any) -> ClientResult:
         body = {"model": route, "stream": stream,
                 "messages": [{"role": "user", "content": "hello"}], **extra}
-        return await self.send(http_request(body))
+        return await self.send(http_request(body), memory=memory)
 
     def rows(self, kind: str | None = None) -> list[dict[str, Any]]:
         with open(self.ledger_path, "rb") as f:

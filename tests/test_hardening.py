@@ -7,8 +7,7 @@ keys, and a ledger that cannot be reopened.
 
 from __future__ import annotations
 
-import socket
-
+import conftest
 import h11
 import pytest
 import trio
@@ -22,11 +21,7 @@ import failoverd as fo
 
 def socket_pair(buffer: int = 8192) -> tuple[trio.SocketStream, trio.SocketStream]:
     """A kernel socket pair with small buffers, so a client that stops reading blocks us."""
-    a, b = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    for s in (a, b):
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)
-    return trio.SocketStream(a), trio.SocketStream(b)
+    return conftest.socket_pair(buffer)
 
 
 async def read_all(stream: trio.SocketStream) -> bytes:
