@@ -274,6 +274,23 @@ async def harness(tmp_path, nursery):
     return make
 
 
+@pytest.fixture
+def busy_loop_scripts(monkeypatch, autojump_clock):
+    """Scripts may hold ("jump", seconds): time passes with no checkpoint, as on an
+    event loop busy elsewhere."""
+    play = fo.play_script
+
+    async def play_with_jumps(script):
+        for step in script:
+            if step[0] == "jump":
+                autojump_clock.jump(step[1])
+                continue
+            async for piece in play([step]):
+                yield piece
+
+    monkeypatch.setattr(fo, "play_script", play_with_jumps)
+
+
 def ok_script(text: str = "hi there", **kw: Any) -> fo.Script:
     words = text.split(" ")
     parts = [w if i == 0 else " " + w for i, w in enumerate(words)]

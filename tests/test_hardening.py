@@ -349,20 +349,9 @@ async def test_an_idle_daemon_probes_its_loop_rarely(harness, autojump_clock, nu
 # -- a late event loop and slow clients while relaying ------------------------------------
 
 async def test_late_event_loop_never_turns_a_lost_frame_into_a_complete_answer(
-        harness, autojump_clock, monkeypatch):
+        harness, autojump_clock, busy_loop_scripts):
     """The stall deadline passes while the loop is busy; the next read brings the last
     content, the finish and [DONE] at once. The client must not get [DONE] after a hole."""
-    play = fo.play_script
-
-    async def play_with_jumps(script):
-        for step in script:
-            if step[0] == "jump":  # time passes with no checkpoint: a busy event loop
-                autojump_clock.jump(step[1])
-                continue
-            async for piece in play([step]):
-                yield piece
-
-    monkeypatch.setattr(fo, "play_script", play_with_jumps)
     tail = b"".join(fo.script_bytes(s) for s in (
         ("sse", fo.sse_chunk(" LOST")), ("sse", fo.sse_chunk(finish="stop")), ("sse", "[DONE]")))
     script = [("head", 200, {}), ("sse", fo.sse_chunk("hello")), ("jump", 11.0), ("raw", tail)]
