@@ -21,6 +21,7 @@ import email.utils
 import errno
 import gc
 import hashlib
+import hmac
 import logging
 import math
 import os
@@ -133,6 +134,9 @@ class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     # Our own budget for this model: skip it rather than push it over its quota.
     tpm_limit: PositiveInt | None = None
     rpm_limit: PositiveInt | None = None
+    # Live spend cap (SPEC section 13): once the model's billed cost today (UTC), failed
+    # attempts included, reaches this, its slots are skipped until UTC midnight.
+    budget_usd_per_day: NonNegative | None = None
 
 
 class BreakerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -186,6 +190,24 @@ class Timing(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     probe_hedge_after_s: NonNegative = 1.0
 
 
+class RouteShadow(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """[routes.NAME.shadow] (SPEC section 13): after a sampled request's reply is complete,
+    a copy goes to `model` for evaluation; it never reaches the client. The budget is
+    required: an unbudgeted shadow is how a team finds a surprise on its invoice."""
+
+    model: str
+    sample: Annotated[float, msgspec.Meta(ge=0, le=1)]
+    budget_usd_per_day: NonNegative
+
+
+class ShadowConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """[shadow]: the kill switch for every route's shadow (off unless turned on; a reload
+    applies it to new requests) and how many shadow calls may run at once."""
+
+    enabled: bool = False
+    max_in_flight: PositiveInt = 4
+
+
 class RouteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     chain: Annotated[list[str], msgspec.Meta(min_length=1)]
     first_token_timeout_s: Seconds | None = None
@@ -199,6 +221,7 @@ class RouteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     hedge_min_s: Seconds | None = None
     hedge_max_share: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
     probe_hedge_after_s: NonNegative | None = None
+    shadow: RouteShadow | None = None
 
 
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -208,6 +231,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     providers: dict[str, ProviderConfig] = {}
     models: dict[str, ModelConfig] = {}
     routes: dict[str, RouteConfig] = {}
+    shadow: ShadowConfig = ShadowConfig()
 
 
 class Slot(msgspec.Struct, frozen=True):
@@ -225,6 +249,7 @@ class Route(msgspec.Struct, frozen=True):
     name: str
     slots: tuple[Slot, ...]
     timing: Timing
+    shadow: RouteShadow | None = None
 
 
 NO_MODEL = ModelConfig()
@@ -239,7 +264,7 @@ def resolve_route(cfg: Config, name: str, rc: RouteConfig) -> Route:
     overrides = {f: getattr(rc, f) for f in Timing.__struct_fields__ if getattr(rc, f) is not None}
     timing = msgspec.structs.replace(cfg.defaults, **overrides)
     slots = tuple(s for s in map(parse_slot, rc.chain) if s is not None)
-    return Route(name, slots, timing)
+    return Route(name, slots, timing, rc.shadow)
 
 
 _SECTION_TYPES: dict[str, type] = {
@@ -276,13 +301,17 @@ def config_errors(cfg: Config) -> list[str]:
         errors.append(
             f"defaults.total_timeout_s = {cfg.defaults.total_timeout_s:g}: must be below "
             f"daemon.client_cliff_s = {cliff:g} (bare PROVIDER/MODEL requests use it)")
-    for name in cfg.models:
+    for name, mc in cfg.models.items():
         slot = parse_slot(name)
         if slot is None or slot.provider not in cfg.providers:
             errors.append(
                 f"models.{name!r}: expected PROVIDER/MODEL with a provider declared under "
                 f"[providers] (declared: {declared})"
             )
+        if mc.budget_usd_per_day is not None and not _priced(mc):
+            errors.append(
+                f"models.{name!r}.budget_usd_per_day: set price_in_per_mtok and "
+                "price_out_per_mtok too; without prices failoverd cannot count the spend")
     for name, rc in cfg.routes.items():
         for i, entry in enumerate(rc.chain):
             slot = parse_slot(entry)
@@ -293,6 +322,7 @@ def config_errors(cfg: Config) -> list[str]:
                     f"routes.{name}.chain[{i}] = {entry!r}: provider {slot.provider!r} is not "
                     f"declared under [providers] (declared: {declared})"
                 )
+        errors += _shadow_errors(cfg, name, rc.shadow)
         total = rc.total_timeout_s
         if total is not None and total >= cliff:
             errors.append(
@@ -301,6 +331,26 @@ def config_errors(cfg: Config) -> list[str]:
                 "runtime cancels the turn before failoverd reports the failure"
             )
     return errors
+
+
+def _priced(mc: ModelConfig) -> bool:
+    return bool(mc.price_in_per_mtok or mc.price_out_per_mtok)
+
+
+def _shadow_errors(cfg: Config, route: str, shadow: RouteShadow | None) -> list[str]:
+    """A shadow names a declared PROVIDER/MODEL with prices: its budget counts dollars."""
+    if shadow is None:
+        return []
+    where = f"routes.{route}.shadow.model = {shadow.model!r}"
+    slot = parse_slot(shadow.model)
+    if slot is None or slot.provider not in cfg.providers:
+        return [f"{where}: expected PROVIDER/MODEL with a provider declared under [providers] "
+                f"(declared: {', '.join(sorted(cfg.providers)) or 'none'})"]
+    if not _priced(cfg.models.get(shadow.model, NO_MODEL)):
+        return [f"{where}: set price_in_per_mtok / price_out_per_mtok under "
+                f"[models.\"{shadow.model}\"]; without prices the shadow's "
+                "budget_usd_per_day cannot be kept"]
+    return []
 
 
 def parse_config(text: str, source: str = "config") -> Config:
@@ -484,6 +534,17 @@ class AttemptRow(msgspec.Struct, tag="attempt", tag_field="kind", kw_only=True):
     stall_deadline_s: float | None = None
     hedge: bool = False  # started beside a running attempt (a hedge, or a probe's race)
     probe: bool = False  # it held a half-open breaker's probe
+    # A shadow call (SPEC section 13): a copy of live request `shadow_of`, made after its
+    # reply was complete; its cost_usd is real (and counted on the shadow's budget).
+    shadow: bool = False
+    shadow_of: str | None = None
+    # On a sampled live answer and on its shadow, what `audit` needs to compare them
+    # without keeping content: a digest of the answer's text keyed with a secret that
+    # lives only in the daemon's memory (a plain hash of "yes" could be looked up), its
+    # length in characters, and the names of the tools it called, sorted.
+    answer_digest: str | None = None
+    answer_chars: int | None = None
+    tool_names: list[str] | None = None
 
 
 class RequestRow(msgspec.Struct, tag="request", tag_field="kind", kw_only=True):
@@ -506,7 +567,7 @@ class RequestRow(msgspec.Struct, tag="request", tag_field="kind", kw_only=True):
 
 class BreakerRow(msgspec.Struct, tag="breaker", tag_field="kind", kw_only=True):
     ts: str
-    scope: Literal["provider", "model", "credential"]
+    scope: Literal["provider", "model", "credential", "shadow"]
     key: str
     from_: str = msgspec.field(name="from")
     to: str
@@ -845,17 +906,28 @@ class SlotFacts(msgspec.Struct, frozen=True):
     min_window: int
     throttled: str | None
     gate: Gate
+    over_budget: bool = False  # the model's spend today has reached its budget
 
 
 def skip_reason(f: SlotFacts) -> str | None:
     """SPEC section 5's eligibility rules, in the order they are reported: a provider
     that timed out in this request, a prompt the window cannot hold (or no larger than
-    one that overflowed), our own TPM/RPM budget, then the breakers."""
+    one that overflowed), the day's spend budget, our own TPM/RPM budget, then the
+    breakers.
+
+    The spend budget comes after the window (a prompt no slot can hold is the client's
+    to fix whatever the budgets say: it gets the 400 that makes agents compact) and
+    before the per-minute quota and the breakers: it holds until UTC midnight, so it is
+    the truer reason; a route whose every slot is out on it gets its 429 with the reset
+    time; and a slot out of budget is never the breaker-blocked slot that the
+    never-blank rule probes anyway."""
     if f.provider_timed_out:
         return "provider_timed_out"
     window = f.context_window
     if window is not None and (f.needed_tokens > window or window <= f.min_window):
         return "context_window"
+    if f.over_budget:
+        return "budget"
     if f.throttled is not None:
         return "rate_limited"
     return f.gate.skip
@@ -1116,6 +1188,80 @@ def cost_usd(model: ModelConfig, tokens_in: int | None, tokens_out: int | None) 
     )
 
 
+# Spend budgets (SPEC section 13) run per UTC day.
+DAY_S = 86400.0
+
+
+def utc_day(epoch: float) -> str:
+    return _dt.datetime.fromtimestamp(epoch, _dt.UTC).date().isoformat()
+
+
+def next_utc_midnight(epoch: float) -> float:
+    """When the budgets of the day `epoch` falls in reset."""
+    return (math.floor(epoch / DAY_S) + 1) * DAY_S
+
+
+class Spend:
+    """Dollars spent per key (a model, or a route's shadow) on the current UTC day; a
+    new day starts from zero. Pure: the wall time is passed in. Reads never change it
+    (a reader after midnight sees 0 while the stored day is the old one)."""
+
+    __slots__ = ("day", "spent", "dirty")
+
+    def __init__(self, day: str = "", spent: Mapping[str, float] | None = None) -> None:
+        self.day = day
+        self.spent = dict(spent or {})
+        self.dirty = False
+
+    def today(self, key: str, now: float) -> float:
+        return self.spent.get(key, 0.0) if utc_day(now) == self.day else 0.0
+
+    def totals(self, now: float) -> dict[str, float]:
+        return dict(self.spent) if utc_day(now) == self.day else {}
+
+    def over(self, key: str, now: float, budget: float | None) -> bool:
+        """The day's spend has reached the budget (None: no budget)."""
+        return budget is not None and self.today(key, now) >= budget
+
+    def fits(self, key: str, now: float, budget: float, usd: float) -> bool:
+        """`usd` more would stay within what is left of the budget today."""
+        return self.today(key, now) + usd <= budget
+
+    def add(self, key: str, now: float, usd: float) -> str:
+        """Count `usd` on today; returns the day it was counted on (see settle)."""
+        day = utc_day(now)
+        if day != self.day:
+            self.day, self.spent = day, {}
+        self.spent[key] = self.spent.get(key, 0.0) + usd
+        self.dirty = True
+        return day
+
+    def settle(self, key: str, now: float, day: str, reserved: float, actual: float) -> None:
+        """Replace a reservation made on `day` by the real cost; a reservation from a day
+        that has ended went with that day."""
+        if utc_day(now) == day == self.day:
+            self.spent[key] = max(0.0, self.spent.get(key, 0.0) - reserved)
+        self.add(key, now, actual)
+
+
+def shadow_estimate(model: ModelConfig, prompt_tokens: int, live_tokens_out: int | None,
+                    body: Mapping[str, Any]) -> float:
+    """What a shadow call is expected to cost: the estimated prompt at the model's input
+    price, and as output the live answer's tokens (the same prompt's answer, the best
+    guess of its length), else the client's max_tokens or the model's output reserve."""
+    tokens_out = live_tokens_out if live_tokens_out is not None else output_reserve(body, model)
+    return cost_usd(model, prompt_tokens, tokens_out) or 0.0
+
+
+def answer_fingerprint(acc: ChoiceAcc | None, key: bytes) -> dict[str, Any]:
+    """An answer as the ledger may keep it (see AttemptRow.answer_digest): no content."""
+    text = "".join(acc.content) if acc is not None else ""
+    tools = sorted(c["function"]["name"] or "" for c in acc.tool_calls.values()) \
+        if acc is not None else []
+    digest = hmac.new(key, text.encode(), hashlib.sha256).hexdigest()[:32]
+    return {"answer_digest": digest, "answer_chars": len(text), "tool_names": tools}
+
+
 # ---------------------------------------------------------------------------
 # Ledger
 # The single JSONL writer: one write() per row, straight to the kernel, tolerant
@@ -1364,7 +1510,7 @@ class StreamState:
     __slots__ = (
         "progress", "done", "finish_reason", "usage", "id", "model", "created",
         "fingerprint", "choices", "want_usage", "events", "tool_index", "anthropic_usage",
-        "sse", "out_chars",
+        "sse", "out_chars", "record",
     )
 
     def __init__(self, *, assemble: bool, want_usage: bool) -> None:
@@ -1383,6 +1529,15 @@ class StreamState:
         self.anthropic_usage: dict[str, int] = {}
         self.sse = SSEParser()
         self.out_chars = 0
+        # A streamed answer that will be compared with its shadow is also assembled here
+        # (choice 0; relaying is unchanged): what its fingerprint is taken from.
+        self.record: ChoiceAcc | None = None
+
+    def remember(self, index: int, delta: _Delta | dict[str, Any] | None) -> None:
+        """Assemble choice 0 of a streamed answer that is to be compared with its shadow."""
+        if self.record is None or index or delta is None:
+            return
+        self.record.add(delta if isinstance(delta, _Delta) else msgspec.convert(delta, _Delta))
 
     @property
     def complete(self) -> bool:
@@ -1505,6 +1660,8 @@ class OpenAIAdapter:
                     acc.add(d)
                 if choice.finish_reason:
                     acc.finish_reason = choice.finish_reason
+            else:
+                st.remember(choice.index, d)
         return data if relay else None
 
     @staticmethod
@@ -1738,6 +1895,7 @@ class AnthropicAdapter:
             return None
         st.progress = True
         st.out_chars += len(delta.get("content") or delta.get("reasoning_content") or "")
+        st.remember(0, delta)
         if acc is not None:
             acc.add(msgspec.convert(delta, _Delta))
             return None
@@ -1988,6 +2146,13 @@ FALLBACK_RELEASE_MAX = 32
 STATE_SAVE_EVERY_S = 60.0
 # At most this many alert commands run at once; more are dropped (and logged).
 MAX_ALERTS_IN_FLIGHT = 4
+# Spend is saved at most this often as it grows (and at once when a budget runs out):
+# a crash forgets at most this much of the day's spend.
+SPEND_SAVE_EVERY_S = 10.0
+# Marks an upstream call made for a shadow (or for a request that came so marked): a
+# failoverd that receives it never shadows it, so a chain through failoverd itself
+# cannot make a shadow spawn shadows.
+SHADOW_HEADER = "x-failoverd-shadow"
 
 
 class SavedBreaker(msgspec.Struct, kw_only=True):
@@ -2001,6 +2166,11 @@ class SavedBreaker(msgspec.Struct, kw_only=True):
     hold: bool = False
 
 
+class SavedSpend(msgspec.Struct, kw_only=True):
+    day: str = ""  # UTC date, 2025-06-01
+    spent: dict[str, float] = {}
+
+
 class SavedState(msgspec.Struct, kw_only=True):
     """The state file: what must survive a restart during an outage."""
 
@@ -2008,6 +2178,9 @@ class SavedState(msgspec.Struct, kw_only=True):
     saved_at: str = ""
     breakers: list[SavedBreaker] = []
     divisors: dict[str, float] = {}
+    # Spend today (SPEC section 13): live per model, shadows per route.
+    spend: SavedSpend = msgspec.field(default_factory=lambda: SavedSpend())
+    shadow_spend: SavedSpend = msgspec.field(default_factory=lambda: SavedSpend())
 
 
 BreakerKey = tuple[str, str]  # (scope, key): ("provider", "a"), ("model", "a/m1"), ...
@@ -2209,6 +2382,44 @@ class Health:
             restored += still_open
         return restored
 
+    # -- shadows (SPEC section 13) -----------------------------------------------
+    # A shadow counts on one breaker of its own, scope "shadow" keyed by its model: a
+    # broken candidate stops being called, and no shadow verdict reaches the provider,
+    # model or credential breakers of the live chain (another scope: no key can clash).
+
+    def shadow_gate(self, slot: Slot) -> Gate:
+        key: BreakerKey = ("shadow", slot.key)
+        b = self.breakers.get(key)
+        if b is None:
+            return Gate()
+        now = trio.current_time()
+        self._apply(key, b.poll(now))
+        return gate([b], now)
+
+    def shadow_claim(self, slot: Slot) -> tuple[BreakerKey, ...]:
+        key: BreakerKey = ("shadow", slot.key)
+        b = self.breakers.get(key)
+        return (key,) if b is not None and b.claim_probe() else ()
+
+    def record_shadow(self, slot: Slot, failure: Failure | None, ttft: float | None, *,
+                      probe: tuple[BreakerKey, ...] = ()) -> None:
+        """A shadow's verdict, on its own breaker (BREAKER_EFFECTS, as for live slots)."""
+        key: BreakerKey = ("shadow", slot.key)
+        cfg = self.d.cfg.breakers
+        effect = breaker_effect("ok" if failure is None else failure.outcome)
+        if failure is not None and effect == "hold":
+            self._trip(key, rate_limit_hold(failure.retry_after, cfg), failure.error,
+                       skip="rate_limited", hold=True)
+        elif failure is not None and effect.startswith("isolate_"):
+            seconds = cfg.auth_isolation_s if effect == "isolate_credential" \
+                else cfg.not_found_isolation_s
+            self._trip(key, seconds, f"shadow isolated: {failure.error}")
+        elif effect in ("success", "failure"):
+            b = self.breakers.setdefault(key, Breaker())
+            self._apply(key, b.result(trio.current_time(), effect == "failure",
+                                      ttft is not None and ttft > cfg.slow_call_s, cfg,
+                                      self.d.rng.random(), probe=key in probe))
+
 
 # httpcore's pool scans all its connections (and polls each idle one) on every
 # request and every response close: O(n^2) per event with n connections, which
@@ -2324,6 +2535,14 @@ class Daemon:
         # Where alert commands and probes run; serve() sets it to a nursery that
         # outlives requests.
         self.background: trio.Nursery | None = None
+        # Spend budgets and shadows (SPEC section 13). Budget days are UTC days of
+        # wall_clock (Unix time), which tests replace to cross a midnight.
+        self.wall_clock: Callable[[], float] = time.time
+        self.spend = Spend()  # live, per model
+        self.shadow_spend = Spend()  # shadows, per route
+        self.spend_saved_at = -math.inf
+        self.shadows = Shadows(self)
+        self.answer_key = os.urandom(32)  # keys answer digests; never leaves this process
         self.state_path = self._state_path(cfg)
         self._state_warned = False
         self.load_state()
@@ -2375,6 +2594,8 @@ class Daemon:
         if restored:
             log.warning("restored %d open breaker(s) from %s", restored, self.state_path)
         self.restore_divisors(state.divisors)
+        self.spend = Spend(state.spend.day, state.spend.spent)
+        self.shadow_spend = Spend(state.shadow_spend.day, state.shadow_spend.spent)
 
     def restore_divisors(self, divisors: dict[str, float]) -> None:
         self.estimator = Estimator(divisors)
@@ -2386,7 +2607,7 @@ class Daemon:
         """Persist learned divisors once a minute when they changed."""
         while True:
             await trio.sleep(STATE_SAVE_EVERY_S)
-            if self.estimator.dirty:
+            if self.estimator.dirty or self.spend.dirty or self.shadow_spend.dirty:
                 self.estimator.dirty = False
                 self.save_state()
 
@@ -2395,7 +2616,11 @@ class Daemon:
         if not self.state_path:
             return
         state = SavedState(saved_at=utc_timestamp(), breakers=self.health.saved(),
-                           divisors=self.divisors())
+                           divisors=self.divisors(),
+                           spend=SavedSpend(day=self.spend.day, spent=self.spend.spent),
+                           shadow_spend=SavedSpend(day=self.shadow_spend.day,
+                                                   spent=self.shadow_spend.spent))
+        self.spend.dirty = self.shadow_spend.dirty = False
         tmp = self.state_path + ".tmp"
         try:
             with open(tmp, "wb") as f:
@@ -2406,6 +2631,55 @@ class Daemon:
                 self._state_warned = True
                 log.error("cannot write state file %s (%s); breakers will not survive a "
                           "restart until this is fixed", self.state_path, e.strerror)
+
+    # -- spend budgets (SPEC section 13) ------------------------------------------
+
+    def charge(self, model: str, usd: float | None, budget: float | None) -> None:
+        """A live attempt's billed cost (failed attempts' too), on its model's day."""
+        if not usd:
+            return
+        now = self.wall_clock()
+        was_over = self.spend.over(model, now, budget)
+        self.spend.add(model, now, usd)
+        if budget is not None and not was_over and self.spend.over(model, now, budget):
+            self._budget_spent(model, budget, now)
+        elif trio.current_time() - self.spend_saved_at >= SPEND_SAVE_EVERY_S:
+            self.spend_saved_at = trio.current_time()
+            self.save_state()
+
+    def _budget_spent(self, model: str, budget: float, now: float) -> None:
+        resets = utc_timestamp(next_utc_midnight(now))
+        spent = round(self.spend.today(model, now), 6)
+        log.warning("model %s has spent its budget_usd_per_day = %g ($%.4f today): its slots "
+                    "are skipped until %s (UTC midnight); raise the budget and reload to "
+                    "serve it sooner", model, budget, spent, resets)
+        self.health.alert(msgspec.json.encode({
+            "kind": "alert", "ts": utc_timestamp(now), "type": "budget_exhausted",
+            "model": model, "budget_usd_per_day": budget, "spent_usd": spent,
+            "resets_at": resets}))
+        self.save_state()
+
+    def budgets(self) -> dict[str, Any]:
+        """Spend today against the budgets, as `GET /status` shows it (and what metrics
+        read): live per model, shadows per route. A read, with no side effects."""
+        now = self.wall_clock()
+        spent, shadow_spent = self.spend.totals(now), self.shadow_spend.totals(now)
+        budgets = {k: m.budget_usd_per_day for k, m in self.cfg.models.items()
+                   if m.budget_usd_per_day is not None}
+
+        def line(usd: float, budget: float | None) -> dict[str, Any]:
+            return {"spent_usd": round(usd, 6), "budget_usd_per_day": budget,
+                    "left_usd": None if budget is None else round(max(0.0, budget - usd), 6),
+                    "exhausted": budget is not None and usd >= budget}
+
+        return {
+            "day": utc_day(now), "resets_at": utc_timestamp(next_utc_midnight(now)),
+            "models": [{"model": k, **line(spent.get(k, 0.0), budgets.get(k))}
+                       for k in sorted(set(spent) | set(budgets))],
+            "shadows": [{"route": name, "model": r.shadow.model, "sample": r.shadow.sample,
+                         **line(shadow_spent.get(name, 0.0), r.shadow.budget_usd_per_day)}
+                        for name, r in sorted(self.routes.items()) if r.shadow is not None],
+        }
 
     def _pools(self, provider: ProviderConfig) -> PoolShards:
         """Connection pools for one provider. failoverd uses httpx's transport layer
@@ -2552,6 +2826,8 @@ class Daemon:
             "in_flight": [req.describe(now) for req in self.inflight.values()],
             "breakers": self.health.snapshot(),
             "token_divisors": self.divisors(),
+            "budgets": self.budgets(),
+            "shadow": self.shadows.status(),
             "ledger": {"path": self.ledger.path, "dropped_rows": self.ledger.dropped},
             "gc": {"frozen_objects": gc.get_freeze_count(), "threshold": list(gc.get_threshold()),
                    "collections": [g["collections"] for g in gc.get_stats()]},
@@ -2670,6 +2946,8 @@ class Attempt:
         self.cancel_reason: str | None = None  # set by whoever cancels it on purpose
         self.detached = False  # a probe that lost the race, running on to its verdict
         self.st = StreamState(assemble=not req.stream, want_usage=req.want_usage)
+        if req.stream and req.compares:
+            self.st.record = ChoiceAcc()
         self.t = Timings(trio.current_time())
         self.failure: Failure | None = None
         self.ended = False
@@ -2790,7 +3068,7 @@ class Attempt:
         self._row()
         # A probe's verdict closes or reopens its breakers; one that proved nothing is
         # released in run()'s finally.
-        d.health.record(self.slot, self.credential, f, self.t.ttft, probe=self.claim)
+        req.record(self, f)
         if f is not None and f.outcome not in ("client_disconnected", "hedge_lost"):
             log.info("request %s: %s %s (%s)", req.request_id, self.slot.key, f.outcome, f.error)
         if not self.detached:
@@ -2824,6 +3102,9 @@ class Attempt:
             tokens_in, estimated = self.estimate, True
         if tokens_out is None and st.out_chars:
             tokens_out, estimated = math.ceil(st.out_chars / OUTPUT_CHARS_PER_TOKEN), True
+        # A call that produced output may be billed; one that produced none is not.
+        cost = cost_usd(self.model_cfg, tokens_in, tokens_out) if t.first is not None else None
+        self.req.charge(self, cost)
         self.req.row(
             self.slot, self.index, f.outcome if f else "ok",
             status=f.status if f else 200, error=f.error if f else None,
@@ -2831,11 +3112,9 @@ class Attempt:
             max_gap_ms=_ms(t.max_gap) if t.first is not None else None,
             committed=self.req.committed and self.req.winner is self,
             tokens_in=tokens_in, tokens_out=tokens_out, tokens_estimated=estimated,
-            # A call that produced output may be billed; one that produced none is not.
-            cost_usd=cost_usd(self.model_cfg, tokens_in, tokens_out)
-            if t.first is not None else None,
+            cost_usd=cost,
             first_token_deadline_s=self.first_token_s, stall_deadline_s=self.stall_s,
-            hedge=self.hedge, probe=self.probe)
+            hedge=self.hedge, probe=self.probe, **self.req.answer_fields(self))
 
     # -- talking to the upstream -----------------------------------------------
 
@@ -2853,6 +3132,8 @@ class Attempt:
                                          f"{type(e).__name__}: {e}", status=400) from None
         if provider.headers:
             headers = {**provider.headers, **headers}
+        if req.marked:
+            headers[SHADOW_HEADER] = "1"
         # Only the connect timeout is httpx's; the attempt's cancel scope owns the rest
         # (httpx's default 5 s read timeout would fight it).
         timeout = {"connect": provider.connect_timeout_s, "read": None, "write": None,
@@ -2940,8 +3221,7 @@ class Attempt:
         """The first meaningful output: a probe has proved its slot; then the attempt
         wins the race, or stops if another already has."""
         if self.claim:
-            self.req.d.health.record(self.slot, self.credential, None, self.t.ttft,
-                                     probe=self.claim)
+            self.req.record(self, None)
             self.claim = ()
         if self.detached:
             raise Failure("hedge_lost", "answered after another slot had won the race; it "
@@ -3032,7 +3312,7 @@ class Request:
 
     def __init__(
         self, d: Daemon, snap: Snapshot, route: Route, body: dict[str, Any], *, stream: bool,
-        peer: Peer, reply: Reply, request_id: str, body_size: int,
+        peer: Peer, reply: Reply, request_id: str, body_size: int, marked: bool = False,
     ) -> None:
         self.d = d
         self.snap = snap
@@ -3072,6 +3352,12 @@ class Request:
         self.status = 200
         self.row_written = False
         self.keep_alive = True  # False: the client pipelined more than we keep
+        self.budget_skips: list[Slot] = []  # slots out of their day's budget
+        # A shadow, or a request that came marked as serving one (SHADOW_HEADER): never
+        # sampled, so no shadow ever has a shadow; it marks its own upstream calls.
+        self.marked = marked
+        self.sampled = not marked and d.shadows.sample(snap, route)
+        self.compares = self.sampled  # its answer's fingerprint goes in its row
         if route.timing.hedge_after_s is not None or route.timing.hedge_quantile is not None:
             d.hedges[route.name].request(self.started)
 
@@ -3109,6 +3395,7 @@ class Request:
             self.finish()
             self.d.release(self.snap)
             self.d.end(self)
+            self.d.shadows.after(self)  # the reply is complete: its shadow may start
 
     async def race(self) -> None:
         newest = await self.start_next()
@@ -3213,20 +3500,24 @@ class Request:
         needed = d.estimator.estimate(slot.key, self.body_size) + output_reserve(self.body,
                                                                                  model_cfg)
         throttled = d.throttle.over(slot.key, trio.current_time(), needed, model_cfg)
+        budget = model_cfg.budget_usd_per_day
+        over_budget = budget is not None and d.spend.over(slot.key, d.wall_clock(), budget)
         # The breakers last: polling them may half-open one (a ledger row).
-        gate_ = Gate() if slot.provider in self.timed_out else d.health.gate(
+        gate_ = Gate() if slot.provider in self.timed_out or over_budget else d.health.gate(
             slot, self.snap.credential(slot.provider))
         reason = skip_reason(SlotFacts(
             provider_timed_out=slot.provider in self.timed_out, needed_tokens=needed,
             context_window=model_cfg.context_window, min_window=self.min_window,
-            throttled=throttled, gate=gate_))
+            throttled=throttled, gate=gate_, over_budget=over_budget))
         if reason is None:
             return self.launch(slot, hedge=hedge, probe=gate_.probe)
         if reason == "context_window":
             self.context_skips.append((slot, needed, model_cfg.context_window or 0))
         else:
             self.other_skips += 1
-        if reason == "rate_limited" and throttled is not None:
+        if reason == "budget":
+            self.budget_skips.append(slot)
+        elif reason == "rate_limited" and throttled is not None:
             log.info("request %s: %s skipped: %s", self.request_id, slot.key, throttled)
         elif reason == gate_.skip:
             self.blocked.append((gate_.until, position, slot))
@@ -3376,6 +3667,8 @@ class Request:
                                  body, self.finish)
 
     async def _all_failed(self) -> None:
+        if self.budget_skips and not self.failures and len(self.budget_skips) == self.rows:
+            return await self._budget_exhausted()
         if not self.other_skips and (self.failures or self.context_skips) and all(
                 f.outcome == "context_overflow" for _, f in self.failures):
             return await self._too_large()
@@ -3410,10 +3703,33 @@ class Request:
             message, type_="invalid_request_error", code="context_length_exceeded",
             param="messages", extra=self.extra()))
 
-    async def _respond_error(self, body: dict[str, Any]) -> None:
+    async def _budget_exhausted(self) -> None:
+        """Every slot is out of its day's budget: 429 with when the budgets reset, so a
+        runaway agent is stopped and a well-behaved one knows when to come back."""
+        self.status = 429
+        now = self.d.wall_clock()
+        reset = next_utc_midnight(now)
+        resets_at = utc_timestamp(reset)
+        budgets = []
+        for key in dict.fromkeys(s.key for s in self.budget_skips):
+            budget = self.snap.cfg.models[key].budget_usd_per_day
+            budgets.append({"model": key, "budget_usd_per_day": budget,
+                            "spent_usd": round(self.d.spend.today(key, now), 6),
+                            "resets_at": resets_at})
+        spent = ", ".join(f"{b['model']} ${b['spent_usd']:.4f} of ${b['budget_usd_per_day']:g}"
+                          for b in budgets)
+        message = (f"route {self.route.name!r}: every slot has spent its daily budget "
+                   f"({spent}); the budgets reset at {resets_at} (UTC midnight)")
+        await self._respond_error(
+            error_body(message, type_="failoverd_error", code="budget_exhausted",
+                       extra={**self.extra(), "budgets": budgets}),
+            [("retry-after", str(max(1, math.ceil(reset - now))))])
+
+    async def _respond_error(self, body: dict[str, Any],
+                             headers: Iterable[tuple[str, str]] = ()) -> None:
         self.client_ttft = trio.current_time() - self.started
         await self.reply.respond(self.status, [*self.headers(None),
-                                               ("content-type", "application/json")],
+                                               ("content-type", "application/json"), *headers],
                                  _json_encode(body), self.finish)
 
     def extra(self) -> dict[str, Any]:
@@ -3438,6 +3754,22 @@ class Request:
             ts=utc_timestamp(), request_id=self.request_id, route=self.route.name,
             attempt=index, provider=slot.provider, model=slot.model, outcome=outcome,
             stream=self.stream, client_pid=self.peer.pid, client_uid=self.peer.uid, **fields))
+
+    def record(self, a: Attempt, failure: Failure | None) -> None:
+        """An attempt's verdict on its slot's breakers (a probe's claim decides them)."""
+        self.d.health.record(a.slot, a.credential, failure, a.t.ttft, probe=a.claim)
+
+    def charge(self, a: Attempt, usd: float | None) -> None:
+        """An attempt's billed cost, counted on its model's day (SPEC section 13)."""
+        self.d.charge(a.slot.key, usd, a.model_cfg.budget_usd_per_day)
+
+    def answer_fields(self, a: Attempt) -> dict[str, Any]:
+        """The fingerprint of an answer to be compared with its shadow, for its row."""
+        if not self.compares or a.failure is not None:
+            return {}
+        st = a.st
+        return answer_fingerprint(st.record if st.record is not None
+                                  else (st.choices or {}).get(0), self.d.answer_key)
 
     def finish(self, delivered: bool = True) -> None:
         """The request row, once: called as the reply's last byte reaches the kernel
@@ -3468,6 +3800,191 @@ class Request:
             "age_s": round(now - self.started, 3), "left_s": round(self.deadline - now, 3),
             "stream": self.stream,
         }
+
+
+class DiscardReply(Reply):
+    """A shadow's client: nothing it is given goes anywhere."""
+
+    async def start(self, status: int, headers: list[tuple[str, str]], body: bytes = b"",
+                    *, final: bool = False) -> None:
+        pass
+
+    async def send(self, data: bytes) -> None:
+        pass
+
+    def relay_now(self, data: bytes) -> bytes | None:
+        return b""
+
+    async def send_raw(self, framed: bytes) -> None:
+        pass
+
+    async def finish(self, data: bytes, settle: Callable[[bool], None]) -> None:
+        settle(True)
+
+    async def respond(self, status: int, headers: list[tuple[str, str]], body: bytes,
+                      settle: Callable[[bool], None]) -> None:
+        settle(True)
+
+    def abort(self) -> None:
+        pass
+
+
+class ShadowRequest(Request):
+    """One shadow call (SPEC section 13): the body of a live request whose reply is
+    complete, sent to the route's shadow model as a one-slot run under the route's
+    deadlines, without retry or hedge, so it never fails over; the reply discards
+    everything. Its one row says `shadow = true` and names the live request. It is no
+    request in flight (a drain does not wait for it, it has no request row), is never
+    sampled itself, and marks its upstream call (SHADOW_HEADER). Its estimated cost is
+    reserved on the route's shadow budget before it starts, and replaced by the real
+    cost when it ends; its verdict goes to its own breaker only (Health.record_shadow)."""
+
+    def __init__(self, d: Daemon, snap: Snapshot, route: Route, live: Request) -> None:
+        shadow = route.shadow
+        assert shadow is not None  # Shadows.after saw to it
+        slot = parse_slot(shadow.model)
+        assert slot is not None  # config_errors saw to it
+        timing = msgspec.structs.replace(route.timing, retry_same=0, hedge_after_s=None,
+                                         hedge_quantile=None)
+        super().__init__(d, snap, Route(route.name, (slot,), timing), live.body, stream=False,
+                         peer=live.peer, reply=DiscardReply(), request_id=_secrets.token_hex(8),
+                         body_size=live.body_size, marked=True)
+        self.shadow = shadow
+        self.compares = True
+        self.cancel_reason = "shutdown"  # the only thing that cancels a shadow
+        self.scope = trio.CancelScope()
+        self.live_id = live.request_id
+        st = live.answer.st if live.answer is not None else None
+        self.live_tokens_out = None if st is None else st.tokens_out if st.tokens_out \
+            is not None else math.ceil(st.out_chars / OUTPUT_CHARS_PER_TOKEN) or None
+        self.reserved, self.reserved_day = 0.0, ""
+
+    async def run(self) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self.nursery = nursery
+                await self.race()
+        finally:
+            for a in list(self.running):  # a probe runs in the daemon's nursery
+                a.stop(self.cancel_reason)
+
+    def try_slot(self, slot: Slot, position: int, hedge: bool) -> Attempt | None:
+        """Start the shadow, or write its skip row: the estimated cost must fit what is
+        left of the budget today, and the shadow's own breaker must let it through."""
+        d = self.d
+        model_cfg = self.snap.model_cfg(slot)
+        prompt = d.estimator.estimate(slot.key, self.body_size)
+        estimate = shadow_estimate(model_cfg, prompt, self.live_tokens_out, self.body)
+        now, budget = d.wall_clock(), self.shadow.budget_usd_per_day
+        fits = d.shadow_spend.fits(self.route.name, now, budget, estimate)
+        gate_ = d.health.shadow_gate(slot) if fits else Gate()
+        needed = prompt + output_reserve(self.body, model_cfg)
+        reason = skip_reason(SlotFacts(
+            provider_timed_out=False, needed_tokens=needed,
+            context_window=model_cfg.context_window, min_window=0,
+            throttled=d.throttle.over(slot.key, trio.current_time(), needed, model_cfg),
+            gate=gate_, over_budget=not fits))
+        if reason is not None:
+            if reason == "budget":
+                log.info("shadow of request %s skipped: its estimated $%.6f does not fit "
+                         "what is left of routes.%s.shadow.budget_usd_per_day = %g today "
+                         "($%.6f spent)", self.live_id, estimate, self.route.name, budget,
+                         d.shadow_spend.today(self.route.name, now))
+            self.row(slot, self.next_index(), "skipped", skip_reason=reason)
+            return None
+        self.reserved, self.reserved_day = estimate, d.shadow_spend.add(self.route.name, now,
+                                                                        estimate)
+        return self.launch(slot, hedge=hedge,
+                           claim=d.health.shadow_claim(slot) if gate_.probe else ())
+
+    def record(self, a: Attempt, failure: Failure | None) -> None:
+        self.d.health.record_shadow(a.slot, failure, a.t.ttft, probe=a.claim)
+
+    def charge(self, a: Attempt, usd: float | None) -> None:
+        """Settle: the real cost replaces the reservation."""
+        self.d.shadow_spend.settle(self.route.name, self.d.wall_clock(), self.reserved_day,
+                                   self.reserved, usd or 0.0)
+        self.reserved = 0.0
+
+    def row(self, slot: Slot, index: int, outcome: str, **fields: Any) -> None:
+        super().row(slot, index, outcome, shadow=True, shadow_of=self.live_id, **fields)
+
+
+class Shadows:
+    """The daemon's shadow calls (SPEC section 13): sampled when a request starts,
+    started in the daemon's own nursery once its reply is complete, at most
+    [shadow] max_in_flight at once, dropped first under load, cancelled at shutdown
+    without anyone waiting for them. A drop is counted (GET /status), not logged."""
+
+    def __init__(self, d: Daemon) -> None:
+        self.d = d
+        self.running: set[ShadowRequest] = set()
+        self.started = 0
+        self.dropped: collections.Counter[str] = collections.Counter()
+
+    def sample(self, snap: Snapshot, route: Route) -> bool:
+        """Is a new request to be shadowed? One draw of d.rng per request of a shadowed
+        route while shadows are on (in the request's config generation)."""
+        shadow = route.shadow
+        if shadow is None or not shadow.sample or not snap.cfg.shadow.enabled:
+            return False
+        return self.d.rng.random() < shadow.sample
+
+    def loaded(self) -> bool:
+        """Shadows go first: none starts while live requests are being shed, nor while
+        the loop runs half as late as the point where shedding begins."""
+        d = self.d
+        limit = d.cfg.daemon.shed_lag_s
+        return d.overloaded or (bool(limit) and d.loop_lag >= limit / 2)
+
+    def drop_reason(self) -> str | None:
+        d = self.d
+        if d.draining or d.background is None:
+            return "shutdown"
+        if self.loaded():
+            return "load"
+        if len(self.running) >= d.cfg.shadow.max_in_flight:
+            return "max_in_flight"
+        return None
+
+    def after(self, live: Request) -> None:
+        """A request's reply is complete: start its shadow if it was sampled and
+        answered (a shadow needs an answer to compare with), or count why not."""
+        if not live.sampled or live.status != 200 or live.answer is None:
+            return
+        d = self.d
+        route = d.routes.get(live.route.name)  # the config now: a reload may have
+        if route is None or route.shadow is None or not d.cfg.shadow.enabled:  # turned it off
+            self.dropped["disabled"] += 1
+            return
+        reason = self.drop_reason()
+        if reason is not None:
+            self.dropped[reason] += 1
+            return
+        sreq = ShadowRequest(d, d.acquire(), route, live)
+        self.running.add(sreq)
+        self.started += 1
+        assert d.background is not None
+        d.background.start_soon(self._run, sreq)
+
+    async def _run(self, sreq: ShadowRequest) -> None:
+        try:
+            with sreq.scope:
+                await sreq.run()
+        finally:
+            self.running.discard(sreq)
+            self.d.release(sreq.snap)
+
+    def cancel(self) -> None:
+        """Shutdown: stop every shadow now (their rows say `shutdown`)."""
+        for sreq in self.running:
+            sreq.scope.cancel(reason="failoverd is shutting down")
+
+    def status(self) -> dict[str, Any]:
+        cfg = self.d.cfg.shadow
+        return {"enabled": cfg.enabled, "max_in_flight": cfg.max_in_flight,
+                "in_flight": len(self.running), "started": self.started,
+                "dropped": dict(sorted(self.dropped.items()))}
 
 
 async def _read_limited(resp: httpx.Response, limit: int) -> bytes:
@@ -3760,7 +4277,8 @@ async def _handle_request(
     if body is None:
         return
     if path == b"/v1/chat/completions" and method == b"POST":
-        await _chat(d, conn, stream, reply, body, peer)
+        marked = any(k == SHADOW_HEADER.encode() for k, _ in request.headers)
+        await _chat(d, conn, stream, reply, body, peer, marked=marked)
     elif path == b"/v1/models" and method == b"GET":
         await _simple(reply, 200, {"object": "list", "data": [
             {"id": name, "object": "model", "created": 0, "owned_by": "failoverd"}
@@ -3781,7 +4299,7 @@ async def _handle_request(
 
 async def _chat(
     d: Daemon, conn: h11.Connection, stream: trio.abc.Stream, reply: H11Reply, raw: bytes,
-    peer: Peer,
+    peer: Peer, *, marked: bool = False,
 ) -> None:
     try:
         body = msgspec.json.decode(raw)
@@ -3819,7 +4337,8 @@ async def _chat(
         return
     snap = d.acquire()
     req = Request(d, snap, route, body, stream=body.get("stream") is True, peer=peer,
-                  reply=reply, request_id=_secrets.token_hex(8), body_size=len(raw))
+                  reply=reply, request_id=_secrets.token_hex(8), body_size=len(raw),
+                  marked=marked)
     with trio.CancelScope() as req_scope:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_watch_client, conn, stream, req, req_scope)
@@ -4018,6 +4537,7 @@ async def serve(
             await d.shutdown.wait()
             accepting.cancel_scope.cancel()
         d.draining = True
+        d.shadows.cancel()
         for listener in listeners:
             await listener.aclose()
         for scope in list(d.idle_scopes):
@@ -4646,8 +5166,8 @@ def audit(rows: Iterable[LedgerRow], cliff_s: float, since_epoch: float | None =
             continue
         if isinstance(row, RequestRow) and row.served_by:
             served_worst[row.served_by] = max(served_worst.get(row.served_by, 0.0), row.total_ms)
-        if not isinstance(row, AttemptRow) or row.outcome == "skipped":
-            continue
+        if not isinstance(row, AttemptRow) or row.outcome == "skipped" or row.shadow:
+            continue  # shadows have their own report (shadow_report)
         s = stats.setdefault(f"{row.provider}/{row.model}", {
             "n": 0, "ok": 0, "latency": [], "ttft": [], "hangs": 0, "failovers": 0, "cost": 0.0})
         s["n"] += 1
@@ -4692,6 +5212,111 @@ def format_audit(table: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _call_stats(rows: list[AttemptRow]) -> dict[str, Any]:
+    """Latency and first-token percentiles (answered calls), tokens and cost."""
+    ok = [r for r in rows if r.outcome == "ok"]
+    out: dict[str, Any] = {"n": len(rows), "ok": len(ok)}
+    for name, values in (("latency", [r.latency_ms for r in ok if r.latency_ms is not None]),
+                         ("ttft", [r.ttft_ms for r in ok if r.ttft_ms is not None])):
+        out |= {f"{name}_{p}_ms": percentile(values, n) for p, n in
+                (("p50", 50), ("p90", 90), ("p99", 99))}
+    out["tokens_in"] = sum(r.tokens_in or 0 for r in rows)
+    out["tokens_out"] = sum(r.tokens_out or 0 for r in rows)
+    out["cost_usd"] = round(sum(r.cost_usd or 0.0 for r in rows), 6)
+    return out
+
+
+def _agreement(pairs: list[tuple[AttemptRow, AttemptRow]]) -> dict[str, Any]:
+    """How often a shadow's answer agrees with its primary's, from their fingerprints:
+    identical text (and tools), the median length ratio (shadow / primary), and on
+    tool-call turns (either side called one) whether the same tools were called."""
+    both = [(p, s) for p, s in pairs if s.outcome == "ok" and s.answer_digest is not None]
+    exact = sum(p.answer_digest == s.answer_digest and p.tool_names == s.tool_names
+                for p, s in both)
+    ratios = [(s.answer_chars or 0) / p.answer_chars for p, s in both if p.answer_chars]
+    tools = [(p, s) for p, s in both if p.tool_names or s.tool_names]
+    same = sum(sorted(p.tool_names or []) == sorted(s.tool_names or []) for p, s in tools)
+    return {
+        "compared": len(both),
+        "exact_match_pct": round(100 * exact / len(both), 1) if both else None,
+        "length_ratio": None if not ratios else round(percentile(ratios, 50) or 0.0, 3),
+        "tool_turns": len(tools),
+        "same_tools_pct": round(100 * same / len(tools), 1) if tools else None,
+    }
+
+
+def _shadow_rows(rows: Iterable[LedgerRow], since_epoch: float | None
+                 ) -> tuple[dict[str, AttemptRow], list[AttemptRow]]:
+    """The shadow rows, and the answered live attempts that carry a fingerprint (those
+    of sampled requests) by request id."""
+    live: dict[str, AttemptRow] = {}
+    shadows: list[AttemptRow] = []
+    for row in rows:
+        if not isinstance(row, AttemptRow) or (
+                since_epoch is not None
+                and _dt.datetime.fromisoformat(row.ts).timestamp() < since_epoch):
+            continue
+        if row.shadow:
+            shadows.append(row)
+        elif row.outcome == "ok" and row.answer_digest is not None:
+            live[row.request_id] = row
+    return live, shadows
+
+
+def shadow_report(rows: Iterable[LedgerRow], since_epoch: float | None = None
+                  ) -> list[dict[str, Any]]:
+    """Each shadow beside its primary (SPEC section 13), per route, shadow model and the
+    model that answered the live requests it shadowed: calls, skips, latency and
+    first-token percentiles, tokens and cost of both, and how often they agree. A
+    shadow whose live row is not in the ledgers read is counted under primary "?"."""
+    live, shadows = _shadow_rows(rows, since_epoch)
+    groups: dict[tuple[str, str, str], list[AttemptRow]] = {}
+    for s in shadows:
+        p = live.get(s.shadow_of or "")
+        key = (s.route, f"{s.provider}/{s.model}", f"{p.provider}/{p.model}" if p else "?")
+        groups.setdefault(key, []).append(s)
+    report = []
+    for (route, model, primary), group in sorted(groups.items()):
+        called = [s for s in group if s.outcome != "skipped"]
+        pairs = [(live[s.shadow_of or ""], s) for s in called if (s.shadow_of or "") in live]
+        report.append({
+            "route": route, "shadow_model": model, "primary_model": primary,
+            "skipped": dict(sorted(collections.Counter(
+                s.skip_reason or "?" for s in group if s.outcome == "skipped").items())),
+            "shadow": _call_stats(called), "primary": _call_stats([p for p, _ in pairs]),
+            **_agreement(pairs),
+        })
+    return report
+
+
+def format_shadow_report(report: list[dict[str, Any]]) -> list[str]:
+    def s(v: float | None) -> str:
+        return "-" if v is None else f"{v / 1000:.2f}"
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{v:.1f}%"
+
+    lines = ["shadows (each beside the primary that answered the same requests):"]
+    for r in report:
+        skipped = ", ".join(f"{k} {v}" for k, v in r["skipped"].items()) or "none"
+        lines.append(f"route {r['route']}: shadow {r['shadow_model']} vs primary "
+                     f"{r['primary_model']}; skipped: {skipped}")
+        lines.append(f"  {'':<8} {'n':>6} {'ok':>6}  {'latency s p50/p90/p99':<22} "
+                     f"{'ttft s p50/p90/p99':<22} {'tokens in/out':>17} {'cost $':>10}")
+        for name in ("primary", "shadow"):
+            c = r[name]
+            lat = "/".join(s(c[f"latency_{p}_ms"]) for p in ("p50", "p90", "p99"))
+            ttft = "/".join(s(c[f"ttft_{p}_ms"]) for p in ("p50", "p90", "p99"))
+            lines.append(f"  {name:<8} {c['n']:>6} {c['ok']:>6}  {lat:<22} {ttft:<22} "
+                         f"{c['tokens_in']:>8}/{c['tokens_out']:<8} {c['cost_usd']:>10.4f}")
+        ratio = "-" if r["length_ratio"] is None else f"{r['length_ratio']:.2f}"
+        lines.append(f"  agreement over {r['compared']} answered pair(s): exact match "
+                     f"{pct(r['exact_match_pct'])}, length ratio {ratio} (median, shadow / "
+                     f"primary), same tools {pct(r['same_tools_pct'])} of {r['tool_turns']} "
+                     "tool-call turn(s)")
+    return lines
+
+
 def format_status(status: dict[str, Any]) -> list[str]:
     """`failoverd status` as text: in-flight requests, breakers, token divisors."""
     lines = [f"failoverd {status['version']}, up {status['uptime_s']:.0f} s"
@@ -4729,6 +5354,32 @@ def format_status(status: dict[str, Any]) -> list[str]:
     if divisors:
         lines.append("token divisors (chars per prompt token):")
         lines += [f"  {k:<40} {v:.2f}" for k, v in sorted(divisors.items())]
+    return lines + format_budgets(status)
+
+
+def format_budgets(status: dict[str, Any]) -> list[str]:
+    """The spend budgets and shadows part of `failoverd status`."""
+    lines = []
+    budgets = status.get("budgets") or {}
+
+    def spent(b: dict[str, Any]) -> str:
+        if b["budget_usd_per_day"] is None:
+            return f"${b['spent_usd']:.4f} (no budget)"
+        return f"${b['spent_usd']:.4f} of ${b['budget_usd_per_day']:g}" + (
+            "  EXHAUSTED" if b["exhausted"] else f"  (left ${b['left_usd']:.4f})")
+
+    if budgets.get("models"):
+        lines.append(f"spend today ({budgets['day']} UTC; budgets reset {budgets['resets_at']}):")
+        lines += [f"  {b['model']:<40} {spent(b)}" for b in budgets["models"]]
+    shadow = status.get("shadow") or {}
+    if budgets.get("shadows"):
+        dropped = ", ".join(f"{k} {v}" for k, v in (shadow.get("dropped") or {}).items())
+        lines.append(f"shadows: {'on' if shadow.get('enabled') else 'off ([shadow] enabled)'}, "
+                     f"{shadow.get('in_flight', 0)}/{shadow.get('max_in_flight', 0)} in flight, "
+                     f"{shadow.get('started', 0)} started" + (f"; dropped: {dropped}"
+                                                               if dropped else ""))
+        lines += [f"  route {b['route']} -> {b['model']}, sample {b['sample']:.0%}: {spent(b)}"
+                  for b in budgets["shadows"]]
     return lines
 
 
@@ -4764,8 +5415,10 @@ def status_cmd(socket_path: str | None, config_path: str | None, as_json: bool) 
 @click.option("--since", help="Only rows newer than this: 90s, 30m, 6h, 2d.")
 @click.option("--config", "config_path", help="Config for the ledger path and client_cliff_s.")
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
+@click.option("--shadows", "shadows_only", is_flag=True,
+              help="Only the shadow report: each shadow beside its primary.")
 def audit_cmd(ledger: str | None, since: str | None, config_path: str | None,
-              as_json: bool) -> None:
+              as_json: bool, shadows_only: bool) -> None:
     """Per-model table: n, success %, latency and TTFT p50/p90/p99/max, hangs, failovers,
     cost, and the margin to the client's cancel cliff."""
     try:
@@ -4782,16 +5435,18 @@ def audit_cmd(ledger: str | None, since: str | None, config_path: str | None,
             sys.exit(2)
         since_epoch = time.time() - seconds
     try:
-        table = audit((row for _, row in read_ledger(path) if row is not None),
-                      cfg.daemon.client_cliff_s, since_epoch)
+        rows = [row for _, row in read_ledger(path) if row is not None]
     except FileNotFoundError:
         click.echo(f"failoverd: no ledger at {path}; pass its path or check daemon.ledger",
                    err=True)
         sys.exit(1)
+    table = audit(rows, cfg.daemon.client_cliff_s, since_epoch)
+    shadows = shadow_report(rows, since_epoch)
     if as_json:
-        click.echo(msgspec.json.encode(table).decode())
+        click.echo(msgspec.json.encode(shadows if shadows_only else table).decode())
         return
-    for line in format_audit(table):
+    for line in ([] if shadows_only else format_audit(table)) + (
+            format_shadow_report(shadows) if shadows else []):
         click.echo(line)
 
 
