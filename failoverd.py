@@ -310,7 +310,7 @@ def config_errors(cfg: Config) -> list[str]:
             )
         if mc.budget_usd_per_day is not None and not _priced(mc):
             errors.append(
-                f"models.{name!r}.budget_usd_per_day: set price_in_per_mtok and "
+                f"models.{name!r}.budget_usd_per_day: set price_in_per_mtok / "
                 "price_out_per_mtok too; without prices failoverd cannot count the spend")
     for name, rc in cfg.routes.items():
         for i, entry in enumerate(rc.chain):
@@ -5276,7 +5276,8 @@ def shadow_report(rows: Iterable[LedgerRow], since_epoch: float | None = None
         key = (s.route, f"{s.provider}/{s.model}", f"{p.provider}/{p.model}" if p else "?")
         groups.setdefault(key, []).append(s)
     report = []
-    for (route, model, primary), group in sorted(groups.items()):
+    for (route, model, primary), group in sorted(groups.items(), key=lambda g: (
+            g[0][0], g[0][1], g[0][2] == "?", g[0][2])):
         called = [s for s in group if s.outcome != "skipped"]
         pairs = [(live[s.shadow_of or ""], s) for s in called if (s.shadow_of or "") in live]
         report.append({
