@@ -3868,6 +3868,14 @@ class ShadowRequest(Request):
             for a in list(self.running):  # a probe runs in the daemon's nursery
                 a.stop(self.cancel_reason)
 
+    async def start_next(self, *, hedge: bool = False) -> Attempt | None:
+        """Its one slot, once: no retry, no failover, no forced probe, and no place in
+        the queue of live fallbacks waiting their turn (Request.wait_turn)."""
+        if self.cursor:
+            return None
+        self.cursor = 1
+        return self.try_slot(self.route.slots[0], 0, hedge)
+
     def try_slot(self, slot: Slot, position: int, hedge: bool) -> Attempt | None:
         """Start the shadow, or write its skip row: the estimated cost must fit what is
         left of the budget today, and the shadow's own breaker must let it through."""
@@ -5057,6 +5065,8 @@ def format_row(row: LedgerRow) -> str:
         what = row.outcome if row.outcome != "skipped" else f"skipped:{row.skip_reason}"
         line = (f"{ts} attempt {row.request_id} {row.route} #{row.attempt} "
                 f"{row.provider}/{row.model} {what}")
+        if row.shadow:
+            line += f" shadow-of={row.shadow_of}"
         if row.status is not None:
             line += f" status={row.status}"
         if row.outcome != "skipped":

@@ -16,6 +16,7 @@ import httpx
 import msgspec
 import pytest
 import trio
+import trio.testing
 from click.testing import CliRunner
 from conftest import (
     ClientResult,
@@ -55,7 +56,8 @@ def shadowed(tmp_path, nursery):
 
     def make(scripts: dict[str, Any], *, routes: dict[str, list[str]] | None = None,
              breakers: fo.BreakerConfig | None = None, daemon: dict[str, Any] | None = None,
-             upstreams: MockUpstreams | None = None, **kw: Any) -> Harness:
+             upstreams: MockUpstreams | None = None,
+             providers: dict[str, fo.ProviderConfig] | None = None, **kw: Any) -> Harness:
         shadow = {k: kw.pop(k) for k in ("model", "sample", "budget", "enabled",
                                          "max_in_flight") if k in kw}
         ledger = str(tmp_path / "ledger.jsonl")
@@ -63,6 +65,7 @@ def shadowed(tmp_path, nursery):
         cfg = shadow_config(cfg, **shadow)
         cfg = msgspec.structs.replace(
             cfg, breakers=breakers or cfg.breakers,
+            providers={**cfg.providers, **(providers or {})},
             daemon=msgspec.structs.replace(cfg.daemon, **(daemon or {})))
         h = Harness(cfg, upstreams or MockUpstreams(scripts), ledger, nursery)
         h.d.wall_clock = lambda: NOON
@@ -119,6 +122,21 @@ async def test_a_different_answer_has_a_different_digest_and_length(shadowed, au
     [answer], [row] = live_rows(h), shadow_rows(h)
     assert answer["answer_digest"] != row["answer_digest"]
     assert (answer["answer_chars"], row["answer_chars"]) == (15, 11)
+
+
+async def test_the_shadow_waits_until_a_slow_client_has_the_whole_reply(shadowed,
+                                                                       autojump_clock, nursery):
+    long = " ".join(["word"] * 20_000)  # a 100 KB reply into 8 KB socket buffers
+    h = shadowed({"a/m1": ok_script(long), "c/m3": ok_script("x y")}, budget=100.0)
+    client, server = socket_pair(8192)
+    nursery.start_soon(fo.handle_connection, h.d, server, fo.Peer(1, 1))
+    await client.send_all(http_request(BODY))
+    await trio.sleep(5.0)  # the answer is whole at 0 s; the client starts reading at 5 s
+    assert h.upstreams.keys_called() == ["a/m1"]
+    r = await read_response(client, ClientResult())
+    assert r.text == long
+    await trio.sleep(1.0)
+    assert h.upstreams.calls == [(0.0, "a/m1"), (5.0, "c/m3")]
 
 
 async def test_an_unsampled_answer_carries_no_fingerprint(shadowed, autojump_clock):
@@ -203,6 +221,15 @@ async def test_a_failing_shadow_never_fails_over(shadowed, autojump_clock):
     assert h.d.shadow_spend.today("r", NOON) == 0.0  # the reservation went back
 
 
+async def test_a_failed_shadow_takes_no_turn_from_the_live_fallbacks(shadowed, autojump_clock):
+    h = shadowed({"a/m1": ok_script("x y"), "c/m3": respond(503)})
+    await h.chat()
+    h.d.late = 0.05  # a failover storm: live fallbacks wait their turn (FALLBACK_LAG_S)
+    await trio.sleep(1.0)
+    assert [r["outcome"] for r in shadow_rows(h)] == ["http_error"]
+    assert (len(h.d.fallbacks), h.d.shadows.running) == (0, set())
+
+
 async def test_only_a_delivered_answer_is_shadowed(shadowed, autojump_clock):
     h = shadowed({"a/m1": respond(503), "b/m2": respond(503), "c/m3": ok_script("x y")},
                  retry_same=0)
@@ -210,6 +237,19 @@ async def test_only_a_delivered_answer_is_shadowed(shadowed, autojump_clock):
     assert r.status == 502
     await trio.sleep(1.0)
     assert shadow_rows(h) == []
+
+
+async def test_an_answer_the_client_never_received_is_not_shadowed(shadowed, autojump_clock,
+                                                                   nursery):
+    from test_race import BrokenSend
+
+    h = shadowed({"a/m1": ok_script("x y"), "c/m3": ok_script("x y")})
+    client, server = trio.testing.memory_stream_pair()
+    nursery.start_soon(fo.handle_connection, h.d, BrokenSend(server), fo.Peer(1, 1))
+    await client.send_all(http_request(BODY))
+    await trio.sleep(1.0)
+    assert h.rows("request")[0]["status"] == 499  # answered, but the reply never went out
+    assert h.upstreams.keys_called() == ["a/m1"]
 
 
 # -- sampling and the switch -------------------------------------------------------------
@@ -401,9 +441,8 @@ async def test_a_shadow_through_failoverd_itself_never_spawns_another(shadowed,
                               content=r.body)
 
     upstreams.transport = httpx.MockTransport(loop_back)
-    h = shadowed({}, upstreams=upstreams, model="self/r", routes={"r": ["a/m1"]})
-    h.d.snap.cfg.providers["self"] = fo.ProviderConfig(base_url="http://self.test/v1")
-    h.d.snap.pools["self"] = h.d._pools(h.d.snap.cfg.providers["self"])
+    h = shadowed({}, upstreams=upstreams, model="self/r", routes={"r": ["a/m1"]},
+                 providers={"self": fo.ProviderConfig(base_url="http://self.test/v1")})
     r = await h.chat()
     assert r.status == 200
     await trio.sleep(5.0)
