@@ -2146,8 +2146,8 @@ FALLBACK_RELEASE_MAX = 32
 STATE_SAVE_EVERY_S = 60.0
 # At most this many alert commands run at once; more are dropped (and logged).
 MAX_ALERTS_IN_FLIGHT = 4
-# Spend is saved at most this often as it grows (and at once when a budget runs out):
-# a crash forgets at most this much of the day's spend.
+# A budgeted model's spend is saved at most this often as it grows (and at once when its
+# budget runs out): a crash forgets at most this much of the day's spend.
 SPEND_SAVE_EVERY_S = 10.0
 # Marks an upstream call made for a shadow (or for a request that came so marked): a
 # failoverd that receives it never shadows it, so a chain through failoverd itself
@@ -2641,7 +2641,9 @@ class Daemon:
         now = self.wall_clock()
         was_over = self.spend.over(model, now, budget)
         self.spend.add(model, now, usd)
-        if budget is not None and not was_over and self.spend.over(model, now, budget):
+        if budget is None:
+            return  # saved with the divisors (autosave), and at shutdown
+        if not was_over and self.spend.over(model, now, budget):
             self._budget_spent(model, budget, now)
         elif trio.current_time() - self.spend_saved_at >= SPEND_SAVE_EVERY_S:
             self.spend_saved_at = trio.current_time()
@@ -3947,7 +3949,9 @@ class Shadows:
 
     def drop_reason(self) -> str | None:
         d = self.d
-        if d.draining or d.background is None:
+        if d.background is None:
+            return "not_serving"
+        if d.draining:
             return "shutdown"
         if self.loaded():
             return "load"
@@ -5223,33 +5227,37 @@ def format_audit(table: list[dict[str, Any]]) -> list[str]:
 
 
 def _call_stats(rows: list[AttemptRow]) -> dict[str, Any]:
-    """Latency and first-token percentiles (answered calls), tokens and cost."""
+    """Latency and first-token percentiles (answered calls), tokens (of the calls that
+    produced output, which may be billed) and cost."""
     ok = [r for r in rows if r.outcome == "ok"]
+    billed = [r for r in rows if r.ttft_ms is not None]
     out: dict[str, Any] = {"n": len(rows), "ok": len(ok)}
     for name, values in (("latency", [r.latency_ms for r in ok if r.latency_ms is not None]),
                          ("ttft", [r.ttft_ms for r in ok if r.ttft_ms is not None])):
         out |= {f"{name}_{p}_ms": percentile(values, n) for p, n in
                 (("p50", 50), ("p90", 90), ("p99", 99))}
-    out["tokens_in"] = sum(r.tokens_in or 0 for r in rows)
-    out["tokens_out"] = sum(r.tokens_out or 0 for r in rows)
+    out["tokens_in"] = sum(r.tokens_in or 0 for r in billed)
+    out["tokens_out"] = sum(r.tokens_out or 0 for r in billed)
     out["cost_usd"] = round(sum(r.cost_usd or 0.0 for r in rows), 6)
     return out
 
 
 def _agreement(pairs: list[tuple[AttemptRow, AttemptRow]]) -> dict[str, Any]:
     """How often a shadow's answer agrees with its primary's, from their fingerprints:
-    identical text (and tools), the median length ratio (shadow / primary), and on
-    tool-call turns (either side called one) whether the same tools were called."""
+    identical text (and tools), how much text the shadow wrote for the primary's (all
+    characters over all characters), and on tool-call turns (either side called one)
+    whether the same tools were called."""
     both = [(p, s) for p, s in pairs if s.outcome == "ok" and s.answer_digest is not None]
     exact = sum(p.answer_digest == s.answer_digest and p.tool_names == s.tool_names
                 for p, s in both)
-    ratios = [(s.answer_chars or 0) / p.answer_chars for p, s in both if p.answer_chars]
+    chars = sum(p.answer_chars or 0 for p, _ in both)
     tools = [(p, s) for p, s in both if p.tool_names or s.tool_names]
     same = sum(sorted(p.tool_names or []) == sorted(s.tool_names or []) for p, s in tools)
     return {
         "compared": len(both),
         "exact_match_pct": round(100 * exact / len(both), 1) if both else None,
-        "length_ratio": None if not ratios else round(percentile(ratios, 50) or 0.0, 3),
+        "length_ratio": round(sum(s.answer_chars or 0 for _, s in both) / chars, 3)
+        if chars else None,
         "tool_turns": len(tools),
         "same_tools_pct": round(100 * same / len(tools), 1) if tools else None,
     }
@@ -5321,10 +5329,10 @@ def format_shadow_report(report: list[dict[str, Any]]) -> list[str]:
             lines.append(f"  {name:<8} {c['n']:>6} {c['ok']:>6}  {lat:<22} {ttft:<22} "
                          f"{c['tokens_in']:>8}/{c['tokens_out']:<8} {c['cost_usd']:>10.4f}")
         ratio = "-" if r["length_ratio"] is None else f"{r['length_ratio']:.2f}"
+        tools = (f"same tools {pct(r['same_tools_pct'])} of {r['tool_turns']} tool-call "
+                 "turn(s)") if r["tool_turns"] else "no tool-call turns"
         lines.append(f"  agreement over {r['compared']} answered pair(s): exact match "
-                     f"{pct(r['exact_match_pct'])}, length ratio {ratio} (median, shadow / "
-                     f"primary), same tools {pct(r['same_tools_pct'])} of {r['tool_turns']} "
-                     "tool-call turn(s)")
+                     f"{pct(r['exact_match_pct'])}, length {ratio}x the primary's, {tools}")
     return lines
 
 

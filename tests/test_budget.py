@@ -166,7 +166,7 @@ async def test_spend_survives_a_restart(harness, autojump_clock):
 
 async def test_spend_is_saved_at_most_every_few_seconds_and_at_shutdown(
         harness, autojump_clock, tmp_path):
-    h = harness({"a/m1": ok_script("from a")}, models=budgeted(a=None), routes={"r": ["a/m1"]})
+    h = harness({"a/m1": ok_script("from a")}, models=budgeted(a=100.0), routes={"r": ["a/m1"]})
     h.d.wall_clock = lambda: NOON
 
     def saved() -> float:
@@ -184,6 +184,13 @@ async def test_spend_is_saved_at_most_every_few_seconds_and_at_shutdown(
     await h.chat()
     h.d.save_state()  # what serve() does on the way out
     assert saved() == pytest.approx(4 * CALL_USD)
+
+
+async def test_a_state_file_from_before_budgets_still_loads(harness, autojump_clock, tmp_path):
+    (tmp_path / "state.json").write_bytes(b'{"version": 1, "breakers": [], '
+                                          b'"divisors": {"a/m1": 3.0}}')
+    h = harness({"a/m1": ok_script("from a")}, models=budgeted(a=1.0))
+    assert (h.d.divisors(), h.d.spend.spent, h.d.shadow_spend.spent) == ({"a/m1": 3.0}, {}, {})
 
 
 async def test_the_budget_running_out_alerts_and_logs_once(harness, autojump_clock, caplog):

@@ -488,7 +488,8 @@ REPORT_ROWS = [
                answer_digest="x2", answer_chars=150, tool_names=["fetch"])),
     *pair(3, dict(latency_ms=1000.0, ttft_ms=300.0, tokens_in=5, tokens_out=5, cost_usd=0.01,
                   answer_digest="d3", answer_chars=40, tool_names=["fetch"]),
-          dict(outcome="first_token_timeout", latency_ms=30000.0)),
+          dict(outcome="first_token_timeout", latency_ms=30000.0, tokens_in=7,
+               tokens_estimated=True)),  # no output: its estimated tokens are not counted
     *pair(4, dict(answer_digest="d4", answer_chars=10, tool_names=[]),
           dict(outcome="skipped", skip_reason="budget")),
     attempt("sh5", "c/m3", shadow=True, shadow_of="gone", latency_ms=500.0, ttft_ms=50.0),
@@ -509,14 +510,14 @@ def test_the_shadow_report_sets_each_shadow_beside_its_primary():
                     "latency_p99_ms": 2000.0, "ttft_p50_ms": 300.0, "ttft_p90_ms": 400.0,
                     "ttft_p99_ms": 400.0, "tokens_in": 35, "tokens_out": 15,
                     "cost_usd": 0.04},
-        "compared": 2, "exact_match_pct": 50.0, "length_ratio": 1.0,
+        "compared": 2, "exact_match_pct": 50.0, "length_ratio": 1.25,  # 250 chars for 200
         "tool_turns": 1, "same_tools_pct": 0.0,
     }
     assert (unknown["primary_model"], unknown["shadow"]["n"], unknown["compared"]) == ("?", 1, 0)
     text = "\n".join(fo.format_shadow_report([known]))
     assert "route r: shadow c/m3 vs primary a/m1; skipped: budget 1" in text
-    assert "exact match 50.0%, length ratio 1.00 (median, shadow / primary), same tools 0.0% " \
-           "of 1 tool-call turn(s)" in text
+    assert "agreement over 2 answered pair(s): exact match 50.0%, length 1.25x the " \
+           "primary's, same tools 0.0% of 1 tool-call turn(s)" in text
     assert fo.audit(REPORT_ROWS, 660.0)[0]["model"] == "a/m1"  # shadows stay out of the table
     assert len(fo.audit(REPORT_ROWS, 660.0)) == 1
 
