@@ -4047,6 +4047,189 @@ async def play_script(script: Script) -> AsyncIterator[bytes]:
             yield script_bytes(step)
 
 
+# A prefill a ContinuingModel refuses, with the error text a real server of that shape
+# sends (see _PREFILL_REJECTED for where each comes from).
+_FAKE_REJECTIONS = {
+    "anthropic": (400, {"type": "error", "error": {
+        "type": "invalid_request_error",
+        "message": "This model does not support assistant message prefill. The conversation "
+                   "must end with a user message."}}),
+    "anthropic_whitespace": (400, {"type": "error", "error": {
+        "type": "invalid_request_error",
+        "message": "messages: final assistant content cannot end with trailing whitespace"}}),
+    "trailing": (400, {"error": {
+        "message": "Expected last role User or Tool (or Assistant with prefix True) for serving"
+                   " but got assistant", "type": "invalid_request_error", "param": None,
+        "code": "3230"}}),
+    "prefix": (400, {"error": {
+        "message": "'messages.1' : for 'role:assistant' the following must be satisfied"
+                   "[('messages.1' : property 'prefix' is unsupported, did you mean 'name'?)]",
+        "type": "invalid_request_error", "param": None, "code": None}}),
+    "vllm": (400, {"error": {
+        "message": "Unrecognized request argument supplied: add_generation_prompt, "
+                   "continue_final_message", "type": "invalid_request_error", "param": None,
+        "code": None}}),
+}
+
+
+def _fake_event(name: str, data: dict[str, Any]) -> tuple[Any, ...]:
+    return ("raw", f"event: {name}\ndata: {_json_encode(data).decode()}\n\n".encode())
+
+
+def _rest(parts: list[str], done: str) -> list[str]:
+    """The pieces of `parts` after the text `done` (where they begin): the first may be
+    the tail of the piece the text ends in, as when a model continues mid-token."""
+    out, at = [], 0
+    for part in parts:
+        end = at + len(part)
+        if end > len(done):
+            out.append(part[max(0, len(done) - at):])
+        at = end
+    return out
+
+
+class ContinuingModel:
+    """A scripted model that knows one canonical answer and really continues it.
+
+    Callable as FakeUpstream's `scripts(model, body, n)` (the tests' MockUpstreams
+    takes it as a key's script too). A request that ends in a user message gets the
+    answer from the start: `reasoning` pieces, then `parts` (with `cut_after = N`, only
+    the first N pieces, then the stream breaks as `breaks` says: "close", "hang",
+    "error" event or "garbage" data). A request whose final assistant message is a
+    prefill in the shape `prefill` names gets the rest of the answer after that text:
+    - "trailing": any final assistant message; "prefix": only with "prefix": true, its
+      reasoning_content continued (a final assistant message without it: Mistral's 400);
+    - "vllm": only with continue_final_message true and add_generation_prompt false
+      (without, vLLM answers a new turn after it: the answer again from the start);
+    - kind "anthropic" (Messages SSE): a final assistant message, refused with the
+      API's 400 when it ends in whitespace.
+    A prefill that is not where the canonical answer begins gets a 500 naming both (a
+    test or the shaping got it wrong). `rejects`: every prefill gets a realistic 400.
+    """
+
+    def __init__(
+        self, parts: Iterable[str], *, reasoning: Iterable[str] = (), prefill: str = "trailing",
+        kind: str = "openai", cut_after: int | None = None, breaks: str = "close",
+        rejects: bool = False, gap: float = 0.0, model: str = "sim-1",
+    ) -> None:
+        self.parts, self.reasoning = list(parts), list(reasoning)
+        self.prefill, self.kind, self.rejects = prefill, kind, rejects
+        self.cut_after, self.breaks = cut_after, breaks
+        self.gap, self.model = gap, model
+
+    @property
+    def answer(self) -> str:
+        return "".join(self.parts)
+
+    def __call__(self, model: str, body: dict[str, Any], n: int) -> Script:
+        messages = body.get("messages") or [{}]
+        last = messages[-1] if isinstance(messages[-1], dict) else {}
+        if last.get("role") != "assistant":
+            return self._stream(self.reasoning, self.parts, self.cut_after)
+        content = last.get("content") if isinstance(last.get("content"), str) else ""
+        refusal = self._refusal(body, last, content)
+        if refusal is not None:
+            status, error = _FAKE_REJECTIONS[refusal]
+            return [("respond", status, {}, _json_encode(error))]
+        if self.kind == "openai" and self.prefill == "vllm" and not (
+                body.get("continue_final_message") is True
+                and body.get("add_generation_prompt") is False):
+            return self._stream(self.reasoning, self.parts, None)
+        reasoning = last.get("reasoning_content") if self.prefill == "prefix" else ""
+        return self._continue(content, reasoning if isinstance(reasoning, str) else "")
+
+    def _refusal(self, body: dict[str, Any], last: dict[str, Any], content: str) -> str | None:
+        """Which of _FAKE_REJECTIONS this request's prefill gets, if any."""
+        if self.kind == "anthropic":
+            if self.rejects:
+                return "anthropic"
+            return "anthropic_whitespace" if content != content.rstrip() else None
+        if self.rejects:
+            return self.prefill
+        if self.prefill == "prefix" and last.get("prefix") is not True:
+            return "trailing"  # Mistral: a final assistant message needs prefix: true
+        return None
+
+    def _continue(self, content: str, reasoning: str) -> Script:
+        canonical_reasoning = "".join(self.reasoning)
+        if not self.answer.startswith(content) or not canonical_reasoning.startswith(reasoning):
+            message = (f"fake upstream: the prefill {content!r} (reasoning {reasoning!r}) is not "
+                       f"where the canonical answer {self.answer!r} begins")
+            return [("respond", 500, {}, _json_encode({"error": {"message": message}}))]
+        if content:  # the answer had begun: no more thinking
+            return self._stream([], _rest(self.parts, content), None)
+        return self._stream(_rest(self.reasoning, reasoning), self.parts, None)
+
+    def _stream(self, reasoning: list[str], parts: list[str], cut: int | None) -> Script:
+        pieces = [("reasoning", r) for r in reasoning] + [("content", p) for p in parts]
+        whole = cut is None or cut >= len(pieces)
+        pieces = pieces[:cut]
+        events = (self._anthropic if self.kind == "anthropic" else self._openai)(pieces, whole)
+        steps: Script = [("head", 200, {})]
+        for event in events:
+            if event[0] == "piece" and self.gap:
+                steps.append(("sleep", self.gap))
+            steps.append(event[1] if event[0] == "piece" else event)
+        if not whole:
+            steps += self._break()
+        return steps
+
+    def _openai(self, pieces: list[tuple[str, str]], whole: bool) -> Script:
+        role = sse_chunk(role="assistant", content="", model=self.model)
+        steps: Script = [("sse", role)]
+        for channel, text in pieces:
+            chunk = sse_chunk(model=self.model)
+            chunk["choices"][0]["delta"] = {
+                "reasoning_content" if channel == "reasoning" else "content": text}
+            steps.append(("piece", ("sse", chunk)))
+        if whole:
+            steps += [("sse", sse_chunk(finish="stop", model=self.model)),
+                      ("sse", sse_chunk(model=self.model, choices=False,
+                                        usage=(12, len(pieces)))),
+                      ("sse", "[DONE]")]
+        return steps
+
+    def _anthropic(self, pieces: list[tuple[str, str]], whole: bool) -> Script:
+        steps: Script = [_fake_event("message_start", {"type": "message_start", "message": {
+            "id": "msg_sim", "model": self.model, "usage": {"input_tokens": 12}}})]
+        block, index = None, -1
+        for channel, text in pieces:
+            kind = "thinking" if channel == "reasoning" else "text"
+            if block != kind:
+                if block is not None:
+                    steps.append(_fake_event("content_block_stop", {
+                        "type": "content_block_stop", "index": index}))
+                block, index = kind, index + 1
+                steps.append(_fake_event("content_block_start", {
+                    "type": "content_block_start", "index": index,
+                    "content_block": {"type": kind, kind: ""}}))
+            steps.append(("piece", _fake_event("content_block_delta", {
+                "type": "content_block_delta", "index": index,
+                "delta": {"type": f"{kind}_delta", kind: text}})))
+        if whole:
+            if block is not None:
+                steps.append(_fake_event("content_block_stop", {
+                    "type": "content_block_stop", "index": index}))
+            steps += [
+                _fake_event("message_delta", {"type": "message_delta", "delta": {
+                    "stop_reason": "end_turn"}, "usage": {"output_tokens": len(pieces)}}),
+                _fake_event("message_stop", {"type": "message_stop"})]
+        return steps
+
+    def _break(self) -> Script:
+        if self.breaks == "hang":
+            return [("hang",)]
+        if self.breaks == "garbage":
+            return [("raw", b"data: {not json\n\n"), ("close",)]
+        if self.breaks == "error":
+            if self.kind == "anthropic":
+                return [_fake_event("error", {"type": "error", "error": {
+                    "type": "overloaded_error", "message": "Overloaded"}}), ("close",)]
+            return [("sse", {"error": {"message": "Internal error", "type": "server_error"}}),
+                    ("close",)]
+        return [("close",)]
+
+
 DEMO_FIRST_TOKEN_S = 1.5
 
 
