@@ -17,8 +17,9 @@ async def test_status_shows_breakers_and_in_flight_requests(harness, autojump_cl
     await trio.sleep(1.0)  # a failed with 401; the request now waits on hung b
     status = h.d.status()
     [inflight] = status["in_flight"]
+    # a's row and b, still running, make 2 attempts
     assert (inflight["route"], inflight["slot"], inflight["attempts"], inflight["age_s"]) == \
-        ("r", "b/m2", 1, 1.0)
+        ("r", "b/m2", 2, 1.0)
     [credential] = [b for b in status["breakers"] if b["scope"] == "credential"]
     assert credential["state"] == "open"
     assert credential["open_until"].endswith("Z")
