@@ -133,6 +133,12 @@ class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     # Our own budget for this model: skip it rather than push it over its quota.
     tpm_limit: PositiveInt | None = None
     rpm_limit: PositiveInt | None = None
+    # How this model can continue a partial answer (SPEC section 11): "trailing" = the
+    # partial answer as a final assistant message (Anthropic; llama.cpp and other
+    # OpenAI-compatible servers that really continue it), "prefix" = that message with
+    # "prefix": true (DeepSeek, Mistral), "vllm" = continue_final_message. "none": it
+    # is never asked to continue one.
+    prefill: Literal["none", "trailing", "prefix", "vllm"] = "none"
 
 
 class BreakerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -184,6 +190,8 @@ class Timing(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     # A half-open probe is raced against the next slot started this much later, so a
     # hung probe costs its client at most this (SPEC section 9).
     probe_hedge_after_s: NonNegative = 1.0
+    # After commit, continue a broken answer on the next slot that can (SPEC section 11).
+    continuation: bool = False
 
 
 class RouteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -199,6 +207,7 @@ class RouteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     hedge_min_s: Seconds | None = None
     hedge_max_share: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
     probe_hedge_after_s: NonNegative | None = None
+    continuation: bool | None = None
 
 
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -249,7 +258,8 @@ _SECTION_TYPES: dict[str, type] = {
 }
 
 
-_ENUMS = {"kind": "'openai' or 'anthropic'"}
+_ENUMS = {"kind": "'openai' or 'anthropic'",
+          "prefill": "'none', 'trailing', 'prefix' or 'vllm'"}
 
 
 def _expected(text: str) -> str:
@@ -283,6 +293,12 @@ def config_errors(cfg: Config) -> list[str]:
                 f"models.{name!r}: expected PROVIDER/MODEL with a provider declared under "
                 f"[providers] (declared: {declared})"
             )
+        elif cfg.providers[slot.provider].kind == "anthropic" and cfg.models[name].prefill in (
+                "prefix", "vllm"):
+            errors.append(
+                f"models.{name!r}.prefill = {cfg.models[name].prefill!r}: provider "
+                f"{slot.provider!r} is of kind 'anthropic', whose Messages API continues a final "
+                "assistant message as it is; expected 'trailing' or 'none'")
     for name, rc in cfg.routes.items():
         for i, entry in enumerate(rc.chain):
             slot = parse_slot(entry)
@@ -435,6 +451,12 @@ def check_report(cfg: Config) -> tuple[list[str], list[str]]:
                     f"its deadline (it would start at {start:g} s, total_timeout_s is "
                     f"{t.total_timeout_s:g}); lower first_token_timeout_s or shorten the chain"
                 )
+        if t.continuation and all(
+                cfg.models.get(s.key, NO_MODEL).prefill == "none" for s in route.slots[1:]):
+            warnings.append(
+                f"routes.{name}: continuation = true, but no slot after the first declares "
+                "prefill, so an answer that breaks cannot be continued; set prefill under "
+                "[models.\"PROVIDER/MODEL\"] for the fallbacks that can continue one")
         for slot in route.slots:
             if slot.key not in cfg.models:
                 warnings.append(
@@ -630,6 +652,44 @@ def classify_status(status: int, body: bytes) -> tuple[str, str]:
     if status in (400, 422):
         return "bad_request", error
     return "http_error", error
+
+
+# A 400/422 that rejects the prefill of a continuation (SPEC section 11) names the
+# final assistant message or the prefill fields. Texts seen or expected:
+#   Anthropic   "messages: final assistant content cannot end with trailing whitespace"
+#               "When `thinking` is enabled, a final `assistant` message must start with
+#               a thinking block ..."; "This model does not support assistant message
+#               prefill. The conversation must end with a user message." (wording a guess)
+#   Mistral     "Expected last role User or Tool (or Assistant with prefix True) for
+#               serving but got assistant"
+#   DeepSeek    "The last message of deepseek-reasoner must be a user message, or an
+#               assistant message with prefix mode on"
+#   vLLM        "Cannot set both `continue_final_message` and `add_generation_prompt` to
+#               True."; transformers' "continue_final_message is set but the final message
+#               does not appear in the chat after applying the chat template!"
+#   llama.cpp   "Cannot have 2 or more assistant messages at the end of the list.",
+#               "Assistant response prefill is incompatible with enable_thinking."
+#   OpenAI      "Unrecognized request argument supplied: continue_final_message"
+#   strict servers (pydantic 422, JSON schema): "'prefix' was unexpected", loc
+#               ["body", "messages", 2, "prefix"], "messages.2: ..." (the index we added)
+_PREFILL_REJECTED = re.compile(
+    rb"prefill|prefix|continue_final_message|add_generation_prompt"
+    rb"|(?:final|last|trailing)\W{1,3}(?:assistant|message|role|turn)"
+    rb"|assistant messages? at the end|trailing whitespace",
+    re.IGNORECASE,
+)
+
+
+def prefill_rejected(status: int | None, body: bytes, index: int | None = None) -> bool:
+    """Whether a continuation's 4xx refuses its prefill (the model cannot continue an
+    answer in that shape), rather than the request as such. `index`: where the prefill
+    sits in the messages sent (an error naming that message is about the prefill)."""
+    if status not in (400, 422) or _CONTEXT_OVERFLOW.search(body):
+        return False
+    if _PREFILL_REJECTED.search(body):
+        return True
+    return index is not None and re.search(
+        rb'messages(?:\[|\.|",\s*)%d(?!\d)' % index, body) is not None
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|d|h|m|s)")
@@ -928,6 +988,36 @@ def retry_wait(
         return None
     # The retry must leave room for at least a first-token deadline's worth of work.
     return wait if wait + min(timing.first_token_timeout_s, 1.0) < remaining else None
+
+
+# Failures after commit that leave a partial answer another model may continue: the
+# stream broke. A timeout of the whole request, a client gone or a bad request did not.
+CONTINUABLE_OUTCOMES = frozenset({
+    "truncated", "stall_timeout", "upstream_error_event", "protocol_error"})
+
+
+def continue_blocker(
+    *, enabled: bool, outcome: str, committed: bool, relayed: Relayed, continued: bool,
+    prefill: str, unable: bool,
+) -> str | None:
+    """Why a request whose attempt failed may not be continued on a candidate slot (the
+    slot's model declares `prefill`; `unable`: it rejected a prefill before), or None
+    when it may (SPEC section 11)."""
+    if not enabled:
+        return "continuation is off for this route"
+    if not committed:
+        return "nothing was relayed yet (an ordinary failover)"
+    if outcome not in CONTINUABLE_OUTCOMES:
+        return f"{outcome} is not a stream that broke"
+    if relayed.blocker is not None:
+        return relayed.blocker
+    if continued:
+        return "the request was continued once already"
+    if prefill == "none":
+        return "the model declares no prefill"
+    if unable:
+        return "the model rejected a prefill before"
+    return None
 
 
 def next_shed_share(share: float, late: float, limit: float) -> float:
@@ -1752,6 +1842,240 @@ ADAPTERS: dict[str, type[OpenAIAdapter] | type[AnthropicAdapter]] = {
     "openai": OpenAIAdapter,
     "anthropic": AnthropicAdapter,
 }
+
+
+# -- continuing an answer that broke after commit (SPEC section 11) --------------
+# The engine feeds every frame it relays to a streaming client to a Relayed; when a
+# committed stream breaks and continue_blocker() allows it, continue_body() turns the
+# next slot's request into the conversation plus that partial answer, and a Seam
+# passes the continuation's frames on as the rest of the same answer.
+
+
+def _request_blocker(body: Mapping[str, Any]) -> str | None:
+    """What in the request itself rules continuing its answer out."""
+    n = body.get("n")
+    if n is not None and n != 1:
+        return f"the client asked for n = {n} choices"
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
+        # A grammar (structured output) starts again from its first state after the
+        # prefill: the continuation would begin a new JSON document inside the old one.
+        return f"structured output (response_format {fmt.get('type')}) cannot be resumed"
+    return None
+
+
+class Relayed:
+    """What a streaming client has been sent of the answer: choice 0's content and
+    reasoning, the first chunk's id and created time, and what rules continuing out."""
+
+    __slots__ = ("_content", "_reasoning", "id", "created", "blocker")
+
+    def __init__(self, body: Mapping[str, Any]) -> None:
+        self._content: list[str] = []
+        self._reasoning: list[str] = []
+        self.id: str | None = None
+        self.created: int | None = None
+        self.blocker = _request_blocker(body)
+
+    @property
+    def content(self) -> str:
+        return "".join(self._content)
+
+    @property
+    def reasoning(self) -> str:
+        return "".join(self._reasoning)
+
+    def add(self, frame: bytes) -> None:
+        """One frame as relayed (an OpenAI chunk, as both adapters produce them)."""
+        try:
+            chunk = _chunk_decoder.decode(frame)
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
+            self.blocker = self.blocker or "a relayed frame could not be read back"
+            return
+        if self.id is None:
+            self.id, self.created = chunk.id, chunk.created
+        for choice in chunk.choices or ():
+            d = choice.delta or choice.message
+            if d is None:
+                continue
+            if choice.index != 0:
+                self.blocker = self.blocker or "the answer has several choices"
+            if d.tool_calls:
+                # Arguments cut at an arbitrary byte and call ids cannot be resumed, and a
+                # continuation could call other tools than the half-relayed one.
+                self.blocker = self.blocker or "a tool-call delta was relayed"
+            if d.refusal:
+                self.blocker = self.blocker or "a refusal was relayed"
+            if d.content:
+                self._content.append(d.content)
+            if d.reasoning_content or d.reasoning:
+                self._reasoning.append(d.reasoning_content or d.reasoning or "")
+
+
+class Prefill(msgspec.Struct, frozen=True, kw_only=True):
+    """The partial answer as a continuation sends it, and the seam it leaves.
+
+    Trailing whitespace is never sent: Anthropic refuses a final assistant message that
+    ends in it, and elsewhere it splits a token (BPE tokenizers attach the space to the
+    next word, so a model continuing after one doubles or drops it). The model writes
+    that whitespace again; the Seam drops it, since the client has it (`cut`).
+    """
+
+    content: str = ""  # what the final assistant message holds (a client's own prefill too)
+    reasoning: str = ""  # relayed reasoning, where the wire carries it
+    cut: str = ""  # whitespace stripped from the end of `content`
+    reasoning_cut: str = ""
+    thinking: bool = False  # the answer broke inside its (carried) reasoning
+    index: int | None = None  # the prefill's place in messages; None: no prefill sent
+
+
+def _own_text(content: Any) -> str | None:
+    """The text of a conversation's own final assistant message, if it is text only."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list) and all(
+            isinstance(p, dict) and p.get("type") == "text" for p in content):
+        return "".join(str(p.get("text") or "") for p in content)
+    return None
+
+
+def _with_prefill(
+    messages: list[Any], content: str, reasoning: str, extra: dict[str, Any],
+) -> tuple[list[Any], Prefill]:
+    """`messages` ending in one assistant message holding `content` (and `reasoning`):
+    a final assistant message of the conversation's own (a client's prefill) is
+    extended rather than followed by a second one. Nothing is added when there is
+    nothing to send."""
+    head, base = messages, {}
+    last = messages[-1] if messages else None
+    if isinstance(last, dict) and last.get("role") == "assistant" and not last.get(
+            "tool_calls") and (own := _own_text(last.get("content"))) is not None:
+        head, base, content = messages[:-1], last, own + content
+    thinking = bool(reasoning) and not content
+    kept = content.rstrip()
+    kept_reasoning = reasoning.rstrip() if thinking else reasoning
+    prefill = Prefill(content=kept, reasoning=kept_reasoning, cut=content[len(kept):],
+                      reasoning_cut=reasoning[len(kept_reasoning):], thinking=thinking)
+    if not kept and not kept_reasoning:
+        return messages, prefill
+    message = {**base, "role": "assistant", "content": kept, **extra}
+    if kept_reasoning:
+        message["reasoning_content"] = kept_reasoning
+    return [*head, message], msgspec.structs.replace(prefill, index=len(head))
+
+
+def _spent(body: dict[str, Any], keys: tuple[str, ...], used: int | None) -> None:
+    """The continuation may write only what the client's output limit has left."""
+    for key in keys:
+        limit = body.get(key)
+        if used and isinstance(limit, int) and not isinstance(limit, bool):
+            body[key] = max(1, limit - used)
+
+
+def continue_body(
+    kind: str, mode: str, body: dict[str, Any], relayed: Relayed, *,
+    used_tokens: int | None = None,
+) -> tuple[dict[str, Any], Prefill]:
+    """An upstream request body (as the adapter of `kind` built it) turned into the
+    continuation of the relayed answer, for a model whose prefill is `mode`.
+
+    openai + trailing: the partial answer as a final assistant message; + prefix: that
+    message with "prefix": true and, for a reasoning model, its reasoning_content
+    (DeepSeek); + vllm: continue_final_message, add_generation_prompt false. anthropic:
+    the Messages API's own prefill, a final assistant message (reasoning is not sent:
+    a thinking block needs the signature only a whole one has). `used_tokens`: output
+    already spent, taken off max_tokens / max_completion_tokens.
+    """
+    if mode == "none" or (kind == "anthropic" and mode != "trailing"):
+        raise ValueError(f"a {kind} model with prefill = {mode!r} cannot continue an answer")
+    out = dict(body)
+    reasoning = relayed.reasoning if kind == "openai" and mode == "prefix" else ""
+    extra: dict[str, Any] = {"prefix": True} if kind == "openai" and mode == "prefix" else {}
+    messages, prefill = _with_prefill(
+        list(out.get("messages") or ()), relayed.content, reasoning, extra)
+    out["messages"] = messages
+    if kind == "openai" and mode == "vllm" and prefill.index is not None:
+        out["continue_final_message"] = True
+        out["add_generation_prompt"] = False
+    keys = ("max_tokens",) if kind == "anthropic" else ("max_tokens", "max_completion_tokens")
+    _spent(out, keys, used_tokens)
+    return out, prefill
+
+
+def continue_payload(
+    kind: str, mode: str, payload: bytes, relayed: Relayed, *, used_tokens: int | None = None,
+) -> tuple[bytes, Prefill]:
+    """continue_body() on the encoded body an adapter's request() returned."""
+    body, prefill = continue_body(kind, mode, msgspec.json.decode(payload), relayed,
+                                  used_tokens=used_tokens)
+    return _json_encode(body), prefill
+
+
+def _empty_choice(choice: Any) -> bool:
+    if not isinstance(choice, dict) or choice.get("finish_reason"):
+        return False
+    delta = choice.get("delta")
+    return not isinstance(delta, dict) or all(k == "role" or not v for k, v in delta.items())
+
+
+class Seam:
+    """Passes a continuation's frames on as the rest of the answer the client has.
+
+    Each frame of the continuing attempt (an OpenAI chunk, as the adapters relay them)
+    loses the leading characters that write again the whitespace the prefill was cut
+    of (matched character by character, across deltas, up to the first that differs),
+    and any reasoning unless the answer broke inside its reasoning; a frame left with
+    nothing in it (the continuation's role delta) is dropped; every frame gets the id
+    and created time of the answer's first chunk, so the client sees one stream.
+    """
+
+    __slots__ = ("_pending", "_keep_reasoning", "id", "created")
+
+    def __init__(self, prefill: Prefill, relayed: Relayed) -> None:
+        self._pending = {"content": prefill.cut, "reasoning": prefill.reasoning_cut}
+        self._keep_reasoning = prefill.thinking
+        self.id, self.created = relayed.id, relayed.created
+
+    def _trimmed(self, channel: str, text: str) -> str:
+        pending = self._pending[channel]
+        if not pending or not text:
+            return text
+        n = 0
+        while n < len(text) and n < len(pending) and text[n] == pending[n]:
+            n += 1
+        # Settled at the first character that differs, or once all of it came again.
+        self._pending[channel] = pending[n:] if n == len(text) else ""
+        return text[n:]
+
+    def _delta(self, delta: dict[str, Any]) -> None:
+        for key in ("reasoning_content", "reasoning"):
+            if key in delta and not self._keep_reasoning:
+                del delta[key]
+            elif isinstance(delta.get(key), str):
+                delta[key] = self._trimmed("reasoning", delta[key])
+        if isinstance(delta.get("content"), str):
+            delta["content"] = self._trimmed("content", delta["content"])
+
+    def frame(self, frame: bytes) -> bytes | None:
+        """The frame to relay instead of `frame`, or None to relay nothing."""
+        try:
+            chunk = msgspec.json.decode(frame)
+        except msgspec.DecodeError:
+            return frame  # not ours to judge: the adapter parsed it
+        if not isinstance(chunk, dict):
+            return frame
+        if self.id is not None and "id" in chunk:
+            chunk["id"] = self.id
+        if self.created is not None and "created" in chunk:
+            chunk["created"] = self.created
+        choices = chunk.get("choices")
+        if isinstance(choices, list) and choices:
+            for choice in choices:
+                if isinstance(choice, dict) and isinstance(choice.get("delta"), dict):
+                    self._delta(choice["delta"])
+            if not chunk.get("usage") and all(_empty_choice(c) for c in choices):
+                return None
+        return _json_encode(chunk)
 
 
 class _BoundedStream(httpcore.AsyncNetworkStream):
@@ -4305,6 +4629,189 @@ async def play_script(script: Script) -> AsyncIterator[bytes]:
                 return
         else:
             yield script_bytes(step)
+
+
+# A prefill a ContinuingModel refuses, with the error text a real server of that shape
+# sends (see _PREFILL_REJECTED for where each comes from).
+_FAKE_REJECTIONS = {
+    "anthropic": (400, {"type": "error", "error": {
+        "type": "invalid_request_error",
+        "message": "This model does not support assistant message prefill. The conversation "
+                   "must end with a user message."}}),
+    "anthropic_whitespace": (400, {"type": "error", "error": {
+        "type": "invalid_request_error",
+        "message": "messages: final assistant content cannot end with trailing whitespace"}}),
+    "trailing": (400, {"error": {
+        "message": "Expected last role User or Tool (or Assistant with prefix True) for serving"
+                   " but got assistant", "type": "invalid_request_error", "param": None,
+        "code": "3230"}}),
+    "prefix": (400, {"error": {
+        "message": "'messages.1' : for 'role:assistant' the following must be satisfied"
+                   "[('messages.1' : property 'prefix' is unsupported, did you mean 'name'?)]",
+        "type": "invalid_request_error", "param": None, "code": None}}),
+    "vllm": (400, {"error": {
+        "message": "Unrecognized request argument supplied: add_generation_prompt, "
+                   "continue_final_message", "type": "invalid_request_error", "param": None,
+        "code": None}}),
+}
+
+
+def _fake_event(name: str, data: dict[str, Any]) -> tuple[Any, ...]:
+    return ("raw", f"event: {name}\ndata: {_json_encode(data).decode()}\n\n".encode())
+
+
+def _rest(parts: list[str], done: str) -> list[str]:
+    """The pieces of `parts` after the text `done` (where they begin): the first may be
+    the tail of the piece the text ends in, as when a model continues mid-token."""
+    out, at = [], 0
+    for part in parts:
+        end = at + len(part)
+        if end > len(done):
+            out.append(part[max(0, len(done) - at):])
+        at = end
+    return out
+
+
+class ContinuingModel:
+    """A scripted model that knows one canonical answer and really continues it.
+
+    Callable as FakeUpstream's `scripts(model, body, n)` (the tests' MockUpstreams
+    takes it as a key's script too). A request that ends in a user message gets the
+    answer from the start: `reasoning` pieces, then `parts` (with `cut_after = N`, only
+    the first N pieces, then the stream breaks as `breaks` says: "close", "hang",
+    "error" event or "garbage" data). A request whose final assistant message is a
+    prefill in the shape `prefill` names gets the rest of the answer after that text:
+    - "trailing": any final assistant message; "prefix": only with "prefix": true, its
+      reasoning_content continued (a final assistant message without it: Mistral's 400);
+    - "vllm": only with continue_final_message true and add_generation_prompt false
+      (without, vLLM answers a new turn after it: the answer again from the start);
+    - kind "anthropic" (Messages SSE): a final assistant message, refused with the
+      API's 400 when it ends in whitespace.
+    A prefill that is not where the canonical answer begins gets a 500 naming both (a
+    test or the shaping got it wrong). `rejects`: every prefill gets a realistic 400.
+    """
+
+    def __init__(
+        self, parts: Iterable[str], *, reasoning: Iterable[str] = (), prefill: str = "trailing",
+        kind: str = "openai", cut_after: int | None = None, breaks: str = "close",
+        rejects: bool = False, gap: float = 0.0, model: str = "sim-1",
+    ) -> None:
+        self.parts, self.reasoning = list(parts), list(reasoning)
+        self.prefill, self.kind, self.rejects = prefill, kind, rejects
+        self.cut_after, self.breaks = cut_after, breaks
+        self.gap, self.model = gap, model
+
+    @property
+    def answer(self) -> str:
+        return "".join(self.parts)
+
+    def __call__(self, model: str, body: dict[str, Any], n: int) -> Script:
+        messages = body.get("messages") or [{}]
+        last = messages[-1] if isinstance(messages[-1], dict) else {}
+        if last.get("role") != "assistant":
+            return self._stream(self.reasoning, self.parts, self.cut_after)
+        content = last.get("content") if isinstance(last.get("content"), str) else ""
+        refusal = self._refusal(body, last, content)
+        if refusal is not None:
+            status, error = _FAKE_REJECTIONS[refusal]
+            return [("respond", status, {}, _json_encode(error))]
+        if self.kind == "openai" and self.prefill == "vllm" and not (
+                body.get("continue_final_message") is True
+                and body.get("add_generation_prompt") is False):
+            return self._stream(self.reasoning, self.parts, None)
+        reasoning = last.get("reasoning_content") if self.prefill == "prefix" else ""
+        return self._continue(content, reasoning if isinstance(reasoning, str) else "")
+
+    def _refusal(self, body: dict[str, Any], last: dict[str, Any], content: str) -> str | None:
+        """Which of _FAKE_REJECTIONS this request's prefill gets, if any."""
+        if self.kind == "anthropic":
+            if self.rejects:
+                return "anthropic"
+            return "anthropic_whitespace" if content != content.rstrip() else None
+        if self.rejects:
+            return self.prefill
+        if self.prefill == "prefix" and last.get("prefix") is not True:
+            return "trailing"  # Mistral: a final assistant message needs prefix: true
+        return None
+
+    def _continue(self, content: str, reasoning: str) -> Script:
+        canonical_reasoning = "".join(self.reasoning)
+        if not self.answer.startswith(content) or not canonical_reasoning.startswith(reasoning):
+            message = (f"fake upstream: the prefill {content!r} (reasoning {reasoning!r}) is not "
+                       f"where the canonical answer {self.answer!r} begins")
+            return [("respond", 500, {}, _json_encode({"error": {"message": message}}))]
+        if content:  # the answer had begun: no more thinking
+            return self._stream([], _rest(self.parts, content), None)
+        return self._stream(_rest(self.reasoning, reasoning), self.parts, None)
+
+    def _stream(self, reasoning: list[str], parts: list[str], cut: int | None) -> Script:
+        pieces = [("reasoning", r) for r in reasoning] + [("content", p) for p in parts]
+        whole = cut is None or cut >= len(pieces)
+        pieces = pieces[:cut]
+        events = (self._anthropic if self.kind == "anthropic" else self._openai)(pieces, whole)
+        steps: Script = [("head", 200, {})]
+        for event in events:
+            if event[0] == "piece" and self.gap:
+                steps.append(("sleep", self.gap))
+            steps.append(event[1] if event[0] == "piece" else event)
+        if not whole:
+            steps += self._break()
+        return steps
+
+    def _openai(self, pieces: list[tuple[str, str]], whole: bool) -> Script:
+        role = sse_chunk(role="assistant", content="", model=self.model)
+        steps: Script = [("sse", role)]
+        for channel, text in pieces:
+            chunk = sse_chunk(model=self.model)
+            chunk["choices"][0]["delta"] = {
+                "reasoning_content" if channel == "reasoning" else "content": text}
+            steps.append(("piece", ("sse", chunk)))
+        if whole:
+            steps += [("sse", sse_chunk(finish="stop", model=self.model)),
+                      ("sse", sse_chunk(model=self.model, choices=False,
+                                        usage=(12, len(pieces)))),
+                      ("sse", "[DONE]")]
+        return steps
+
+    def _anthropic(self, pieces: list[tuple[str, str]], whole: bool) -> Script:
+        steps: Script = [_fake_event("message_start", {"type": "message_start", "message": {
+            "id": "msg_sim", "model": self.model, "usage": {"input_tokens": 12}}})]
+        block, index = None, -1
+        for channel, text in pieces:
+            kind = "thinking" if channel == "reasoning" else "text"
+            if block != kind:
+                if block is not None:
+                    steps.append(_fake_event("content_block_stop", {
+                        "type": "content_block_stop", "index": index}))
+                block, index = kind, index + 1
+                steps.append(_fake_event("content_block_start", {
+                    "type": "content_block_start", "index": index,
+                    "content_block": {"type": kind, kind: ""}}))
+            steps.append(("piece", _fake_event("content_block_delta", {
+                "type": "content_block_delta", "index": index,
+                "delta": {"type": f"{kind}_delta", kind: text}})))
+        if whole:
+            if block is not None:
+                steps.append(_fake_event("content_block_stop", {
+                    "type": "content_block_stop", "index": index}))
+            steps += [
+                _fake_event("message_delta", {"type": "message_delta", "delta": {
+                    "stop_reason": "end_turn"}, "usage": {"output_tokens": len(pieces)}}),
+                _fake_event("message_stop", {"type": "message_stop"})]
+        return steps
+
+    def _break(self) -> Script:
+        if self.breaks == "hang":
+            return [("hang",)]
+        if self.breaks == "garbage":
+            return [("raw", b"data: {not json\n\n"), ("close",)]
+        if self.breaks == "error":
+            if self.kind == "anthropic":
+                return [_fake_event("error", {"type": "error", "error": {
+                    "type": "overloaded_error", "message": "Overloaded"}}), ("close",)]
+            return [("sse", {"error": {"message": "Internal error", "type": "server_error"}}),
+                    ("close",)]
+        return [("close",)]
 
 
 DEMO_FIRST_TOKEN_S = 1.5
