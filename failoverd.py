@@ -506,6 +506,7 @@ class AttemptRow(msgspec.Struct, tag="attempt", tag_field="kind", kw_only=True):
     stall_deadline_s: float | None = None
     hedge: bool = False  # started beside a running attempt (a hedge, or a probe's race)
     probe: bool = False  # it held a half-open breaker's probe
+    continued: bool = False  # it continued an answer that broke after commit (SPEC section 11)
 
 
 class RequestRow(msgspec.Struct, tag="request", tag_field="kind", kw_only=True):
@@ -524,6 +525,7 @@ class RequestRow(msgspec.Struct, tag="request", tag_field="kind", kw_only=True):
     # What the request was held to, so that `audit` needs no config (SPEC section 12).
     total_timeout_s: float | None = None
     client_cliff_s: float | None = None
+    continued: bool = False  # the answer broke after commit and another model finished it
 
 
 class BreakerRow(msgspec.Struct, tag="breaker", tag_field="kind", kw_only=True):
@@ -990,6 +992,10 @@ def retry_wait(
     return wait if wait + min(timing.first_token_timeout_s, 1.0) < remaining else None
 
 
+# continue_blocker()'s reasons that are about the candidate slot, not the request: the
+# next slot may still continue the answer.
+_SLOT_BLOCKERS = frozenset({"the model declares no prefill",
+                            "the model rejected a prefill before"})
 # Failures after commit that leave a partial answer another model may continue: the
 # stream broke. A timeout of the whole request, a client gone or a bad request did not.
 CONTINUABLE_OUTCOMES = frozenset({
@@ -2011,6 +2017,21 @@ def continue_payload(
     return _json_encode(body), prefill
 
 
+def add_usage(usage: Mapping[str, Any], prior: Mapping[str, int]) -> dict[str, Any]:
+    """A continuation's usage with the broken attempt's tokens added: the client is
+    told what both attempts cost."""
+    out = dict(usage)
+    for key, n in prior.items():
+        if isinstance(out.get(key), int | float) or key not in out:
+            out[key] = (out.get(key) or 0) + n
+    return out
+
+
+def model_fingerprint(model: ModelConfig, provider: ProviderConfig) -> str:
+    """What a 'cannot continue' mark is valid for: the model's and provider's config."""
+    return hashlib.sha256(msgspec.json.encode((model, provider))).hexdigest()[:16]
+
+
 def _empty_choice(choice: Any) -> bool:
     if not isinstance(choice, dict) or choice.get("finish_reason"):
         return False
@@ -2029,12 +2050,14 @@ class Seam:
     and created time of the answer's first chunk, so the client sees one stream.
     """
 
-    __slots__ = ("_pending", "_keep_reasoning", "id", "created")
+    __slots__ = ("_pending", "_keep_reasoning", "id", "created", "prior")
 
-    def __init__(self, prefill: Prefill, relayed: Relayed) -> None:
+    def __init__(self, prefill: Prefill, relayed: Relayed,
+                 prior: Mapping[str, int] | None = None) -> None:
         self._pending = {"content": prefill.cut, "reasoning": prefill.reasoning_cut}
         self._keep_reasoning = prefill.thinking
         self.id, self.created = relayed.id, relayed.created
+        self.prior = dict(prior or {})  # the broken attempt's usage, added to the usage chunk
 
     def _trimmed(self, channel: str, text: str) -> str:
         pending = self._pending[channel]
@@ -2068,6 +2091,9 @@ class Seam:
             chunk["id"] = self.id
         if self.created is not None and "created" in chunk:
             chunk["created"] = self.created
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            chunk["usage"] = add_usage(usage, self.prior)
         choices = chunk.get("choices")
         if isinstance(choices, list) and choices:
             for choice in choices:
@@ -2332,6 +2358,9 @@ class SavedState(msgspec.Struct, kw_only=True):
     saved_at: str = ""
     breakers: list[SavedBreaker] = []
     divisors: dict[str, float] = {}
+    # Models that rejected a continuation's prefill, with the config they had then
+    # (model_fingerprint): unable to continue until that config changes.
+    prefill_unable: dict[str, str] = {}
 
 
 BreakerKey = tuple[str, str]  # (scope, key): ("provider", "a"), ("model", "a/m1"), ...
@@ -2629,6 +2658,7 @@ class Daemon:
         self.estimator = Estimator()
         self.throttle = Throttle()
         self.hedges: dict[str, HedgeWindow] = collections.defaultdict(HedgeWindow)
+        self.prefill_unable: dict[str, str] = {}  # see SavedState.prefill_unable
         self.inflight: dict[str, Request] = {}
         self.no_inflight = trio.Event()
         self.no_inflight.set()
@@ -2699,6 +2729,7 @@ class Daemon:
         if restored:
             log.warning("restored %d open breaker(s) from %s", restored, self.state_path)
         self.restore_divisors(state.divisors)
+        self.prefill_unable = dict(state.prefill_unable)
 
     def restore_divisors(self, divisors: dict[str, float]) -> None:
         self.estimator = Estimator(divisors)
@@ -2719,7 +2750,7 @@ class Daemon:
         if not self.state_path:
             return
         state = SavedState(saved_at=utc_timestamp(), breakers=self.health.saved(),
-                           divisors=self.divisors())
+                           divisors=self.divisors(), prefill_unable=self.prefill_unable)
         tmp = self.state_path + ".tmp"
         try:
             with open(tmp, "wb") as f:
@@ -2807,6 +2838,20 @@ class Daemon:
 
     def route_for(self, model: str) -> Route | None:
         return self.snap.route_for(model)
+
+    def can_continue(self, snap: Snapshot, slot: Slot) -> bool:
+        """False once the model rejected a prefill, until its config changes."""
+        mark = self.prefill_unable.get(slot.key)
+        return mark is None or mark != model_fingerprint(
+            snap.model_cfg(slot), snap.cfg.providers[slot.provider])
+
+    def cannot_continue(self, snap: Snapshot, slot: Slot, why: str) -> None:
+        self.prefill_unable[slot.key] = model_fingerprint(
+            snap.model_cfg(slot), snap.cfg.providers[slot.provider])
+        log.warning("%s rejected a continuation's prefill (%s); it is not asked to continue "
+                    "an answer again until its config changes (models.%r.prefill)",
+                    slot.key, why, slot.key)
+        self.save_state()
 
     def model_cfg(self, slot: Slot) -> ModelConfig:
         return self.snap.model_cfg(slot)
@@ -2976,7 +3021,8 @@ class Attempt:
     """
 
     def __init__(self, req: Request, slot: Slot, *, claim: tuple[BreakerKey, ...],
-                 hedge: bool, retry: bool) -> None:
+                 hedge: bool, retry: bool, continues: tuple[Attempt, Failure] | None = None,
+                 ) -> None:
         self.req = req
         self.slot = slot
         self.index = req.next_index()
@@ -2984,6 +3030,11 @@ class Attempt:
         self.probe = bool(claim)
         self.hedge = hedge  # started beside a running attempt (a hedge or a probe's race)
         self.retried = retry  # the slot's one retry (SPEC section 5)
+        # The committed attempt that broke, and how, when this one continues its answer.
+        self.continues = continues
+        self.prefill: Prefill | None = None
+        self.seam: Seam | None = None
+        self.tokens: tuple[int | None, int | None] = (None, None)  # in, out (see _row)
         self.credential = req.snap.credential(slot.provider)
         self.model_cfg = req.snap.model_cfg(slot)
         timing = req.route.timing
@@ -3103,6 +3154,10 @@ class Attempt:
             f = self._tripwire()
             if f is None and self.st.tokens_in:
                 d.estimator.observe(self.slot.key, req.body_size, self.st.tokens_in)
+        elif self.continues is not None and f.outcome == "bad_request" and prefill_rejected(
+                f.status, f.body, self.prefill.index if self.prefill else None):
+            f.outcome = "prefill_rejected"  # never shown to the client (see Request._in_band)
+            d.cannot_continue(req.snap, self.slot, f.error)
         elif f.outcome == "context_overflow":
             reported = reported_prompt_tokens(f.error)
             window = self.model_cfg.context_window
@@ -3148,6 +3203,7 @@ class Attempt:
             tokens_in, estimated = self.estimate, True
         if tokens_out is None and st.out_chars:
             tokens_out, estimated = math.ceil(st.out_chars / OUTPUT_CHARS_PER_TOKEN), True
+        self.tokens = (tokens_in, tokens_out)
         self.req.row(
             self.slot, self.index, f.outcome if f else "ok",
             status=f.status if f else 200, error=f.error if f else None,
@@ -3159,7 +3215,7 @@ class Attempt:
             cost_usd=cost_usd(self.model_cfg, tokens_in, tokens_out)
             if t.first is not None else None,
             first_token_deadline_s=self.first_token_s, stall_deadline_s=self.stall_s,
-            hedge=self.hedge, probe=self.probe)
+            hedge=self.hedge, probe=self.probe, continued=self.continues is not None)
 
     # -- talking to the upstream -----------------------------------------------
 
@@ -3172,6 +3228,8 @@ class Attempt:
             url, headers, payload = adapter.request(
                 provider.base_url, slot.model, req.body, snap.keys.get(slot.provider),
                 self.model_cfg)
+            if self.continues is not None:
+                payload = self._continuation(provider.kind, payload)
         except Exception as e:  # the request could not be translated: not the upstream's fault
             raise Failure("bad_request", f"failoverd cannot send this request to {slot.key}: "
                                          f"{type(e).__name__}: {e}", status=400) from None
@@ -3189,6 +3247,19 @@ class Attempt:
                                 extensions={"timeout": timeout})
         with snap.pools[slot.provider].lease() as pool:
             await self._call(pool, request, adapter, provider)
+
+    def _continuation(self, kind: str, payload: bytes) -> bytes:
+        """The request as a continuation of what the client has (SPEC section 11)."""
+        assert self.continues is not None
+        assert self.req.relayed is not None
+        broken, relayed = self.continues[0], self.req.relayed
+        tokens_in, tokens_out = broken.tokens
+        payload, self.prefill = continue_payload(kind, self.model_cfg.prefill, payload, relayed,
+                                                 used_tokens=tokens_out)
+        self.seam = Seam(self.prefill, relayed, prior={
+            "prompt_tokens": tokens_in or 0, "completion_tokens": tokens_out or 0,
+            "total_tokens": (tokens_in or 0) + (tokens_out or 0)})
+        return payload
 
     async def _call(self, pool: httpx.AsyncBaseTransport, request: httpx.Request, adapter: Any,
                     provider: ProviderConfig) -> None:
@@ -3281,6 +3352,8 @@ class Attempt:
         failover or an in-band error, never an answer with a hole in it.
         """
         st, t, req = self.st, self.t, self.req
+        if frame is not None and self.seam is not None:
+            frame = self.seam.frame(frame)  # only what follows the text the client has
         if st.progress:
             st.progress = False
             now = trio.current_time()
@@ -3321,6 +3394,8 @@ class Attempt:
         reply = self.req.reply
         rest = None
         if frame is not None:
+            if self.req.relayed is not None and self.continues is None:
+                self.req.relayed.add(frame)
             data = b"data: %b\n\n" % frame
             try:
                 rest = reply.relay_now(data)
@@ -3396,6 +3471,9 @@ class Request:
         self.status = 200
         self.row_written = False
         self.keep_alive = True  # False: the client pipelined more than we keep
+        # What a streaming client has of the answer, where it may be continued.
+        self.relayed = Relayed(body) if stream and route.timing.continuation else None
+        self.continued = False
         if route.timing.hedge_after_s is not None or route.timing.hedge_quantile is not None:
             d.hedges[route.name].request(self.started)
 
@@ -3527,10 +3605,11 @@ class Request:
         return None
 
     def may_launch(self) -> bool:
-        return not self.settled and self.winner is None \
+        return not self.settled and self.winner is None and not self.committed \
             and trio.current_time() < self.deadline
 
-    def try_slot(self, slot: Slot, position: int, hedge: bool) -> Attempt | None:
+    def try_slot(self, slot: Slot, position: int, hedge: bool,
+                 continues: tuple[Attempt, Failure] | None = None) -> Attempt | None:
         """Start `slot` now, or write its skip row (skip_reason decides)."""
         d = self.d
         model_cfg = self.snap.model_cfg(slot)
@@ -3545,7 +3624,7 @@ class Request:
             context_window=model_cfg.context_window, min_window=self.min_window,
             throttled=throttled, gate=gate_))
         if reason is None:
-            return self.launch(slot, hedge=hedge, probe=gate_.probe)
+            return self.launch(slot, hedge=hedge, probe=gate_.probe, continues=continues)
         if reason == "context_window":
             self.context_skips.append((slot, needed, model_cfg.context_window or 0))
         else:
@@ -3558,12 +3637,13 @@ class Request:
         return None
 
     def launch(self, slot: Slot, *, hedge: bool, probe: bool = False, retry: bool = False,
-               claim: tuple[BreakerKey, ...] = ()) -> Attempt:
+               claim: tuple[BreakerKey, ...] = (),
+               continues: tuple[Attempt, Failure] | None = None) -> Attempt:
         """Claim the slot's half-open probe (if trying it is one) and start the attempt
         in the same step: the attempt's own `finally` releases what it holds."""
         if probe:
             claim = self.d.health.claim(slot, self.snap.credential(slot.provider))
-        a = Attempt(self, slot, claim=claim, hedge=hedge, retry=retry)
+        a = Attempt(self, slot, claim=claim, hedge=hedge, retry=retry, continues=continues)
         self.running.append(a)
         self.redispatched = self.tripped
         # A probe may outlive its request (see Attempt.detach): it runs in the daemon's
@@ -3607,8 +3687,14 @@ class Request:
 
     def _failed(self, a: Attempt, f: Failure) -> None:
         self.failures.append((a.slot, f))
-        if f.outcome == "client_disconnected" or f.outcome == "bad_request" or (
-                self.committed and self.winner is a):
+        if self.committed:  # only the answer being streamed (or its continuation) decides
+            if a is self.winner or a.continues is not None:
+                self.winner = None
+                if a.continues is None and self._continue(a, f):
+                    return
+                self.verdict = (a, f)
+            return
+        if f.outcome == "client_disconnected" or f.outcome == "bad_request":
             self.verdict = (a, f)
             return
         if self.winner is a:
@@ -3625,6 +3711,35 @@ class Request:
         credential = self.snap.credential(a.slot.provider)
         if wait is not None and self.d.health.blocked_until(a.slot, credential) <= now + wait:
             self.retry_due = (a.slot, wait)
+
+    def _continue(self, a: Attempt, f: Failure) -> bool:
+        """A streamed answer broke after commit: finish it on the next slot that can
+        continue it (SPEC section 11), under that attempt's own deadlines and within
+        what is left of the total. At most once per request."""
+        if is_timeout(f):
+            self.timed_out.add(a.slot.provider)
+        slots = self.route.slots
+        start = slots.index(a.slot) + 1 if a.slot in slots else 0
+        for i in range(start, len(slots)):
+            slot = slots[i]
+            blocker = continue_blocker(
+                enabled=self.relayed is not None, outcome=f.outcome, committed=True,
+                relayed=self.relayed or Relayed({}), continued=self.continued,
+                prefill=self.snap.model_cfg(slot).prefill,
+                unable=not self.d.can_continue(self.snap, slot))
+            if blocker is not None:
+                if blocker not in _SLOT_BLOCKERS:
+                    log.info("request %s: not continued: %s", self.request_id, blocker)
+                    return False
+                continue
+            if slot == a.slot or trio.current_time() >= self.deadline:
+                continue
+            if self.try_slot(slot, i, hedge=False, continues=(a, f)) is not None:
+                self.continued = True
+                log.info("request %s: %s broke after commit (%s); continuing the answer on %s",
+                         self.request_id, a.slot.key, f.outcome, slot.key)
+                return True
+        return False
 
     # -- the reply -------------------------------------------------------------
 
@@ -3644,6 +3759,9 @@ class Request:
         headers = [*self.headers(a.slot), ("content-type", "text/event-stream"),
                    ("cache-control", "no-cache")]
         first = b"".join(b"data: " + f + b"\n\n" for f in pending)
+        if self.relayed is not None:
+            for frame in pending:
+                self.relayed.add(frame)
         try:
             await self.reply.start(200, headers, first)
         except ClientGone:
@@ -3682,10 +3800,15 @@ class Request:
                                  body, self.finish)
 
     async def _in_band(self, a: Attempt, f: Failure) -> None:
-        """After commit: one error event, no [DONE], so OpenAI clients raise."""
-        self.status = failure_status(f)
-        self.served_by = a.slot
-        body = self.error(f"upstream {a.slot.key} failed mid-stream: {f.outcome} ({f.error})", f)
+        """After commit: one error event, no [DONE], so OpenAI clients raise. It names
+        the failure that broke the answer, also when its continuation failed too."""
+        broken, why = a.continues or (a, f)
+        self.status = failure_status(why)
+        self.served_by = broken.slot
+        message = f"upstream {broken.slot.key} failed mid-stream: {why.outcome} ({why.error})"
+        if a.continues is not None:
+            message += f"; continuing the answer on {a.slot.key} failed too: {f.outcome}"
+        body = self.error(message, why)
         await self.reply.finish(b"data: " + _json_encode(body) + b"\n\n", self.finish)
 
     async def _pass_through(self, a: Attempt, f: Failure) -> None:
@@ -3780,7 +3903,7 @@ class Request:
             ttft_ms=_ms(self.client_ttft), status=self.status, stream=self.stream,
             client_pid=self.peer.pid, client_uid=self.peer.uid,
             total_timeout_s=timing.total_timeout_s,
-            client_cliff_s=self.snap.cfg.daemon.client_cliff_s,
+            client_cliff_s=self.snap.cfg.daemon.client_cliff_s, continued=self.continued,
         ))
 
     def describe(self, now: float) -> dict[str, Any]:

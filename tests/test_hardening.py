@@ -208,7 +208,8 @@ async def test_failed_ledger_reopen_keeps_the_daemon_writing(tmp_path, caplog):
                                                                         b'"client_pid":null,'
                                                                         b'"client_uid":null,'
                                                                         b'"total_timeout_s":null,'
-                                                                        b'"client_cliff_s":null}\n')
+                                                                        b'"client_cliff_s":null,'
+                                                                        b'"continued":false}\n')
 
 
 class RecordingReply(fo.Reply):
