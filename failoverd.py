@@ -3447,6 +3447,7 @@ class Request:
         self.deadline = self.started + route.timing.total_timeout_s
         self.cancel_reason = "client_disconnected"
         self.nursery: trio.Nursery | None = None
+        self.racing = False  # the race's nursery is open: attempts may still start
         self.changed = trio.Event()  # set (and replaced) whenever an attempt ends or wins
         self.running: list[Attempt] = []
         self.rows = 0  # attempt rows (tries and skips) so far: the next attempt's index
@@ -3495,8 +3496,11 @@ class Request:
         self.d.begin(self)
         try:
             async with trio.open_nursery() as nursery:
-                self.nursery = nursery
-                await self.race()
+                self.nursery, self.racing = nursery, True
+                try:
+                    await self.race()
+                finally:
+                    self.racing = False
                 self.stop_others(None)  # settled: nothing else may answer
             await self.deliver()
         except Exception:
@@ -3716,6 +3720,8 @@ class Request:
         """A streamed answer broke after commit: finish it on the next slot that can
         continue it (SPEC section 11), under that attempt's own deadlines and within
         what is left of the total. At most once per request."""
+        if not self.racing:  # a probe's task, ending after its request did
+            return False
         if is_timeout(f):
             self.timed_out.add(a.slot.provider)
         slots = self.route.slots
