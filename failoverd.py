@@ -3068,7 +3068,8 @@ class Attempt:
         except trio.Cancelled:  # the request is torn down around it (client gone, shutdown)
             if self.writing:
                 self.req.reply.abort()
-            self.failure = Failure(self.req.cancel_reason, CANCEL_TEXT[self.req.cancel_reason])
+            reason = self.cancel_reason or self.req.cancel_reason  # a loser stays a loser
+            self.failure = Failure(reason, CANCEL_TEXT[reason])
             raise
         finally:
             self._end()
@@ -3114,7 +3115,7 @@ class Attempt:
     def stop(self, reason: str) -> None:
         """The request ended (the client went away, shutdown): stop now, unless this is
         a probe that lost the race and runs on to its verdict."""
-        if self.detached:
+        if self.detached or self.cancel_reason is not None:  # detached, or already stopped
             return
         self.cancel_reason = reason
         self.scope.cancel(reason=CANCEL_TEXT[reason])
@@ -3492,16 +3493,18 @@ class Request:
 
     # -- the race --------------------------------------------------------------
 
-    async def run(self) -> None:
+    async def run(self, nursery: trio.Nursery) -> None:
+        """Race the chain, then deliver the reply. Attempts that run beside another (a
+        hedge, a probe's race, a continuation) are started in `nursery`, which the
+        caller keeps open until this returns; the sequential case spawns nothing."""
         self.d.begin(self)
         try:
-            async with trio.open_nursery() as nursery:
-                self.nursery, self.racing = nursery, True
-                try:
-                    await self.race()
-                finally:
-                    self.racing = False
-                self.stop_others(None)  # settled: nothing else may answer
+            self.nursery, self.racing = nursery, True
+            try:
+                await self.race()
+            finally:
+                self.racing = False
+            self.stop_others(None)  # settled: nothing else may answer
             await self.deliver()
         except Exception:
             self.status = 500
@@ -3517,18 +3520,36 @@ class Request:
             self.d.end(self)
 
     async def race(self) -> None:
-        newest = await self.start_next()
+        newest = await self.go(await self.start_next())
         while (self.running or self.failed_over) and not self.settled:
             if self.failed_over:
                 self.failed_over = False
                 if self.winner is None:
-                    newest = await self.start_next() or newest
+                    newest = await self.go(await self.start_next()) or newest
                 continue
             changed = self.changed
             with trio.move_on_at(self.hedge_at(newest)) as timer:
                 await changed.wait()
             if timer.cancelled_caught:
                 newest = await self.hedge(newest) or newest
+
+    async def go(self, a: Attempt | None) -> Attempt | None:
+        """Start `a`. When nothing may run beside it (no other attempt, no hedge, not a
+        probe: the sequential case) it runs in the request's own task, which saves a
+        task and two scheduling rounds per request; otherwise in the nursery."""
+        if a is not None:
+            if len(self.running) == 1 and math.isinf(self.hedge_at(a)):
+                await a.run()
+            else:
+                self.spawn(a)
+        return a
+
+    def spawn(self, a: Attempt) -> None:
+        # A probe may outlive its request (see Attempt.detach): it runs in the daemon's
+        # nursery, everything else in the request's.
+        nursery = self.d.background if a.probe and self.d.background else self.nursery
+        assert nursery is not None
+        nursery.start_soon(a.run)
 
     def hedge_at(self, newest: Attempt | None) -> float:
         """When to start an attempt beside `newest`, if it is still alone and silent: a
@@ -3549,7 +3570,10 @@ class Request:
     async def hedge(self, newest: Attempt) -> Attempt | None:
         self.extra_used = True
         if newest.probe:
-            return await self.start_next(hedge=True)
+            a = await self.start_next(hedge=True)
+            if a is not None:
+                self.spawn(a)
+            return a
         window = self.d.hedges[self.route.name]
         now = trio.current_time()
         if not window.may_hedge(now, self.route.timing.hedge_max_share):
@@ -3557,6 +3581,7 @@ class Request:
         a = await self.start_next(hedge=True)
         if a is not None:
             window.hedge(now)
+            self.spawn(a)
         return a
 
     def claim_win(self, a: Attempt) -> bool:
@@ -3643,18 +3668,14 @@ class Request:
     def launch(self, slot: Slot, *, hedge: bool, probe: bool = False, retry: bool = False,
                claim: tuple[BreakerKey, ...] = (),
                continues: tuple[Attempt, Failure] | None = None) -> Attempt:
-        """Claim the slot's half-open probe (if trying it is one) and start the attempt
-        in the same step: the attempt's own `finally` releases what it holds."""
+        """Claim the slot's half-open probe (if trying it is one) and make the attempt in
+        the same step; the caller starts it (go, spawn) before any checkpoint, and the
+        attempt's own `finally` releases what it holds."""
         if probe:
             claim = self.d.health.claim(slot, self.snap.credential(slot.provider))
         a = Attempt(self, slot, claim=claim, hedge=hedge, retry=retry, continues=continues)
         self.running.append(a)
         self.redispatched = self.tripped
-        # A probe may outlive its request (see Attempt.detach): it runs in the daemon's
-        # nursery, everything else in the request's.
-        nursery = self.d.background if a.probe and self.d.background else self.nursery
-        assert nursery is not None
-        nursery.start_soon(a.run)
         return a
 
     async def pause(self, seconds: float) -> bool:
@@ -3740,7 +3761,8 @@ class Request:
                 continue
             if slot == a.slot or trio.current_time() >= self.deadline:
                 continue
-            if self.try_slot(slot, i, hedge=False, continues=(a, f)) is not None:
+            if (a2 := self.try_slot(slot, i, hedge=False, continues=(a, f))) is not None:
+                self.spawn(a2)
                 self.continued = True
                 log.info("request %s: %s broke after commit (%s); continuing the answer on %s",
                          self.request_id, a.slot.key, f.outcome, slot.key)
@@ -4276,7 +4298,7 @@ async def _chat(
     with trio.CancelScope() as req_scope:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_watch_client, conn, stream, req, req_scope)
-            await req.run()
+            await req.run(nursery)
             nursery.cancel_scope.cancel()
     if not req.keep_alive:
         reply.abort()  # pipelined bytes were dropped: this connection cannot go on
