@@ -459,6 +459,9 @@ class AttemptRow(msgspec.Struct, tag="attempt", tag_field="kind", kw_only=True):
     stream: bool = False
     client_pid: int | None = None
     client_uid: int | None = None
+    # The deadlines that applied to this attempt (SPEC section 10); None on a skip.
+    first_token_deadline_s: float | None = None
+    stall_deadline_s: float | None = None
 
 
 class RequestRow(msgspec.Struct, tag="request", tag_field="kind", kw_only=True):
@@ -474,6 +477,10 @@ class RequestRow(msgspec.Struct, tag="request", tag_field="kind", kw_only=True):
     stream: bool = False
     client_pid: int | None = None
     client_uid: int | None = None
+    # What the request was held to, so that `audit` needs no config (SPEC section 12).
+    # None in rows written before these fields existed.
+    total_timeout_s: float | None = None
+    client_cliff_s: float | None = None
 
 
 class BreakerRow(msgspec.Struct, tag="breaker", tag_field="kind", kw_only=True):
@@ -739,6 +746,19 @@ class Breaker:
         return (old, "open", reason, self.open_until)
 
 
+def breaker_state_at(b: Breaker, now: float) -> tuple[str, float]:
+    """A breaker's state at `now` and until when it blocks (0 if it does not), read
+    without moving it: an expired cooldown reads as half-open (a hold as closed), as
+    `poll` would make it. For views (status, metrics) that must change nothing."""
+    if b.state == "open" and now >= b.open_until:
+        return ("closed" if b.hold else "half_open"), 0.0
+    if b.state == "open":
+        return "open", b.open_until
+    if b.state == "half_open" and b.probing:
+        return "half_open", math.inf  # until the probe in flight finishes
+    return b.state, 0.0
+
+
 def retry_wait(
     failure: Failure,
     *,
@@ -978,6 +998,10 @@ class Ledger:
         self._last_warning = -math.inf
         self._encoder = msgspec.json.Encoder()
         self._buf = bytearray(1024)
+        # Called with every row before it is written (the metrics): one call per
+        # attempt, request or breaker row, whether or not the row reaches the disk.
+        self.observers: list[Callable[[LedgerRow], None]] = []
+        self._observer_failed = False
         if path is not None:
             self.open()
 
@@ -1012,6 +1036,7 @@ class Ledger:
             os.close(old)
 
     def write(self, row: LedgerRow) -> None:
+        self._notify(row)
         if self.fd is None:
             if self.path is not None:
                 self.dropped += 1
@@ -1034,6 +1059,17 @@ class Ledger:
                     self.path, e.strerror, self.dropped,
                 )
 
+    def _notify(self, row: LedgerRow) -> None:
+        """An observer that fails costs neither the row nor the request (logged once)."""
+        for observe in self.observers:
+            try:
+                observe(row)
+            except Exception:
+                if not self._observer_failed:
+                    self._observer_failed = True
+                    log.exception("ledger observer %r failed; rows are still written (this "
+                                  "is logged once)", observe)
+
     def close(self) -> None:
         if self.fd is not None:
             os.close(self.fd)
@@ -1052,6 +1088,147 @@ def read_ledger(path: str) -> Iterable[tuple[bytes, LedgerRow | None]]:
                 yield line, decoder.decode(line)
             except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
                 yield line, None
+
+
+# ---------------------------------------------------------------------------
+# Metrics
+# Prometheus families for GET /metrics: counters and histograms kept from the ledger's
+# rows (one update per attempt, request or breaker row, never per chunk), and gauges
+# read from the daemon when Prometheus scrapes.
+# ---------------------------------------------------------------------------
+
+# Latency buckets in seconds, out past the calling runtime's cancel cliff (~660 s): the
+# field reports' hangs sit at 120 to 600 s. The configured cliff and each route's
+# total_timeout_s are added as edges, so "how many came within the cliff" is exact.
+LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0,
+                   180.0, 240.0, 300.0, 420.0, 600.0, 660.0, 900.0)
+# failoverd_breaker_state values (SPEC section 12).
+BREAKER_STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2}
+# Set to "off" in the daemon's environment to keep no metrics (bench/run.py uses it to
+# show what they cost); GET /metrics then answers 404.
+METRICS_ENV = "FAILOVERD_METRICS"
+
+
+def daemon_metrics(d: Daemon) -> PromMetrics | None:
+    if os.environ.get(METRICS_ENV, "").lower() in ("off", "0", "no", "false"):
+        return None
+    return PromMetrics(d)
+
+
+class PromMetrics:
+    """One daemon's metrics in its own registry (never prometheus_client's global one:
+    a process may hold several daemons, as the tests do). Label children are cached,
+    so a row costs a few dict lookups and additions."""
+
+    def __init__(self, d: Daemon) -> None:
+        import prometheus_client as prom  # only a serving daemon pays for this import
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        prom.disable_created_metrics()  # no *_created series: half the text, no use here
+        self.d = d
+        self._prom = prom
+        self._gauge, self._counter = GaugeMetricFamily, CounterMetricFamily
+        self.registry = prom.CollectorRegistry(auto_describe=False)
+        self.content_type = getattr(prom, "CONTENT_TYPE_PLAIN_0_0_4", prom.CONTENT_TYPE_LATEST)
+        edges = {d.cfg.daemon.client_cliff_s, *(r.timing.total_timeout_s
+                                                for r in d.routes.values())}
+        buckets = sorted(set(LATENCY_BUCKETS) | edges)
+        reg = self.registry
+        self.requests = prom.Counter(
+            "failoverd_requests", "Requests answered, by route and outcome (ok or error).",
+            ["route", "outcome"], registry=reg)
+        self.request_seconds = prom.Histogram(
+            "failoverd_request_duration_seconds", "Time from a request's arrival to its end, "
+            "for requests that reached an upstream (see failoverd_total_timeout_seconds and "
+            "failoverd_client_cliff_seconds).", ["route"], buckets=buckets, registry=reg)
+        self.attempts = prom.Counter(
+            "failoverd_attempts", "Attempts by slot and outcome (skipped slots included).",
+            ["provider", "model", "outcome"], registry=reg)
+        self.attempt_seconds = prom.Counter(
+            "failoverd_attempt_seconds", "Time attempts held their requests, by outcome: the "
+            "time failed attempts cost.", ["provider", "model", "outcome"], registry=reg)
+        self.first_token = prom.Histogram(
+            "failoverd_first_token_seconds", "Time from sending an attempt to its first "
+            "meaningful output (attempts that produced one).", ["provider", "model"],
+            buckets=buckets, registry=reg)
+        self.cost = prom.Counter(
+            "failoverd_cost_usd", "Estimated billed cost, failed attempts with output included.",
+            ["provider", "model"], registry=reg)
+        self.deadline = prom.Gauge(
+            "failoverd_deadline_seconds", "The deadlines that applied to the slot's last "
+            "attempt.", ["provider", "model", "kind"], registry=reg)
+        self.breaker_changes = prom.Counter(
+            "failoverd_breaker_transitions", "Breaker state changes, by the state entered.",
+            ["scope", "key", "to"], registry=reg)
+        self._children: dict[tuple[Any, ...], Any] = {}
+        reg.register(self)
+        prom.ProcessCollector(registry=reg)
+        d.ledger.observers.append(self.observe)
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def observe(self, row: LedgerRow) -> None:
+        if isinstance(row, AttemptRow):
+            self._attempt(row)
+        elif isinstance(row, RequestRow):
+            self._child(self.requests, row.route, row.outcome).inc()
+            if row.attempts:
+                self._child(self.request_seconds, row.route).observe(row.total_ms / 1000)
+        else:
+            self._child(self.breaker_changes, row.scope, row.key, row.to).inc()
+
+    def _attempt(self, row: AttemptRow) -> None:
+        provider, model, outcome = row.provider, row.model, row.outcome
+        self._child(self.attempts, provider, model, outcome).inc()
+        if outcome == "skipped":
+            return
+        if row.latency_ms is not None:
+            self._child(self.attempt_seconds, provider, model, outcome).inc(row.latency_ms / 1000)
+        if row.ttft_ms is not None:
+            self._child(self.first_token, provider, model).observe(row.ttft_ms / 1000)
+        self._child(self.cost, provider, model).inc(row.cost_usd or 0.0)
+        if row.first_token_deadline_s is not None:
+            self._child(self.deadline, provider, model, "first_token").set(
+                row.first_token_deadline_s)
+        if row.stall_deadline_s is not None:
+            self._child(self.deadline, provider, model, "stall").set(row.stall_deadline_s)
+
+    def describe(self) -> list[Any]:
+        return []  # read at scrape time only; nothing to check at registration
+
+    def collect(self) -> Iterator[Any]:
+        """What is state rather than events, read from the daemon as it is now."""
+        d, gauge = self.d, self._gauge
+        yield gauge("failoverd_in_flight_requests", "Requests under way.", value=len(d.inflight))
+        yield gauge("failoverd_event_loop_lag_seconds", "How late the event loop wakes up "
+                    "(smoothed; the overload signal).", value=d.loop_lag)
+        yield gauge("failoverd_fallbacks_waiting", "Next attempts waiting their turn while the "
+                    "loop runs late (a failover storm).", value=len(d.fallbacks))
+        yield self._counter("failoverd_ledger_dropped_rows", "Ledger rows that could not be "
+                            "written (disk full, unwritable).", value=d.ledger.dropped)
+        yield self._counter("failoverd_shed_requests", "Requests refused with 503 while "
+                            "overloaded.", value=d.shed)
+        yield gauge("failoverd_client_cliff_seconds", "daemon.client_cliff_s: when the calling "
+                    "runtime gives up.", value=d.cfg.daemon.client_cliff_s)
+        totals = gauge("failoverd_total_timeout_seconds", "Each route's total_timeout_s.",
+                       labels=["route"])
+        for name, route in sorted(d.routes.items()):
+            totals.add_metric([name], route.timing.total_timeout_s)
+        yield totals
+        states = gauge("failoverd_breaker_state", "Breaker state: 0 closed, 1 half-open, "
+                       "2 open.", labels=["scope", "key"])
+        now = trio.current_time()
+        for (scope, key), b in sorted(d.health.breakers.items()):
+            states.add_metric([scope, key], BREAKER_STATE_VALUES[breaker_state_at(b, now)[0]])
+        yield states
+
+    def exposition(self) -> bytes:
+        return self._prom.generate_latest(self.registry)
 
 
 # ---------------------------------------------------------------------------
@@ -2120,6 +2297,7 @@ class Daemon:
             self.state_path = os.path.join(os.path.dirname(ledger.path), "state.json") \
                 if ledger.path else ""
         self._state_warned = False
+        self.metrics = daemon_metrics(self)  # before any row: they all count
         self.load_state()
 
     def wall_time(self, t: float) -> float:
@@ -2937,6 +3115,8 @@ class Exchange:
             cost_usd=cost_usd(model_cfg, tokens_in, tokens_out)
             if st is not None and (m is not None and m.first is not None) else None,
             stream=self.stream, client_pid=self.peer.pid, client_uid=self.peer.uid,
+            first_token_deadline_s=None if skip_reason else self.route.timing.first_token_timeout_s,
+            stall_deadline_s=None if skip_reason else self.route.timing.stall_timeout_s,
         ))
         self.attempts += 1
 
@@ -2948,6 +3128,8 @@ class Exchange:
             attempts=self.attempts, total_ms=_ms(trio.current_time() - self.started) or 0.0,
             ttft_ms=_ms(self.client_ttft), status=self.status, stream=self.stream,
             client_pid=self.peer.pid, client_uid=self.peer.uid,
+            total_timeout_s=self.route.timing.total_timeout_s,
+            client_cliff_s=self.d.cfg.daemon.client_cliff_s,
         ))
 
     def describe(self, now: float) -> dict[str, Any]:
@@ -2956,6 +3138,7 @@ class Exchange:
             "slot": self.current.key if self.current else None,
             "attempts": self.attempts, "committed": self.committed,
             "age_s": round(now - self.started, 3), "stream": self.stream,
+            "left_s": round(self.deadline - now, 3),
         }
 
 
@@ -3210,13 +3393,26 @@ async def _handle_request(
                       {"status": "draining" if d.draining else "ok"})
     elif path == b"/status" and method == b"GET":
         await _simple(reply, 200, d.status())
-    elif path in (b"/v1/chat/completions", b"/v1/models", b"/healthz", b"/status"):
+    elif path == b"/metrics" and method == b"GET":
+        await _metrics(d, reply)
+    elif path in (b"/v1/chat/completions", b"/v1/models", b"/healthz", b"/status", b"/metrics"):
         await _client_error(reply, 405, f"{method.decode()} is not allowed on {path.decode()}",
                             code="method_not_allowed")
     else:
         await _client_error(reply, 404, f"no such endpoint {path.decode('latin-1')}; failoverd "
-                            "serves POST /v1/chat/completions, GET /v1/models, /healthz, /status",
-                            code="not_found")
+                            "serves POST /v1/chat/completions, GET /v1/models, /healthz, /status, "
+                            "/metrics", code="not_found")
+
+
+async def _metrics(d: Daemon, reply: H11Reply) -> None:
+    """Prometheus text exposition (format 0.0.4)."""
+    if d.metrics is None:
+        await _client_error(reply, 404, f"metrics are off in this daemon ({METRICS_ENV}=off in "
+                            "its environment)", code="not_found")
+        return
+    with contextlib.suppress(ClientGone):
+        await reply.start(200, [("content-type", d.metrics.content_type)],
+                          d.metrics.exposition(), final=True)
 
 
 async def _chat(
@@ -3273,7 +3469,8 @@ async def _shed(d: Daemon, reply: H11Reply, route: Route, body: dict[str, Any],
     d.ledger.write(RequestRow(
         ts=utc_timestamp(), request_id=_secrets.token_hex(8), route=route.name, outcome="error",
         served_by=None, attempts=0, total_ms=0.0, ttft_ms=None, status=503,
-        stream=body.get("stream") is True, client_pid=peer.pid, client_uid=peer.uid))
+        stream=body.get("stream") is True, client_pid=peer.pid, client_uid=peer.uid,
+        total_timeout_s=route.timing.total_timeout_s, client_cliff_s=d.cfg.daemon.client_cliff_s))
     error = error_body(f"failoverd is overloaded (event loop {d.loop_lag * 1000:.0f} ms late, "
                        f"limit daemon.shed_lag_s = {d.cfg.daemon.shed_lag_s:g} s); retry shortly",
                        type_="failoverd_error", code="overloaded")

@@ -211,7 +211,9 @@ async def test_failed_ledger_reopen_keeps_the_daemon_writing(tmp_path, caplog):
     assert (tmp_path / "logs.1" / "ledger.jsonl").read_bytes().endswith(b'"status":200,'
                                                                         b'"stream":false,'
                                                                         b'"client_pid":null,'
-                                                                        b'"client_uid":null}\n')
+                                                                        b'"client_uid":null,'
+                                                                        b'"total_timeout_s":null,'
+                                                                        b'"client_cliff_s":null}\n')
 
 
 class RecordingReply(fo.Reply):
