@@ -4143,9 +4143,18 @@ def _fmt_ms(v: float | None) -> str:
     return "-" if v is None else f"{v:.0f}ms"
 
 
+def local_time(ts: str) -> str:
+    """A row's `ts` (UTC) in the local zone, with the zone: 2026-01-02 04:04:05.678 CET."""
+    try:
+        t = _dt.datetime.fromisoformat(ts).astimezone()
+    except ValueError:
+        return ts
+    return f"{t:%Y-%m-%d %H:%M:%S}.{t.microsecond // 1000:03d} {t:%Z}"
+
+
 def format_row(row: LedgerRow) -> str:
     """One human-readable line for `failoverd tail`."""
-    ts = row.ts[11:23] if len(row.ts) >= 23 else row.ts
+    ts = local_time(row.ts)
     if isinstance(row, AttemptRow):
         what = row.outcome if row.outcome != "skipped" else f"skipped:{row.skip_reason}"
         line = (f"{ts} attempt {row.request_id} {row.route} #{row.attempt} "
@@ -4169,7 +4178,7 @@ def format_row(row: LedgerRow) -> str:
                 f"served_by={row.served_by or '-'} attempts={row.attempts} "
                 f"ttft={_fmt_ms(row.ttft_ms)} total={_fmt_ms(row.total_ms)}")
     return (f"{ts} breaker {row.scope} {row.key} {row.from_} -> {row.to} -- {row.reason}"
-            + (f" (open until {row.open_until})" if row.open_until else ""))
+            + (f" (open until {local_time(row.open_until)})" if row.open_until else ""))
 
 
 def _default_ledger() -> str:
@@ -4180,20 +4189,57 @@ def _default_ledger() -> str:
 
 @cli.command("tail")
 @click.argument("ledger", required=False)
-@click.option("-f", "--follow", is_flag=True, help="Keep printing rows as they are appended.")
+@click.option("-n", "--lines", default=10, show_default=True, type=click.IntRange(min=0),
+              help="Print the last N rows (that match the filters) first; 0 prints none, so "
+              "`-n 0 -f` shows only new rows.")
+@click.option("-f", "--follow", is_flag=True,
+              help="Then keep printing rows as they are appended, across log rotation.")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON rows.")
-@click.option("-n", "--lines", default=0, help="Only the last N rows (0 = all).")
-def tail_cmd(ledger: str | None, follow: bool, as_json: bool, lines: int) -> None:
-    """Print ledger rows (human-readable by default)."""
+@click.option("--route", "routes", multiple=True, help="Only rows of this route (repeatable).")
+@click.option("--outcome", "outcomes", multiple=True,
+              help="Only attempts or requests with this outcome: ok, error, first_token_timeout, "
+              "..., skipped, or a skip reason such as breaker_open (repeatable).")
+@click.option("--request-id", "request_ids", multiple=True,
+              help="Only the rows of this request (repeatable).")
+def tail_cmd(ledger: str | None, lines: int, follow: bool, as_json: bool,
+             routes: tuple[str, ...], outcomes: tuple[str, ...],
+             request_ids: tuple[str, ...]) -> None:
+    """Print the last rows of the ledger, like tail(1): human-readable (local time) by
+    default. With a filter, breaker rows are left out (they belong to no request)."""
     path = ledger or _default_ledger()
+    wanted = row_filter(routes, outcomes, request_ids)
     try:
-        _tail(path, follow, as_json, lines)
+        _tail(path, lines, follow, lambda line, row: click.echo(
+            line.decode() if as_json else format_row(row)), wanted)
     except FileNotFoundError:
         click.echo(f"failoverd: no ledger at {path}; pass its path or check daemon.ledger",
                    err=True)
         sys.exit(1)
+    except IsADirectoryError:
+        click.echo(f"failoverd: {path} is a directory; pass the ledger file", err=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         pass
+
+
+def row_filter(routes: Iterable[str], outcomes: Iterable[str], request_ids: Iterable[str]
+               ) -> Callable[[LedgerRow], bool] | None:
+    """`tail`'s filters as one predicate (None: every row); all given filters must match."""
+    routes, outcomes, request_ids = set(routes), set(outcomes), set(request_ids)
+    if not (routes or outcomes or request_ids):
+        return None
+
+    def wanted(row: LedgerRow) -> bool:
+        if isinstance(row, BreakerRow):
+            return False
+        if routes and row.route not in routes:
+            return False
+        if request_ids and row.request_id not in request_ids:
+            return False
+        skip = row.skip_reason if isinstance(row, AttemptRow) else None
+        return not outcomes or row.outcome in outcomes or skip in outcomes
+
+    return wanted
 
 
 def _decoded(line: bytes, decoder: msgspec.json.Decoder) -> tuple[bytes, LedgerRow] | None:
@@ -4204,34 +4250,96 @@ def _decoded(line: bytes, decoder: msgspec.json.Decoder) -> tuple[bytes, LedgerR
         return None  # a torn or foreign line
 
 
-def _print_row(line: bytes, row: LedgerRow, as_json: bool) -> None:
-    click.echo(line.decode() if as_json else format_row(row))
+# `tail` reads the ledger backwards in blocks of this size.
+TAIL_BLOCK = 64 * 1024
+# How often `tail -f` looks for new rows and for rotation (tail(1)'s default is 1 s).
+TAIL_POLL_S = 0.25
+
+Emit = Callable[[bytes, LedgerRow], None]
 
 
-def _tail(path: str, follow: bool, as_json: bool, last: int) -> None:
+def _after_last_newline(f: Any, end: int) -> int:
+    """The offset just past the last newline before `end` (0 if there is none)."""
+    pos = end
+    while pos > 0:
+        size = min(TAIL_BLOCK, pos)
+        pos -= size
+        f.seek(pos)
+        i = f.read(size).rfind(b"\n")
+        if i >= 0:
+            return pos + i + 1
+    return 0
+
+
+def last_rows(f: Any, end: int, count: int, wanted: Callable[[LedgerRow], bool] | None
+              ) -> list[tuple[bytes, LedgerRow]]:
+    """The last `count` rows that decode and are `wanted` among the whole lines before
+    offset `end`, read backwards block by block: time and memory grow with what is
+    printed (and skipped by a filter), not with the size of the file."""
     decoder = msgspec.json.Decoder(LedgerRow)
+    found: list[tuple[bytes, LedgerRow]] = []
+    pos, carry = end, b""
+    while pos > 0 and len(found) < count:
+        size = min(TAIL_BLOCK, pos)
+        pos -= size
+        f.seek(pos)
+        lines = (f.read(size) + carry).split(b"\n")
+        carry = lines.pop(0) if pos > 0 else b""  # may start mid-line: finish it next block
+        for line in reversed(lines):
+            if len(found) >= count:
+                break
+            decoded = _decoded(line, decoder) if line.strip() else None
+            if decoded is not None and (wanted is None or wanted(decoded[1])):
+                found.append(decoded)
+    return found[::-1]
+
+
+def _tail(path: str, count: int, follow: bool, emit: Emit,
+          wanted: Callable[[LedgerRow], bool] | None = None) -> None:
     with open(path, "rb") as f:
-        rows = [r for r in (_decoded(line, decoder) for line in f) if r is not None]
-        for line, row in rows[-last:] if last else rows:
-            _print_row(line, row, as_json)
-        if not follow:
-            return
-        inode, partial = os.fstat(f.fileno()).st_ino, b""
+        # Rows end with a newline; what follows the last one is a row being written
+        # (or one torn by a crash): -f picks it up from there once it is whole.
+        whole = _after_last_newline(f, os.fstat(f.fileno()).st_size)
+        for line, row in last_rows(f, whole, count, wanted):
+            emit(line, row)
+        if follow:
+            f.seek(whole)
+            _follow(path, f, b"", emit, wanted)
+
+
+def _follow(path: str, f: Any, partial: bytes, emit: Emit,
+            wanted: Callable[[LedgerRow], bool] | None) -> None:
+    """Print rows as they are appended; after rotation, finish the old file, then read
+    the new one from its start (like `tail -F`)."""
+    decoder = msgspec.json.Decoder(LedgerRow)
+
+    def drain(partial: bytes) -> bytes:
+        while chunk := f.read():
+            *complete, partial = (partial + chunk).split(b"\n")
+            for decoded in (_decoded(line, decoder) for line in complete if line.strip()):
+                if decoded is not None and (wanted is None or wanted(decoded[1])):
+                    emit(*decoded)
+        return partial
+
+    inode = os.fstat(f.fileno()).st_ino
+    try:
         while True:
-            chunk = f.read()
-            if chunk:
-                *complete, partial = (partial + chunk).split(b"\n")
-                for decoded in (_decoded(line, decoder) for line in complete):
-                    if decoded is not None:
-                        _print_row(*decoded, as_json)
-                continue
-            time.sleep(0.25)
-            with contextlib.suppress(FileNotFoundError):
+            partial = drain(partial)
+            time.sleep(TAIL_POLL_S)
+            try:
                 st = os.stat(path)
-                if st.st_ino != inode or st.st_size < f.tell():  # rotated or truncated
-                    f.close()
-                    f = open(path, "rb")  # noqa: SIM115 -- kept open across iterations
-                    inode, partial = st.st_ino, b""
+            except FileNotFoundError:
+                continue  # rotated away; the new file is not there yet
+            if st.st_ino != inode:
+                partial = drain(partial)  # what was written to the old file meanwhile
+                f.close()
+                f = open(path, "rb")  # noqa: SIM115 -- kept open across iterations
+                inode, partial = os.fstat(f.fileno()).st_ino, b""
+            elif st.st_size < f.tell():  # truncated in place (copytruncate)
+                f.seek(0)
+                partial = b""
+    finally:
+        f.close()
 
 
 # Outcomes that mean the upstream hung (no meaningful output in time).
