@@ -2461,11 +2461,53 @@ class Daemon:
             "fallbacks_waiting": len(self.fallbacks),
             "in_flight": [ex.describe(now) for ex in self.inflight.values()],
             "breakers": self.health.snapshot(),
+            "routes": route_view(self, now), "time": utc_timestamp(),
             "token_divisors": self.divisors(),
             "ledger": {"path": self.ledger.path, "dropped_rows": self.ledger.dropped},
             "gc": {"frozen_objects": gc.get_freeze_count(), "threshold": list(gc.get_threshold()),
                    "collections": [g["collections"] for g in gc.get_stats()]},
         }
+
+
+def _slot_view(d: Daemon, slot: Slot, now: float) -> dict[str, Any]:
+    """A slot's breakers as they stand at `now`, read without moving them."""
+    worst: tuple[float, str, str, str] = (0.0, "closed", "", "")  # (until, state, by, reason)
+    probe = False
+    for scope, key in (("credential", d.health.credential_key(slot.provider)),
+                       ("provider", slot.provider), ("model", slot.key)):
+        b = d.health.breakers.get((scope, key))
+        if b is None:
+            continue
+        state, until = breaker_state_at(b, now)
+        probe = probe or state == "half_open"
+        if until > worst[0]:
+            worst = (until, state, f"{scope} {key}", b.reason)
+    until, state, by, reason = worst
+    if until:  # out: open, or half-open with its probe in flight
+        return {"slot": slot.key, "state": "probing" if state == "half_open" else "open",
+                "left_s": None if until == math.inf else round(until - now, 3),
+                "breaker": by, "reason": reason}
+    return {"slot": slot.key, "state": "probe" if probe else "ok", "left_s": None,
+            "breaker": None, "reason": None}
+
+
+def route_view(d: Daemon, now: float) -> list[dict[str, Any]]:
+    """Which slot would answer each route now, from the breakers alone and without
+    side effects (no probe claimed, no transition written): the first slot no breaker
+    holds out; when every slot is out, the one closest to recovery is probed (never
+    blank). What only a request knows (its size against context windows, budgets, a
+    provider that timed out earlier in it) is not part of the view."""
+    out = []
+    for name, route in sorted(d.routes.items()):
+        slots = [_slot_view(d, slot, now) for slot in route.slots]
+        free = [s for s in slots if s["state"] in ("ok", "probe")]
+        if free:
+            answers, how = free[0], "probe" if free[0]["state"] == "probe" else "ok"
+        else:
+            answers = min(slots, key=lambda s: math.inf if s["left_s"] is None else s["left_s"])
+            how = "forced probe"
+        out.append({"route": name, "answers": answers["slot"], "how": how, "slots": slots})
+    return out
 
 
 class Reply:
@@ -4635,17 +4677,18 @@ def _margin(m: dict[str, Any], key: str) -> str:
     return "-" if value is None else _secs(value) + ("*" if m["assumed"] else "")
 
 
-def _table(title: str, columns: list[tuple[str, str]]) -> Any:
-    """A compact rich table: (header, justify) per column. Numbers never wrap; a
-    "model" column folds long names (but keeps room for a short one); other text
-    columns keep their width."""
+def _table(title: str, columns: list[tuple[str, str]],
+           wrap: tuple[str, ...] = ("model",)) -> Any:
+    """A compact rich table: (header, justify) per column. Numbers never wrap; the
+    `wrap` columns fold long names and wrap text (keeping room for a short name);
+    other columns keep their width."""
     from rich import box
     from rich.table import Table
 
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
                   show_edge=False, padding=0, title_style="bold")
     for header, justify in columns:
-        folds = header == "model"
+        folds = header in wrap
         table.add_column(header, justify=justify,  # type: ignore[arg-type]
                          overflow="fold", no_wrap=not folds, min_width=16 if folds else None)
     return table
@@ -4751,9 +4794,83 @@ def _audit_notes(report: dict[str, Any]) -> str:
     return "\n".join(notes)
 
 
-def format_status(status: dict[str, Any]) -> list[str]:
-    """`failoverd status` as text: in-flight requests, breakers, token divisors."""
-    lines = [f"failoverd {status['version']}, up {status['uptime_s']:.0f} s"
+def relative(seconds: float) -> str:
+    """A duration as people say it: 46 s, 3 min 5 s, 2 h 4 min, 3 d 4 h."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s} s"
+    for unit, size, sub, subsize in (("d", 86400, "h", 3600), ("h", 3600, "min", 60),
+                                     ("min", 60, "s", 1)):
+        if s >= size:
+            rest = (s % size) // subsize
+            return f"{s // size} {unit}" + (f" {rest} {sub}" if rest else "")
+    return f"{s} s"  # unreachable
+
+
+def _until(iso: str | None, now: float) -> float | None:
+    if not iso:
+        return None
+    try:
+        return _dt.datetime.fromisoformat(iso).timestamp() - now
+    except ValueError:
+        return None
+
+
+def _slot_state(s: dict[str, Any], answers: bool, how: str) -> str:
+    if answers:
+        return {"ok": "answers now", "probe": "answers now: its probe (half-open)",
+                "forced probe": "answers now: every slot is out, this one is closest to "
+                "recovery"}[how] + (f" ({s['breaker']}: {s['reason']})" if s["reason"] else "")
+    if s["state"] == "open":
+        left = "" if s["left_s"] is None else f", {relative(s['left_s'])} left"
+        return f"open{left} ({s['breaker']}: {s['reason']})"
+    if s["state"] == "probing":
+        return f"half-open, its probe is in flight ({s['breaker']}: {s['reason']})"
+    return "half-open: the next request probes" if s["state"] == "probe" else "ok, standing by"
+
+
+def _routes_table(routes: list[dict[str, Any]]) -> Any:
+    table = _table("routes: which slot answers now", [("route", "left"), ("#", "right"),
+                                                      ("model", "left"), ("state", "left")],
+                   wrap=("model", "state"))
+    for r in routes:
+        for i, s in enumerate(r["slots"]):
+            table.add_row(r["route"] if i == 0 else "", str(i), s["slot"],
+                          _slot_state(s, s["slot"] == r["answers"], r["how"]))
+    return table
+
+
+def _inflight_table(inflight: list[dict[str, Any]]) -> Any:
+    table = _table(f"in flight: {len(inflight)}", [
+        ("request", "left"), ("route", "left"), ("model", "left"), ("attempts", "right"),
+        ("age", "right"), ("left", "right"), ("", "left")])
+    for r in inflight:
+        left = r.get("left_s")
+        table.add_row(r["request_id"], r["route"], r["slot"] or "-", str(r["attempts"]),
+                      relative(r["age_s"]), "-" if left is None else
+                      relative(left) if left > 0 else "past its deadline",
+                      "committed" if r["committed"] else "")
+    return table
+
+
+def _breakers_table(breakers: list[dict[str, Any]], now: float) -> Any:
+    table = _table(f"breakers: {len(breakers)}", [
+        ("scope", "left"), ("key", "left"), ("state", "left"), ("failures", "right"),
+        ("why", "left")], wrap=("key", "why"))
+    for b in breakers:
+        state = b["state"].replace("_", "-")
+        left = _until(b.get("open_until"), now)
+        if b["state"] == "open" and left is not None:
+            state = f"open, {relative(left)} left"
+        # The reason belongs to the state it caused: a closed breaker has none.
+        why = (b.get("last_reason") or "") if b["state"] != "closed" else ""
+        table.add_row(b["scope"], b["key"], state,
+                      f"{b['failures_in_window']}/{b['calls_in_window']}", why)
+    return table
+
+
+def _status_lines(status: dict[str, Any]) -> list[str]:
+    lines = [f"failoverd {status['version']}, up {relative(status['uptime_s'])}"
              + (" (draining)" if status.get("draining") else "")]
     if status.get("shed_requests") or status.get("overloaded"):
         lines.append(f"event loop {status.get('loop_lag_ms', 0):.0f} ms late; "
@@ -4768,27 +4885,33 @@ def format_status(status: dict[str, Any]) -> list[str]:
     if ledger.get("dropped_rows"):
         lines.append(f"ledger {ledger['path']}: {ledger['dropped_rows']} row(s) dropped "
                      "(disk full or unwritable?)")
-    inflight = status.get("in_flight") or []
-    lines.append(f"in flight: {len(inflight)}")
-    for r in inflight:
-        lines.append(f"  {r['request_id']} {r['route']:<12} on {r['slot'] or '-':<32} "
-                     f"attempts={r['attempts']} age={r['age_s']:.1f}s"
-                     + (" committed" if r["committed"] else ""))
-    breakers = status.get("breakers") or []
-    lines.append(f"breakers: {len(breakers)}")
-    for b in breakers:
-        line = (f"  {b['scope']:<10} {b['key']:<36} {b['state']:<9} "
-                f"failures {b['failures_in_window']}/{b['calls_in_window']} in window")
-        if b.get("open_until"):
-            line += f", open until {b['open_until']}"
-        if b.get("last_reason"):
-            line += f" -- {b['last_reason']}"
-        lines.append(line)
-    divisors = status.get("token_divisors") or {}
-    if divisors:
-        lines.append("token divisors (chars per prompt token):")
-        lines += [f"  {k:<40} {v:.2f}" for k, v in sorted(divisors.items())]
     return lines
+
+
+def format_status(status: dict[str, Any], width: int | None = None,
+                  now: float | None = None) -> list[str]:
+    """`failoverd status` as text no wider than `width`: routes (who answers now),
+    in-flight requests with the time they have left, breakers with relative times and
+    only the current reason, token divisors. `now` defaults to the daemon's time."""
+    from rich.console import Console
+
+    if now is None:
+        now = _until(status.get("time"), 0.0) or time.time()
+    console = Console(width=width, color_system=None, highlight=False, emoji=False)
+    with console.capture() as captured:
+        for line in _status_lines(status):
+            console.print(line)
+        if status.get("routes"):
+            console.print(_routes_table(status["routes"]))
+        console.print(_inflight_table(status.get("in_flight") or []))
+        console.print(_breakers_table(status.get("breakers") or [], now))
+        divisors = status.get("token_divisors") or {}
+        if divisors:
+            table = _table("token divisors", [("model", "left"), ("bytes/token", "right")])
+            for k, v in sorted(divisors.items()):
+                table.add_row(k, f"{v:.2f}")
+            console.print(table)
+    return [line.rstrip() for line in captured.get().splitlines()]
 
 
 @cli.command("status")
@@ -4796,8 +4919,12 @@ def format_status(status: dict[str, Any]) -> list[str]:
               "config]")
 @click.option("--config", "config_path", help="Config file to find the socket in.")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
-def status_cmd(socket_path: str | None, config_path: str | None, as_json: bool) -> None:
-    """Ask a running daemon for its breakers, in-flight requests and token divisors."""
+@click.option("--width", type=click.IntRange(min=40), help="Table width [default: the "
+              "terminal's].")
+def status_cmd(socket_path: str | None, config_path: str | None, as_json: bool,
+               width: int | None) -> None:
+    """Ask a running daemon which slot answers each route now, what is in flight and
+    how long it has left, its breakers and token divisors."""
     if socket_path is None:
         try:
             socket_path = load_config(_config_path(config_path)).daemon.socket
@@ -4814,7 +4941,7 @@ def status_cmd(socket_path: str | None, config_path: str | None, as_json: bool) 
     if as_json:
         click.echo(resp.text)
         return
-    for line in format_status(resp.json()):
+    for line in format_status(resp.json(), width):
         click.echo(line)
 
 
