@@ -4100,27 +4100,54 @@ def _config_path(path: str | None) -> str:
     return path or os.environ.get("FAILOVERD_CONFIG") or DEFAULT_CONFIG_PATH
 
 
-def _setup_logging(verbose: bool) -> None:
-    # Under systemd, journald reads "<N>" priority prefixes from stderr.
-    prefix = "%(levelno)s" if os.environ.get("JOURNAL_STREAM") else ""
+def _stderr_is_journal() -> bool:
+    """systemd sets JOURNAL_STREAM to the device:inode of the stderr it connected to
+    journald; a stderr redirected since (by a shell started from a service) is not."""
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return bool(stream) and stream == f"{st.st_dev}:{st.st_ino}"
+
+
+def _setup_logging(verbose: bool, fmt: str = "text") -> None:
+    """journald gets "<N>" priority prefixes and no timestamp (it keeps its own);
+    anywhere else each line starts with the local time. `fmt="json"` makes each line
+    one JSON object for log shippers (still priority-prefixed for journald)."""
     handler = logging.StreamHandler(sys.stderr)
-    if prefix:
-        handler.addFilter(_JournalPriority())
-        handler.setFormatter(logging.Formatter("<%(priority)d>%(message)s"))
-    else:
-        handler.setFormatter(logging.Formatter("failoverd %(levelname)s: %(message)s"))
+    handler.setFormatter(_LogFormatter(json=fmt == "json", journal=_stderr_is_journal()))
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO if verbose else logging.WARNING)
     log.propagate = False
 
 
-class _JournalPriority(logging.Filter):
-    LEVELS = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
-              logging.CRITICAL: 2}
+class _LogFormatter(logging.Formatter):
+    # journald's priorities (syslog's levels) for Python's.
+    PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+                  logging.CRITICAL: 2}
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.priority = self.LEVELS.get(record.levelno, 6)
-        return True
+    def __init__(self, *, json: bool, journal: bool) -> None:
+        super().__init__()
+        self.json, self.journal = json, journal
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.exc_info:
+            message += "\n" + self.formatException(record.exc_info)
+        if self.json:
+            text = msgspec.json.encode({"ts": utc_timestamp(record.created),
+                                        "level": record.levelname.lower(),
+                                        "logger": record.name, "msg": message}).decode()
+        elif self.journal:
+            text = message
+        else:
+            t = _dt.datetime.fromtimestamp(record.created).astimezone()
+            text = (f"{t.isoformat(timespec='milliseconds')} failoverd "
+                    f"{record.levelname}: {message}")
+        if self.journal:
+            return f"<{self.PRIORITIES.get(record.levelno, 6)}>{text}"
+        return text
 
 
 def _load_or_exit(path: str) -> Config:
@@ -4141,9 +4168,11 @@ def cli() -> None:
 @click.option("--config", "config_path", help="Config file [default: $FAILOVERD_CONFIG or "
               f"{DEFAULT_CONFIG_PATH}]")
 @click.option("--quiet", is_flag=True, help="Log warnings and errors only (no per-failure lines).")
-def serve_cmd(config_path: str | None, quiet: bool) -> None:
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
+              show_default=True, help="json: one JSON object per log line, for log shippers.")
+def serve_cmd(config_path: str | None, quiet: bool, log_format: str) -> None:
     """Run the daemon in the foreground (systemd Type=notify)."""
-    _setup_logging(verbose=not quiet)
+    _setup_logging(verbose=not quiet, fmt=log_format)
     path = _config_path(config_path)
     cfg = _load_or_exit(path)
     try:
