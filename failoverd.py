@@ -4932,8 +4932,9 @@ def format_status(status: dict[str, Any], width: int | None = None,
             console.print(line)
         if status.get("routes"):
             console.print(_routes_table(status["routes"]))
-        console.print(_inflight_table(status.get("in_flight") or []))
-        console.print(_breakers_table(status.get("breakers") or [], now))
+        inflight, breakers = status.get("in_flight") or [], status.get("breakers") or []
+        console.print(_inflight_table(inflight) if inflight else "in flight: 0")
+        console.print(_breakers_table(breakers, now) if breakers else "breakers: none yet")
         divisors = status.get("token_divisors") or {}
         if divisors:
             table = _table("token divisors", [("model", "left"), ("bytes/token", "right")])

@@ -8,6 +8,7 @@ import collections
 import logging
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -320,3 +321,25 @@ def test_breaker_state_at_is_read_only():
     b.state, b.probing = "half_open", True
     assert fo.breaker_state_at(b, 11.0) == ("half_open", math.inf)
     assert (b.state, b.open_until, b.probing) == ("half_open", 10.0, True)
+
+
+async def test_the_grafana_dashboard_uses_only_metrics_the_daemon_serves(harness,
+                                                                         autojump_clock):
+    h = harness({"a/m1": HUNG, "b/m2": ok_script()})
+    for _ in range(3):
+        await h.chat()
+    _, fams = await scrape(h)
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "grafana-dashboard.json")
+    with open(path) as f:  # noqa: ASYNC230 -- a test reading a fixture
+        dashboard = fo.msgspec.json.decode(f.read())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", ())]
+    assert len(exprs) >= 15
+    used = {re.sub(r"_(bucket|total|sum|count)$", "", name)
+            for e in exprs for name in re.findall(r"\b(?:failoverd|process)_[a-z_]+", e)}
+    assert used - set(fams) == set()
+    # What the issue asks the dashboard to show.
+    for name in ("failoverd_first_token_seconds", "failoverd_request_duration_seconds",
+                 "failoverd_total_timeout_seconds", "failoverd_client_cliff_seconds",
+                 "failoverd_attempts", "failoverd_requests", "failoverd_breaker_state",
+                 "failoverd_cost_usd"):
+        assert name in used, name
