@@ -457,3 +457,14 @@ async def test_audit_of_a_daemons_own_ledger(harness, autojump_clock):
     assert (b["n"], b["cost_usd"]) == (1, 12.0)
     assert b["served"]["margin_to_cliff_s"] == 660.0 - 31.0  # 30 s on hung a, then 1 s on b
     assert rep["assumed"]["requests"] == 0
+
+
+def test_a_lost_hedge_is_neither_a_failure_nor_a_failover():
+    led = Ledger()
+    led.attempt("r", "a/m1", "hedge_lost", latency_ms=5000.0, cost_usd=0.1, ttft_ms=None)
+    led.attempt("r", "b/m2", latency_ms=3000.0, ttft_ms=3000.0, hedge=True)
+    led.request("r", 5.0, served_by="b/m2")
+    a = model(report(led.rows), "desk", "a/m1")
+    assert (a["n"], a["hedges_lost"], a["success_pct"], a["failovers"], a["failed_held_s"]) \
+        == (1, 1, None, 0, 0.0)
+    assert (a["cost_usd"], a["failed_cost_usd"]) == (0.1, 0.1)  # the loser may be billed

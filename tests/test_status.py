@@ -19,14 +19,15 @@ async def test_status_shows_breakers_and_in_flight_requests(harness, autojump_cl
     await trio.sleep(1.0)  # a failed with 401; the request now waits on hung b
     status = h.d.status()
     [inflight] = status["in_flight"]
+    # a's row and b, still running, make 2 attempts
     assert (inflight["route"], inflight["slot"], inflight["attempts"], inflight["age_s"],
-            inflight["left_s"]) == ("r", "b/m2", 1, 1.0, 299.0)
+            inflight["left_s"]) == ("r", "b/m2", 2, 1.0, 299.0)
     [credential] = [b for b in status["breakers"] if b["scope"] == "credential"]
     assert credential["state"] == "open"
     assert credential["open_until"].endswith("Z")
     text = "\n".join(fo.format_status(status, width=100, now=fo.time.time())) + "\n"
     assert "in flight: 1" in text
-    assert re.search(r"\w{16} +r +b/m2 +1 +1 s +4 min 59 s\n", text)
+    assert re.search(r"\w{16} +r +b/m2 +2 +1 s +4 min 59 s\n", text)
     assert re.search(r"credential a:\w+ +open, 14 min 59 s left +0/0 +credential isolated: "
                      r"HTTP 401", text)
     # The route view: a is out for its credential, b answers (and hangs, for now).
@@ -80,7 +81,7 @@ async def test_a_closed_breaker_shows_no_old_reason(harness, autojump_clock):
     assert provider["state"] == "closed"
     text = "\n".join(fo.format_status(status, width=100)) + "\n"
     assert "consecutive failures" not in text
-    assert re.search(r"provider +a +closed +0/0\n", text)
+    assert re.search(r"provider +a +closed +0/\d+\n", text)  # and no reason after it
 
 
 async def test_status_fits_the_width_with_long_names(harness, autojump_clock, nursery):
@@ -152,3 +153,22 @@ async def test_when_every_slot_is_out_the_view_names_the_one_closest_to_recovery
         ("open", 50.0, "provider a"), ("open", 20.0, "provider b")]
     text = "\n".join(fo.format_status(h.d.status(), width=120))
     assert "answers now: every slot is out, this one is closest to recovery" in text
+
+
+async def test_a_hedged_request_shows_both_slots_it_races(harness, autojump_clock, nursery):
+    h = harness({"a/m1": HUNG, "b/m2": HUNG}, hedge_after_s=2.0, hedge_max_share=1.0)
+    nursery.start_soon(h.chat)
+    await trio.sleep(3.0)  # a got no token in 2 s: b was started beside it
+    [inflight] = h.d.status()["in_flight"]
+    assert inflight["racing"] == ["a/m1", "b/m2"]
+    text = "\n".join(fo.format_status(h.d.status(), width=100))
+    assert re.search(r"\w{16} +r +a/m1 \+ b/m2 +", text)
+
+
+def test_a_half_open_breaker_with_its_probe_out_says_so():
+    status = {"version": "x", "uptime_s": 1, "in_flight": [], "breakers": [
+        {"scope": "provider", "key": "a", "state": "half_open", "failures_in_window": 3,
+         "calls_in_window": 3, "open_until": None, "probing": True,
+         "last_reason": "3 consecutive failures"}]}
+    text = "\n".join(fo.format_status(status, width=100, now=0))
+    assert re.search(r"provider +a +half-open, probing +3/3 3 consecutive failures", text)
