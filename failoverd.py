@@ -523,6 +523,7 @@ class RequestRow(msgspec.Struct, tag="request", tag_field="kind", kw_only=True):
     client_pid: int | None = None
     client_uid: int | None = None
     # What the request was held to, so that `audit` needs no config (SPEC section 12).
+    # None in rows written before these fields existed.
     total_timeout_s: float | None = None
     client_cliff_s: float | None = None
     continued: bool = False  # the answer broke after commit and another model finished it
@@ -879,6 +880,17 @@ class Breaker:
         return (old, "open", reason, self.open_until)
 
 
+def breaker_state_at(b: Breaker, now: float) -> tuple[str, float]:
+    """A breaker's state at `now` (as `Breaker.view`) and until when it blocks (0 if it
+    does not), read without moving it. For views (status, metrics) that change nothing."""
+    state = b.view(now)
+    if state == "open":
+        return "open", b.open_until
+    if state == "half_open" and b.state == "half_open" and b.probing:
+        return "half_open", math.inf  # until the probe in flight finishes
+    return state, 0.0
+
+
 class Gate(msgspec.Struct, frozen=True):
     """What a slot's breakers say now: why it is blocked and until when (skip None:
     it may be tried), and whether trying it is a half-open probe."""
@@ -1232,6 +1244,10 @@ class Ledger:
         self._last_warning = -math.inf
         self._encoder = msgspec.json.Encoder()
         self._buf = bytearray(1024)
+        # Called with every row before it is written (the metrics): one call per
+        # attempt, request or breaker row, whether or not the row reaches the disk.
+        self.observers: list[Callable[[LedgerRow], None]] = []
+        self._observer_failed = False
         if path is not None:
             self.open()
 
@@ -1266,6 +1282,7 @@ class Ledger:
             os.close(old)
 
     def write(self, row: LedgerRow) -> None:
+        self._notify(row)
         if self.fd is None:
             if self.path is not None:
                 self.dropped += 1
@@ -1288,6 +1305,17 @@ class Ledger:
                     self.path, e.strerror, self.dropped,
                 )
 
+    def _notify(self, row: LedgerRow) -> None:
+        """An observer that fails costs neither the row nor the request (logged once)."""
+        for observe in self.observers:
+            try:
+                observe(row)
+            except Exception:
+                if not self._observer_failed:
+                    self._observer_failed = True
+                    log.exception("ledger observer %r failed; rows are still written (this "
+                                  "is logged once)", observe)
+
     def close(self) -> None:
         if self.fd is not None:
             os.close(self.fd)
@@ -1306,6 +1334,147 @@ def read_ledger(path: str) -> Iterable[tuple[bytes, LedgerRow | None]]:
                 yield line, decoder.decode(line)
             except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
                 yield line, None
+
+
+# ---------------------------------------------------------------------------
+# Metrics
+# Prometheus families for GET /metrics: counters and histograms kept from the ledger's
+# rows (one update per attempt, request or breaker row, never per chunk), and gauges
+# read from the daemon when Prometheus scrapes.
+# ---------------------------------------------------------------------------
+
+# Latency buckets in seconds, out past the calling runtime's cancel cliff (~660 s): the
+# field reports' hangs sit at 120 to 600 s. The configured cliff and each route's
+# total_timeout_s are added as edges, so "how many came within the cliff" is exact.
+LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0,
+                   180.0, 240.0, 300.0, 420.0, 600.0, 660.0, 900.0)
+# failoverd_breaker_state values (SPEC section 12).
+BREAKER_STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2}
+# Set to "off" in the daemon's environment to keep no metrics (bench/run.py uses it to
+# show what they cost); GET /metrics then answers 404.
+METRICS_ENV = "FAILOVERD_METRICS"
+
+
+def daemon_metrics(d: Daemon) -> PromMetrics | None:
+    if os.environ.get(METRICS_ENV, "").lower() in ("off", "0", "no", "false"):
+        return None
+    return PromMetrics(d)
+
+
+class PromMetrics:
+    """One daemon's metrics in its own registry (never prometheus_client's global one:
+    a process may hold several daemons, as the tests do). Label children are cached,
+    so a row costs a few dict lookups and additions."""
+
+    def __init__(self, d: Daemon) -> None:
+        import prometheus_client as prom  # only a serving daemon pays for this import
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        prom.disable_created_metrics()  # no *_created series: half the text, no use here
+        self.d = d
+        self._prom = prom
+        self._gauge, self._counter = GaugeMetricFamily, CounterMetricFamily
+        self.registry = prom.CollectorRegistry(auto_describe=False)
+        self.content_type = getattr(prom, "CONTENT_TYPE_PLAIN_0_0_4", prom.CONTENT_TYPE_LATEST)
+        edges = {d.cfg.daemon.client_cliff_s, *(r.timing.total_timeout_s
+                                                for r in d.routes.values())}
+        buckets = sorted(set(LATENCY_BUCKETS) | edges)
+        reg = self.registry
+        self.requests = prom.Counter(
+            "failoverd_requests", "Requests answered, by route and outcome (ok or error).",
+            ["route", "outcome"], registry=reg)
+        self.request_seconds = prom.Histogram(
+            "failoverd_request_duration_seconds", "Time from a request's arrival to its end, "
+            "for requests that reached an upstream (see failoverd_total_timeout_seconds and "
+            "failoverd_client_cliff_seconds).", ["route"], buckets=buckets, registry=reg)
+        self.attempts = prom.Counter(
+            "failoverd_attempts", "Attempts by slot and outcome (skipped slots included).",
+            ["provider", "model", "outcome"], registry=reg)
+        self.attempt_seconds = prom.Counter(
+            "failoverd_attempt_seconds", "Time attempts held their requests, by outcome: the "
+            "time failed attempts cost.", ["provider", "model", "outcome"], registry=reg)
+        self.first_token = prom.Histogram(
+            "failoverd_first_token_seconds", "Time from sending an attempt to its first "
+            "meaningful output (attempts that produced one).", ["provider", "model"],
+            buckets=buckets, registry=reg)
+        self.cost = prom.Counter(
+            "failoverd_cost_usd", "Estimated billed cost, failed attempts with output included.",
+            ["provider", "model"], registry=reg)
+        self.deadline = prom.Gauge(
+            "failoverd_deadline_seconds", "The deadlines that applied to the slot's last "
+            "attempt.", ["provider", "model", "kind"], registry=reg)
+        self.breaker_changes = prom.Counter(
+            "failoverd_breaker_transitions", "Breaker state changes, by the state entered.",
+            ["scope", "key", "to"], registry=reg)
+        self._children: dict[tuple[Any, ...], Any] = {}
+        reg.register(self)
+        prom.ProcessCollector(registry=reg)
+        d.ledger.observers.append(self.observe)
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def observe(self, row: LedgerRow) -> None:
+        if isinstance(row, AttemptRow):
+            self._attempt(row)
+        elif isinstance(row, RequestRow):
+            self._child(self.requests, row.route, row.outcome).inc()
+            if row.attempts:
+                self._child(self.request_seconds, row.route).observe(row.total_ms / 1000)
+        else:
+            self._child(self.breaker_changes, row.scope, row.key, row.to).inc()
+
+    def _attempt(self, row: AttemptRow) -> None:
+        provider, model, outcome = row.provider, row.model, row.outcome
+        self._child(self.attempts, provider, model, outcome).inc()
+        if outcome == "skipped":
+            return
+        if row.latency_ms is not None:
+            self._child(self.attempt_seconds, provider, model, outcome).inc(row.latency_ms / 1000)
+        if row.ttft_ms is not None:
+            self._child(self.first_token, provider, model).observe(row.ttft_ms / 1000)
+        self._child(self.cost, provider, model).inc(row.cost_usd or 0.0)
+        if row.first_token_deadline_s is not None:
+            self._child(self.deadline, provider, model, "first_token").set(
+                row.first_token_deadline_s)
+        if row.stall_deadline_s is not None:
+            self._child(self.deadline, provider, model, "stall").set(row.stall_deadline_s)
+
+    def describe(self) -> list[Any]:
+        return []  # read at scrape time only; nothing to check at registration
+
+    def collect(self) -> Iterator[Any]:
+        """What is state rather than events, read from the daemon as it is now."""
+        d, gauge = self.d, self._gauge
+        yield gauge("failoverd_in_flight_requests", "Requests under way.", value=len(d.inflight))
+        yield gauge("failoverd_event_loop_lag_seconds", "How late the event loop wakes up "
+                    "(smoothed; the overload signal).", value=d.loop_lag)
+        yield gauge("failoverd_fallbacks_waiting", "Next attempts waiting their turn while the "
+                    "loop runs late (a failover storm).", value=len(d.fallbacks))
+        yield self._counter("failoverd_ledger_dropped_rows", "Ledger rows that could not be "
+                            "written (disk full, unwritable).", value=d.ledger.dropped)
+        yield self._counter("failoverd_shed_requests", "Requests refused with 503 while "
+                            "overloaded.", value=d.shed)
+        yield gauge("failoverd_client_cliff_seconds", "daemon.client_cliff_s: when the calling "
+                    "runtime gives up.", value=d.cfg.daemon.client_cliff_s)
+        totals = gauge("failoverd_total_timeout_seconds", "Each route's total_timeout_s.",
+                       labels=["route"])
+        for name, route in sorted(d.routes.items()):
+            totals.add_metric([name], route.timing.total_timeout_s)
+        yield totals
+        states = gauge("failoverd_breaker_state", "Breaker state: 0 closed, 1 half-open, "
+                       "2 open.", labels=["scope", "key"])
+        now = trio.current_time()
+        for (scope, key), b in sorted(d.health.breakers.items()):
+            states.add_metric([scope, key], BREAKER_STATE_VALUES[breaker_state_at(b, now)[0]])
+        yield states
+
+    def exposition(self) -> bytes:
+        return self._prom.generate_latest(self.registry)
 
 
 # ---------------------------------------------------------------------------
@@ -2680,6 +2849,7 @@ class Daemon:
         self.background: trio.Nursery | None = None
         self.state_path = self._state_path(cfg)
         self._state_warned = False
+        self.metrics = daemon_metrics(self)  # before any row: they all count
         self.load_state()
 
     # The current generation of the config; a request uses its own (Request.snap).
@@ -2920,6 +3090,7 @@ class Daemon:
             "config_generations": 1 + len(self.retired),
             "in_flight": [req.describe(now) for req in self.inflight.values()],
             "breakers": self.health.snapshot(),
+            "routes": route_view(self, now), "time": utc_timestamp(),
             "token_divisors": self.divisors(),
             "ledger": {"path": self.ledger.path, "dropped_rows": self.ledger.dropped},
             "gc": {"frozen_objects": gc.get_freeze_count(), "threshold": list(gc.get_threshold()),
@@ -2931,6 +3102,46 @@ async def _close_pools(pools: list[PoolShards]) -> None:
     with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
         for shards in pools:
             await shards.aclose()
+
+
+def _slot_view(d: Daemon, slot: Slot, now: float) -> dict[str, Any]:
+    """A slot's breakers as they stand at `now`, read without moving them."""
+    worst: tuple[float, str, str, str] = (0.0, "closed", "", "")  # (until, state, by, reason)
+    probe = False
+    for scope, key in breaker_keys(slot, d.snap.credential(slot.provider)):
+        b = d.health.breakers.get((scope, key))
+        if b is None:
+            continue
+        state, until = breaker_state_at(b, now)
+        probe = probe or state == "half_open"
+        if until > worst[0]:
+            worst = (until, state, f"{scope} {key}", b.reason)
+    until, state, by, reason = worst
+    if until:  # out: open, or half-open with its probe in flight
+        return {"slot": slot.key, "state": "probing" if state == "half_open" else "open",
+                "left_s": None if until == math.inf else round(until - now, 3),
+                "breaker": by, "reason": reason}
+    return {"slot": slot.key, "state": "probe" if probe else "ok", "left_s": None,
+            "breaker": None, "reason": None}
+
+
+def route_view(d: Daemon, now: float) -> list[dict[str, Any]]:
+    """Which slot would answer each route now, from the breakers alone and without
+    side effects (no probe claimed, no transition written): the first slot no breaker
+    holds out; when every slot is out, the one closest to recovery is probed (never
+    blank). What only a request knows (its size against context windows, budgets, a
+    provider that timed out earlier in it) is not part of the view."""
+    out = []
+    for name, route in sorted(d.routes.items()):
+        slots = [_slot_view(d, slot, now) for slot in route.slots]
+        free = [s for s in slots if s["state"] in ("ok", "probe")]
+        if free:
+            answers, how = free[0], "probe" if free[0]["state"] == "probe" else "ok"
+        else:
+            answers = min(slots, key=lambda s: math.inf if s["left_s"] is None else s["left_s"])
+            how = "forced probe"
+        out.append({"route": name, "answers": answers["slot"], "how": how, "slots": slots})
+    return out
 
 
 class Reply:
@@ -4245,13 +4456,26 @@ async def _handle_request(
                       {"status": "draining" if d.draining else "ok"})
     elif path == b"/status" and method == b"GET":
         await _simple(reply, 200, d.status())
-    elif path in (b"/v1/chat/completions", b"/v1/models", b"/healthz", b"/status"):
+    elif path == b"/metrics" and method == b"GET":
+        await _metrics(d, reply)
+    elif path in (b"/v1/chat/completions", b"/v1/models", b"/healthz", b"/status", b"/metrics"):
         await _client_error(reply, 405, f"{method.decode()} is not allowed on {path.decode()}",
                             code="method_not_allowed")
     else:
         await _client_error(reply, 404, f"no such endpoint {path.decode('latin-1')}; failoverd "
-                            "serves POST /v1/chat/completions, GET /v1/models, /healthz, /status",
-                            code="not_found")
+                            "serves POST /v1/chat/completions, GET /v1/models, /healthz, /status, "
+                            "/metrics", code="not_found")
+
+
+async def _metrics(d: Daemon, reply: H11Reply) -> None:
+    """Prometheus text exposition (format 0.0.4)."""
+    if d.metrics is None:
+        await _client_error(reply, 404, f"metrics are off in this daemon ({METRICS_ENV}=off in "
+                            "its environment)", code="not_found")
+        return
+    with contextlib.suppress(ClientGone):
+        await reply.start(200, [("content-type", d.metrics.content_type)],
+                          d.metrics.exposition(), final=True)
 
 
 async def _chat(
@@ -4311,7 +4535,8 @@ async def _shed(d: Daemon, reply: H11Reply, route: Route, body: dict[str, Any],
     d.ledger.write(RequestRow(
         ts=utc_timestamp(), request_id=_secrets.token_hex(8), route=route.name, outcome="error",
         served_by=None, attempts=0, total_ms=0.0, ttft_ms=None, status=503,
-        stream=body.get("stream") is True, client_pid=peer.pid, client_uid=peer.uid))
+        stream=body.get("stream") is True, client_pid=peer.pid, client_uid=peer.uid,
+        total_timeout_s=route.timing.total_timeout_s, client_cliff_s=d.cfg.daemon.client_cliff_s))
     error = error_body(f"failoverd is overloaded (event loop {d.loop_lag * 1000:.0f} ms late, "
                        f"limit daemon.shed_lag_s = {d.cfg.daemon.shed_lag_s:g} s); retry shortly",
                        type_="failoverd_error", code="overloaded")
@@ -5103,27 +5328,54 @@ def _config_path(path: str | None) -> str:
     return path or os.environ.get("FAILOVERD_CONFIG") or DEFAULT_CONFIG_PATH
 
 
-def _setup_logging(verbose: bool) -> None:
-    # Under systemd, journald reads "<N>" priority prefixes from stderr.
-    prefix = "%(levelno)s" if os.environ.get("JOURNAL_STREAM") else ""
+def _stderr_is_journal() -> bool:
+    """systemd sets JOURNAL_STREAM to the device:inode of the stderr it connected to
+    journald; a stderr redirected since (by a shell started from a service) is not."""
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return bool(stream) and stream == f"{st.st_dev}:{st.st_ino}"
+
+
+def _setup_logging(verbose: bool, fmt: str = "text") -> None:
+    """journald gets "<N>" priority prefixes and no timestamp (it keeps its own);
+    anywhere else each line starts with the local time. `fmt="json"` makes each line
+    one JSON object for log shippers (still priority-prefixed for journald)."""
     handler = logging.StreamHandler(sys.stderr)
-    if prefix:
-        handler.addFilter(_JournalPriority())
-        handler.setFormatter(logging.Formatter("<%(priority)d>%(message)s"))
-    else:
-        handler.setFormatter(logging.Formatter("failoverd %(levelname)s: %(message)s"))
+    handler.setFormatter(_LogFormatter(json=fmt == "json", journal=_stderr_is_journal()))
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO if verbose else logging.WARNING)
     log.propagate = False
 
 
-class _JournalPriority(logging.Filter):
-    LEVELS = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
-              logging.CRITICAL: 2}
+class _LogFormatter(logging.Formatter):
+    # journald's priorities (syslog's levels) for Python's.
+    PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+                  logging.CRITICAL: 2}
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.priority = self.LEVELS.get(record.levelno, 6)
-        return True
+    def __init__(self, *, json: bool, journal: bool) -> None:
+        super().__init__()
+        self.json, self.journal = json, journal
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.exc_info:
+            message += "\n" + self.formatException(record.exc_info)
+        if self.json:
+            text = msgspec.json.encode({"ts": utc_timestamp(record.created),
+                                        "level": record.levelname.lower(),
+                                        "logger": record.name, "msg": message}).decode()
+        elif self.journal:
+            text = message
+        else:
+            t = _dt.datetime.fromtimestamp(record.created).astimezone()
+            text = (f"{t.isoformat(timespec='milliseconds')} failoverd "
+                    f"{record.levelname}: {message}")
+        if self.journal:
+            return f"<{self.PRIORITIES.get(record.levelno, 6)}>{text}"
+        return text
 
 
 def _load_or_exit(path: str) -> Config:
@@ -5144,9 +5396,11 @@ def cli() -> None:
 @click.option("--config", "config_path", help="Config file [default: $FAILOVERD_CONFIG or "
               f"{DEFAULT_CONFIG_PATH}]")
 @click.option("--quiet", is_flag=True, help="Log warnings and errors only (no per-failure lines).")
-def serve_cmd(config_path: str | None, quiet: bool) -> None:
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
+              show_default=True, help="json: one JSON object per log line, for log shippers.")
+def serve_cmd(config_path: str | None, quiet: bool, log_format: str) -> None:
     """Run the daemon in the foreground (systemd Type=notify)."""
-    _setup_logging(verbose=not quiet)
+    _setup_logging(verbose=not quiet, fmt=log_format)
     path = _config_path(config_path)
     cfg = _load_or_exit(path)
     try:
@@ -5188,9 +5442,18 @@ def _fmt_ms(v: float | None) -> str:
     return "-" if v is None else f"{v:.0f}ms"
 
 
+def local_time(ts: str) -> str:
+    """A row's `ts` (UTC) in the local zone, with the zone: 2026-01-02 04:04:05.678 CET."""
+    try:
+        t = _dt.datetime.fromisoformat(ts).astimezone()
+    except ValueError:
+        return ts
+    return f"{t:%Y-%m-%d %H:%M:%S}.{t.microsecond // 1000:03d} {t:%Z}"
+
+
 def format_row(row: LedgerRow) -> str:
     """One human-readable line for `failoverd tail`."""
-    ts = row.ts[11:23] if len(row.ts) >= 23 else row.ts
+    ts = local_time(row.ts)
     if isinstance(row, AttemptRow):
         what = row.outcome if row.outcome != "skipped" else f"skipped:{row.skip_reason}"
         line = (f"{ts} attempt {row.request_id} {row.route} #{row.attempt} "
@@ -5214,7 +5477,7 @@ def format_row(row: LedgerRow) -> str:
                 f"served_by={row.served_by or '-'} attempts={row.attempts} "
                 f"ttft={_fmt_ms(row.ttft_ms)} total={_fmt_ms(row.total_ms)}")
     return (f"{ts} breaker {row.scope} {row.key} {row.from_} -> {row.to} -- {row.reason}"
-            + (f" (open until {row.open_until})" if row.open_until else ""))
+            + (f" (open until {local_time(row.open_until)})" if row.open_until else ""))
 
 
 def _default_ledger() -> str:
@@ -5225,20 +5488,57 @@ def _default_ledger() -> str:
 
 @cli.command("tail")
 @click.argument("ledger", required=False)
-@click.option("-f", "--follow", is_flag=True, help="Keep printing rows as they are appended.")
+@click.option("-n", "--lines", default=10, show_default=True, type=click.IntRange(min=0),
+              help="Print the last N rows (that match the filters) first; 0 prints none, so "
+              "`-n 0 -f` shows only new rows.")
+@click.option("-f", "--follow", is_flag=True,
+              help="Then keep printing rows as they are appended, across log rotation.")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON rows.")
-@click.option("-n", "--lines", default=0, help="Only the last N rows (0 = all).")
-def tail_cmd(ledger: str | None, follow: bool, as_json: bool, lines: int) -> None:
-    """Print ledger rows (human-readable by default)."""
+@click.option("--route", "routes", multiple=True, help="Only rows of this route (repeatable).")
+@click.option("--outcome", "outcomes", multiple=True,
+              help="Only attempts or requests with this outcome: ok, error, first_token_timeout, "
+              "..., skipped, or a skip reason such as breaker_open (repeatable).")
+@click.option("--request-id", "request_ids", multiple=True,
+              help="Only the rows of this request (repeatable).")
+def tail_cmd(ledger: str | None, lines: int, follow: bool, as_json: bool,
+             routes: tuple[str, ...], outcomes: tuple[str, ...],
+             request_ids: tuple[str, ...]) -> None:
+    """Print the last rows of the ledger, like tail(1): human-readable (local time) by
+    default. With a filter, breaker rows are left out (they belong to no request)."""
     path = ledger or _default_ledger()
+    wanted = row_filter(routes, outcomes, request_ids)
     try:
-        _tail(path, follow, as_json, lines)
+        _tail(path, lines, follow, lambda line, row: click.echo(
+            line.decode() if as_json else format_row(row)), wanted)
     except FileNotFoundError:
         click.echo(f"failoverd: no ledger at {path}; pass its path or check daemon.ledger",
                    err=True)
         sys.exit(1)
+    except IsADirectoryError:
+        click.echo(f"failoverd: {path} is a directory; pass the ledger file", err=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         pass
+
+
+def row_filter(routes: Iterable[str], outcomes: Iterable[str], request_ids: Iterable[str]
+               ) -> Callable[[LedgerRow], bool] | None:
+    """`tail`'s filters as one predicate (None: every row); all given filters must match."""
+    routes, outcomes, request_ids = set(routes), set(outcomes), set(request_ids)
+    if not (routes or outcomes or request_ids):
+        return None
+
+    def wanted(row: LedgerRow) -> bool:
+        if isinstance(row, BreakerRow):
+            return False
+        if routes and row.route not in routes:
+            return False
+        if request_ids and row.request_id not in request_ids:
+            return False
+        skip = row.skip_reason if isinstance(row, AttemptRow) else None
+        return not outcomes or row.outcome in outcomes or skip in outcomes
+
+    return wanted
 
 
 def _decoded(line: bytes, decoder: msgspec.json.Decoder) -> tuple[bytes, LedgerRow] | None:
@@ -5249,40 +5549,105 @@ def _decoded(line: bytes, decoder: msgspec.json.Decoder) -> tuple[bytes, LedgerR
         return None  # a torn or foreign line
 
 
-def _print_row(line: bytes, row: LedgerRow, as_json: bool) -> None:
-    click.echo(line.decode() if as_json else format_row(row))
+# `tail` reads the ledger backwards in blocks of this size.
+TAIL_BLOCK = 64 * 1024
+# How often `tail -f` looks for new rows and for rotation (tail(1)'s default is 1 s).
+TAIL_POLL_S = 0.25
+
+Emit = Callable[[bytes, LedgerRow], None]
 
 
-def _tail(path: str, follow: bool, as_json: bool, last: int) -> None:
+def _after_last_newline(f: Any, end: int) -> int:
+    """The offset just past the last newline before `end` (0 if there is none)."""
+    pos = end
+    while pos > 0:
+        size = min(TAIL_BLOCK, pos)
+        pos -= size
+        f.seek(pos)
+        i = f.read(size).rfind(b"\n")
+        if i >= 0:
+            return pos + i + 1
+    return 0
+
+
+def last_rows(f: Any, end: int, count: int, wanted: Callable[[LedgerRow], bool] | None
+              ) -> list[tuple[bytes, LedgerRow]]:
+    """The last `count` rows that decode and are `wanted` among the whole lines before
+    offset `end`, read backwards block by block: time and memory grow with what is
+    printed (and skipped by a filter), not with the size of the file."""
     decoder = msgspec.json.Decoder(LedgerRow)
+    found: list[tuple[bytes, LedgerRow]] = []
+    pos, carry = end, b""
+    while pos > 0 and len(found) < count:
+        size = min(TAIL_BLOCK, pos)
+        pos -= size
+        f.seek(pos)
+        lines = (f.read(size) + carry).split(b"\n")
+        carry = lines.pop(0) if pos > 0 else b""  # may start mid-line: finish it next block
+        for line in reversed(lines):
+            if len(found) >= count:
+                break
+            decoded = _decoded(line, decoder) if line.strip() else None
+            if decoded is not None and (wanted is None or wanted(decoded[1])):
+                found.append(decoded)
+    return found[::-1]
+
+
+def _tail(path: str, count: int, follow: bool, emit: Emit,
+          wanted: Callable[[LedgerRow], bool] | None = None) -> None:
     with open(path, "rb") as f:
-        rows = [r for r in (_decoded(line, decoder) for line in f) if r is not None]
-        for line, row in rows[-last:] if last else rows:
-            _print_row(line, row, as_json)
-        if not follow:
-            return
-        inode, partial = os.fstat(f.fileno()).st_ino, b""
+        # Rows end with a newline; what follows the last one is a row being written
+        # (or one torn by a crash): -f picks it up from there once it is whole.
+        whole = _after_last_newline(f, os.fstat(f.fileno()).st_size)
+        for line, row in last_rows(f, whole, count, wanted):
+            emit(line, row)
+        if follow:
+            f.seek(whole)
+            _follow(path, f, b"", emit, wanted)
+
+
+def _follow(path: str, f: Any, partial: bytes, emit: Emit,
+            wanted: Callable[[LedgerRow], bool] | None) -> None:
+    """Print rows as they are appended; after rotation, finish the old file, then read
+    the new one from its start (like `tail -F`)."""
+    decoder = msgspec.json.Decoder(LedgerRow)
+
+    def drain(partial: bytes) -> bytes:
+        while chunk := f.read():
+            *complete, partial = (partial + chunk).split(b"\n")
+            for decoded in (_decoded(line, decoder) for line in complete if line.strip()):
+                if decoded is not None and (wanted is None or wanted(decoded[1])):
+                    emit(*decoded)
+        return partial
+
+    inode = os.fstat(f.fileno()).st_ino
+    try:
         while True:
-            chunk = f.read()
-            if chunk:
-                *complete, partial = (partial + chunk).split(b"\n")
-                for decoded in (_decoded(line, decoder) for line in complete):
-                    if decoded is not None:
-                        _print_row(*decoded, as_json)
-                continue
-            time.sleep(0.25)
-            with contextlib.suppress(FileNotFoundError):
+            partial = drain(partial)
+            time.sleep(TAIL_POLL_S)
+            try:
                 st = os.stat(path)
-                if st.st_ino != inode or st.st_size < f.tell():  # rotated or truncated
-                    f.close()
-                    f = open(path, "rb")  # noqa: SIM115 -- kept open across iterations
-                    inode, partial = st.st_ino, b""
+            except FileNotFoundError:
+                continue  # rotated away; the new file is not there yet
+            if st.st_ino != inode:
+                partial = drain(partial)  # what was written to the old file meanwhile
+                f.close()
+                f = open(path, "rb")  # noqa: SIM115 -- kept open across iterations
+                inode, partial = os.fstat(f.fileno()).st_ino, b""
+            elif st.st_size < f.tell():  # truncated in place (copytruncate)
+                f.seek(0)
+                partial = b""
+    finally:
+        f.close()
 
 
-# Outcomes that mean the upstream hung (no meaningful output in time).
-HANG_OUTCOMES = frozenset({"first_token_timeout", "stall_timeout"})
-# Outcomes that are no fault of the slot: a failover from them is not counted.
-NOT_FAILOVERS = frozenset({"ok", "skipped", "bad_request", "client_disconnected", "shutdown"})
+# Outcomes that mean the upstream hung: no meaningful output before a deadline fired.
+HANG_OUTCOMES = frozenset({"first_token_timeout", "stall_timeout", "total_timeout"})
+PERCENTILES = (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))
+# Request rows written before they carried total_timeout_s and client_cliff_s are held
+# to the built-in defaults: `audit` marks every figure that rests on them as assumed.
+ASSUMED_TOTAL_S = Timing().total_timeout_s
+ASSUMED_CLIFF_S = DaemonConfig().client_cliff_s
 
 
 def percentile(values: list[float], p: float) -> float | None:
@@ -5293,66 +5658,486 @@ def percentile(values: list[float], p: float) -> float | None:
     return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
 
 
-def audit(rows: Iterable[LedgerRow], cliff_s: float, since_epoch: float | None = None
-          ) -> list[dict[str, Any]]:
-    """Per model: volume, success, latency and TTFT percentiles, hangs, failovers, cost,
-    and the margin between the slowest request it served and the client's cliff."""
-    stats: dict[str, dict[str, Any]] = {}
-    served_worst: dict[str, float] = {}
-    for row in rows:
-        if since_epoch is not None and _dt.datetime.fromisoformat(row.ts).timestamp() < since_epoch:
-            continue
-        if isinstance(row, RequestRow) and row.served_by:
-            served_worst[row.served_by] = max(served_worst.get(row.served_by, 0.0), row.total_ms)
-        if not isinstance(row, AttemptRow) or row.outcome == "skipped":
-            continue
-        s = stats.setdefault(f"{row.provider}/{row.model}", {
-            "n": 0, "ok": 0, "latency": [], "ttft": [], "hangs": 0, "failovers": 0, "cost": 0.0})
-        s["n"] += 1
-        s["ok"] += row.outcome == "ok"
-        s["hangs"] += row.outcome in HANG_OUTCOMES
-        s["failovers"] += row.outcome not in NOT_FAILOVERS and not row.committed
-        s["cost"] += row.cost_usd or 0.0
-        if row.outcome == "ok" and row.latency_ms is not None:
-            s["latency"].append(row.latency_ms)
+def distribution(values: Iterable[float]) -> dict[str, Any]:
+    """n and nearest-rank p50/p90/p99/max (None when there is no sample), rounded to ms."""
+    ordered = sorted(values)
+    out: dict[str, Any] = {"n": len(ordered)}
+    for name, p in PERCENTILES:
+        out[name] = round(ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)], 3) \
+            if ordered else None
+    return out
+
+
+def silent_s(row: AttemptRow) -> float:
+    """The longest time an attempt went without meaningful output: to its first token
+    (all of it when none came), the longest gap after, or the stall that ended it."""
+    if row.ttft_ms is None:
+        return (row.latency_ms or 0.0) / 1000
+    gap = max(row.ttft_ms, row.max_gap_ms or 0.0) / 1000
+    if row.outcome == "stall_timeout" and row.stall_deadline_s is not None:
+        gap = max(gap, row.stall_deadline_s)
+    return gap
+
+
+class _Margins:
+    """How close the slowest of a set of requests came to its total_timeout_s and to
+    the cliff, each request against the values in its own row."""
+
+    __slots__ = ("n", "slowest", "to_total", "to_cliff", "assumed")
+
+    def __init__(self) -> None:
+        self.n = self.assumed = 0
+        self.slowest = 0.0
+        self.to_total = self.to_cliff = math.inf
+
+    def add(self, row: RequestRow, total_s: float, assume_total: float, assume_cliff: float,
+            ) -> None:
+        self.n += 1
+        if row.total_timeout_s is None or row.client_cliff_s is None:
+            self.assumed += 1
+        limit = assume_total if row.total_timeout_s is None else row.total_timeout_s
+        cliff = assume_cliff if row.client_cliff_s is None else row.client_cliff_s
+        self.slowest = max(self.slowest, total_s)
+        self.to_total = min(self.to_total, limit - total_s)
+        self.to_cliff = min(self.to_cliff, cliff - total_s)
+
+    def report(self) -> dict[str, Any]:
+        if not self.n:
+            return {"requests": 0, "slowest_s": None, "margin_to_total_s": None,
+                    "margin_to_cliff_s": None, "assumed": 0}
+        return {"requests": self.n, "slowest_s": round(self.slowest, 3),
+                "margin_to_total_s": round(self.to_total, 3),
+                "margin_to_cliff_s": round(self.to_cliff, 3), "assumed": self.assumed}
+
+
+class _SlotAudit:
+    __slots__ = ("position", "n", "ok", "skipped", "hangs", "long_waits", "failovers",
+                 "retries", "hedges_lost", "held_s", "cost", "failed_cost", "latency", "ttft",
+                 "served", "points")
+
+    def __init__(self, position: int) -> None:
+        self.position = position  # the lowest attempt index seen: its place in the chain
+        self.n = self.ok = self.skipped = self.hangs = self.long_waits = 0
+        self.failovers = self.retries = self.hedges_lost = 0
+        self.held_s = self.cost = self.failed_cost = 0.0
+        self.latency: list[float] = []
+        self.ttft: list[float] = []
+        self.served = _Margins()
+        self.points: list[tuple[float, float, str]] = []  # (unix time, latency s, outcome)
+
+    def report(self, key: str) -> dict[str, Any]:
+        n = self.n
+        decided = n - self.hedges_lost  # a race lost says nothing of the slot's success
+        return {
+            "model": key, "position": self.position, "n": n, "skipped": self.skipped,
+            "success_pct": round(100 * self.ok / decided, 1) if decided else None,
+            "hangs": self.hangs, "hangs_over_threshold": self.long_waits,
+            "hedges_lost": self.hedges_lost,
+            "latency_s": distribution(self.latency), "ttft_s": distribution(self.ttft),
+            "failed_held_s": round(self.held_s, 3), "failovers": self.failovers,
+            "retries": self.retries, "cost_usd": round(self.cost, 6),
+            "failed_cost_usd": round(self.failed_cost, 6), "served": self.served.report(),
+        }
+
+
+class _Trend:
+    """One --by bucket of a route."""
+
+    __slots__ = ("requests", "ok", "latency", "margins", "hangs", "failovers", "cost")
+
+    def __init__(self) -> None:
+        self.requests = self.ok = self.hangs = self.failovers = 0
+        self.cost = 0.0
+        self.latency: list[float] = []
+        self.margins = _Margins()
+
+    def report(self, bucket: str) -> dict[str, Any]:
+        return {"bucket": bucket, "requests": self.requests,
+                "success_pct": round(100 * self.ok / self.requests, 1) if self.requests else None,
+                "latency_s": distribution(self.latency), **self.margins.report(),
+                "hangs": self.hangs, "failovers": self.failovers, "cost_usd": round(self.cost, 6)}
+
+
+class _RouteAudit:
+    __slots__ = ("requests", "ok", "latency", "margins", "slots", "trend", "total_s", "cliff_s")
+
+    def __init__(self) -> None:
+        self.requests = self.ok = 0
+        self.latency: list[float] = []
+        self.margins = _Margins()
+        self.slots: dict[str, _SlotAudit] = {}
+        self.trend: dict[str, _Trend] = {}
+        self.total_s: float | None = None  # the latest total_timeout_s seen in its rows
+        self.cliff_s: float | None = None
+
+
+class Audit:
+    """`failoverd audit` as data: `add()` every row (files oldest first, as written),
+    then `report()`. Pure: no I/O and no clock; the caller gives `since_ts` (a row `ts`
+    to compare with) and the zone that --by buckets are cut in (None: local)."""
+
+    def __init__(self, *, since_ts: str | None = None, hang_threshold_s: float = 120.0,
+                 by: str | None = None, tz: _dt.tzinfo | None = None,
+                 assume_total_s: float = ASSUMED_TOTAL_S,
+                 assume_cliff_s: float = ASSUMED_CLIFF_S, points: bool = False) -> None:
+        self.since_ts = since_ts
+        self.hang_threshold_s = hang_threshold_s
+        self.by = by
+        self.tz = tz
+        self.assume_total_s, self.assume_cliff_s = assume_total_s, assume_cliff_s
+        self.keep_points = points
+        self.rows = self.skipped_rows = self.unreadable = 0
+        self.routes: dict[str, _RouteAudit] = {}
+        # The last attempt of each request still open: (slot, failed, trend bucket).
+        self._last: dict[str, tuple[_SlotAudit, str, bool, _Trend | None]] = {}
+        self._labels: dict[str, str] = {}
+
+    def add(self, row: LedgerRow | None) -> None:
+        if row is None:
+            self.unreadable += 1
+            return
+        if self.since_ts is not None and row.ts < self.since_ts:
+            self.skipped_rows += 1
+            return
+        self.rows += 1
+        if isinstance(row, AttemptRow):
+            self._attempt(row)
+        elif isinstance(row, RequestRow):
+            self._request(row)
+
+    def _route(self, name: str) -> _RouteAudit:
+        route = self.routes.get(name)
+        if route is None:
+            route = self.routes[name] = _RouteAudit()
+        return route
+
+    def _trend(self, route: _RouteAudit, ts: str) -> _Trend | None:
+        if self.by is None:
+            return None
+        label = self._labels.get(ts[:16])  # zones are whole minutes off UTC
+        if label is None:
+            t = _dt.datetime.fromisoformat(ts[:16]).replace(tzinfo=_dt.UTC).astimezone(self.tz)
+            label = self._labels[ts[:16]] = f"{t:%Y-%m-%d %H}:00" if self.by == "hour" \
+                else f"{t:%Y-%m-%d}"
+        bucket = route.trend.get(label)
+        if bucket is None:
+            bucket = route.trend[label] = _Trend()
+        return bucket
+
+    def _attempt(self, row: AttemptRow) -> None:
+        route = self._route(row.route)
+        key = f"{row.provider}/{row.model}"
+        slot = route.slots.get(key)
+        if slot is None:
+            slot = route.slots[key] = _SlotAudit(row.attempt)
+        slot.position = min(slot.position, row.attempt)
+        if row.outcome == "skipped":
+            slot.skipped += 1
+            return
+        bucket = self._trend(route, row.ts)
+        previous = self._last.get(row.request_id)
+        if previous is not None and previous[2]:  # the attempt before this one failed
+            if previous[1] == key:
+                previous[0].retries += 1
+            else:
+                previous[0].failovers += 1
+                if previous[3] is not None:
+                    previous[3].failovers += 1
+        # A hedge that lost was beaten, not failed: it moved no request anywhere.
+        failed = row.outcome not in ("ok", "hedge_lost")
+        self._last[row.request_id] = (slot, key, failed, bucket)
+        self._account(slot, row, failed, bucket)
+
+    def _account(self, slot: _SlotAudit, row: AttemptRow, failed: bool,
+                 bucket: _Trend | None) -> None:
+        latency = (row.latency_ms or 0.0) / 1000
+        hang = row.outcome in HANG_OUTCOMES
+        slot.n += 1
+        slot.ok += row.outcome == "ok"
+        slot.hedges_lost += row.outcome == "hedge_lost"
+        slot.hangs += hang
+        slot.long_waits += silent_s(row) >= self.hang_threshold_s
+        slot.cost += row.cost_usd or 0.0
+        if row.outcome != "ok":
+            slot.failed_cost += row.cost_usd or 0.0
+        if failed:
+            slot.held_s += latency
+        elif row.outcome == "ok" and row.latency_ms is not None:
+            slot.latency.append(latency)
         if row.ttft_ms is not None:
-            s["ttft"].append(row.ttft_ms)
-    table = []
-    for model, s in sorted(stats.items()):
-        worst = served_worst.get(model)
-        table.append({
-            "model": model, "n": s["n"], "success_pct": round(100 * s["ok"] / s["n"], 1),
-            **{f"latency_{name}_ms": percentile(s["latency"], p) for name, p in
-               (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))},
-            **{f"ttft_{name}_ms": percentile(s["ttft"], p) for name, p in
-               (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))},
-            "hangs": s["hangs"], "failovers": s["failovers"], "cost_usd": round(s["cost"], 6),
-            "cliff_margin_s": None if worst is None else round(cliff_s - worst / 1000, 3),
-        })
+            slot.ttft.append(row.ttft_ms / 1000)
+        if self.keep_points and row.latency_ms is not None:
+            slot.points.append((_dt.datetime.fromisoformat(row.ts).timestamp(), latency,
+                                row.outcome))
+        if bucket is not None:
+            bucket.hangs += hang
+            bucket.cost += row.cost_usd or 0.0
+
+    def _request(self, row: RequestRow) -> None:
+        self._last.pop(row.request_id, None)
+        route = self._route(row.route)
+        total_s = row.total_ms / 1000
+        ok = row.outcome == "ok"
+        route.requests += 1
+        route.ok += ok
+        if row.total_timeout_s is not None:
+            route.total_s = row.total_timeout_s
+        if row.client_cliff_s is not None:
+            route.cliff_s = row.client_cliff_s
+        if not row.attempts:
+            return  # refused before any upstream (overload): no latency to speak of
+        args = (row, total_s, self.assume_total_s, self.assume_cliff_s)
+        route.latency.append(total_s)
+        route.margins.add(*args)
+        if row.served_by is not None and row.served_by in route.slots:
+            route.slots[row.served_by].served.add(*args)
+        bucket = self._trend(route, row.ts)
+        if bucket is not None:
+            bucket.requests += 1
+            bucket.ok += ok
+            bucket.latency.append(total_s)
+            bucket.margins.add(*args)
+
+    def report(self) -> dict[str, Any]:
+        routes = []
+        assumed = 0
+        for name, r in sorted(self.routes.items()):
+            slots = sorted(r.slots.items(), key=lambda kv: (kv[1].position, kv[0]))
+            assumed += r.margins.assumed
+            routes.append({
+                "route": name, "requests": r.requests,
+                "success_pct": round(100 * r.ok / r.requests, 1) if r.requests else None,
+                "latency_s": distribution(r.latency), **r.margins.report(),
+                "total_timeout_s": r.total_s, "client_cliff_s": r.cliff_s,
+                "models": [s.report(key) for key, s in slots],
+                "trend": [b.report(label) for label, b in sorted(r.trend.items())],
+            })
+        return {
+            "rows": self.rows, "unreadable_lines": self.unreadable,
+            "older_rows_skipped": self.skipped_rows, "since": self.since_ts,
+            "hang_threshold_s": self.hang_threshold_s, "by": self.by,
+            "assumed": {"requests": assumed, "total_timeout_s": self.assume_total_s,
+                        "client_cliff_s": self.assume_cliff_s},
+            "routes": routes,
+        }
+
+    def points(self) -> dict[tuple[str, str], list[tuple[float, float, str]]]:
+        """Each (route, model)'s attempts as (unix time, latency s, outcome), for --html."""
+        return {(name, key): s.points for name, r in self.routes.items()
+                for key, s in r.slots.items()}
+
+
+def _secs(v: float | None) -> str:
+    """Seconds with the precision that matters at their size."""
+    if v is None:
+        return "-"
+    return f"{v:.2f}" if abs(v) < 10 else f"{v:.1f}" if abs(v) < 100 else f"{v:.0f}"
+
+
+def _margin(m: dict[str, Any], key: str) -> str:
+    value = m[key]
+    return "-" if value is None else _secs(value) + ("*" if m["assumed"] else "")
+
+
+def _table(title: str, columns: list[tuple[str, str]],
+           wrap: tuple[str, ...] = ("model",)) -> Any:
+    """A compact rich table: (header, justify) per column. Numbers never wrap; the
+    `wrap` columns fold long names and wrap text (keeping room for a short name);
+    other columns keep their width."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+                  show_edge=False, padding=0, title_style="bold")
+    for header, justify in columns:
+        folds = header in wrap
+        table.add_column(header, justify=justify,  # type: ignore[arg-type]
+                         overflow="fold", no_wrap=not folds, min_width=16 if folds else None)
     return table
 
 
-def format_audit(table: list[dict[str, Any]]) -> list[str]:
-    def ms(v: float | None) -> str:
-        return "-" if v is None else f"{v / 1000:.2f}" if v >= 1000 else f"{v / 1000:.3f}"
+def _audit_tables(route: dict[str, Any], threshold: float) -> list[Any]:
+    attempts = _table("attempts", [("#", "right"), ("model", "left"), ("n", "right"),
+                                   ("ok%", "right"), ("hangs", "right"),
+                                   (f">={threshold:g}s", "right"), ("failovers", "right"),
+                                   ("failed held s", "right"), ("cost $", "right")])
+    latency = _table("latency, s (nearest rank over n)", [
+        ("#", "right"), ("model", "left"), ("", "left"), ("n", "right"), ("p50", "right"),
+        ("p90", "right"), ("p99", "right"), ("max", "right")])
+    margins = _table("the slowest request, s", [
+        ("#", "right"), ("model", "left"), ("requests", "right"), ("slowest", "right"),
+        ("to total_timeout_s", "right"), ("to cliff", "right")])
+    whole = route["latency_s"]
+    latency.add_row("", "all requests", "", *_dist_cells(whole))
+    margins.add_row("", "all requests", f"{route['requests']:,}", _secs(route["slowest_s"]),
+                    _margin(route, "margin_to_total_s"), _margin(route, "margin_to_cliff_s"))
+    for m in route["models"]:
+        pos = str(m["position"])
+        attempts.add_row(pos, m["model"], f"{m['n']:,}",
+                         "-" if m["success_pct"] is None else f"{m['success_pct']:.1f}",
+                         str(m["hangs"]), str(m["hangs_over_threshold"]), str(m["failovers"]),
+                         _secs(m["failed_held_s"]), f"{m['cost_usd']:.4f}")
+        latency.add_row(pos, m["model"], "answer", *_dist_cells(m["latency_s"]))
+        latency.add_row("", "", "first token", *_dist_cells(m["ttft_s"]))
+        served = m["served"]
+        margins.add_row(pos, m["model"], f"{served['requests']:,}", _secs(served["slowest_s"]),
+                        _margin(served, "margin_to_total_s"), _margin(served, "margin_to_cliff_s"))
+    return [attempts, latency, margins]
 
-    head = (f"{'model':<36} {'n':>6} {'ok%':>6}  {'latency s p50/p90/p99/max':<27} "
-            f"{'ttft s p50/p90/p99/max':<27} {'hangs':>5} {'failover':>8} {'cost $':>10} "
-            f"{'cliff margin':>12}")
-    lines = [head]
-    for r in table:
-        lat = "/".join(ms(r[f"latency_{p}_ms"]) for p in ("p50", "p90", "p99", "max"))
-        ttft = "/".join(ms(r[f"ttft_{p}_ms"]) for p in ("p50", "p90", "p99", "max"))
-        margin = "-" if r["cliff_margin_s"] is None else f"{r['cliff_margin_s']:.1f} s"
-        lines.append(f"{r['model']:<36} {r['n']:>6} {r['success_pct']:>6.1f}  {lat:<27} "
-                     f"{ttft:<27} {r['hangs']:>5} {r['failovers']:>8} {r['cost_usd']:>10.4f} "
-                     f"{margin:>12}")
-    return lines
+
+def _dist_cells(d: dict[str, Any]) -> list[str]:
+    return [f"{d['n']:,}", *(_secs(d[name]) for name, _ in PERCENTILES)]
 
 
-def format_status(status: dict[str, Any]) -> list[str]:
-    """`failoverd status` as text: in-flight requests, breakers, token divisors."""
-    lines = [f"failoverd {status['version']}, up {status['uptime_s']:.0f} s"
+def _trend_table(route: dict[str, Any], by: str) -> Any:
+    table = _table(f"requests by {by} ({time.strftime('%Z')}), s", [
+        (by, "left"), ("n", "right"), ("ok%", "right"), ("p50", "right"),
+        ("p99", "right"), ("max", "right"), ("to\ntotal", "right"), ("to\ncliff", "right"),
+        ("hangs", "right"), ("fail-\novers", "right"), ("cost $", "right")])
+    for b in route["trend"]:
+        d = b["latency_s"]
+        table.add_row(b["bucket"], f"{b['requests']:,}",
+                      "-" if b["success_pct"] is None else f"{b['success_pct']:.1f}",
+                      _secs(d["p50"]), _secs(d["p99"]), _secs(d["max"]),
+                      _margin(b, "margin_to_total_s"), _margin(b, "margin_to_cliff_s"),
+                      str(b["hangs"]), str(b["failovers"]), f"{b['cost_usd']:.4f}")
+    return table
+
+
+def _route_heading(route: dict[str, Any], report: dict[str, Any]) -> str:
+    assumed = report["assumed"]
+    total = route["total_timeout_s"]
+    cliff = route["client_cliff_s"]
+    limits = (f"total_timeout_s {_secs(total) if total is not None else 'not recorded'}, "
+              f"client_cliff_s {_secs(cliff) if cliff is not None else 'not recorded'}")
+    if total is None or cliff is None:
+        limits += (f" (assumed {assumed['total_timeout_s']:g} s and "
+                   f"{assumed['client_cliff_s']:g} s)")
+    ok = "-" if route["success_pct"] is None else f"{route['success_pct']:.1f}% ok"
+    return f"route {route['route']}: {route['requests']:,} requests, {ok}\n  {limits}"
+
+
+def render_audit(report: dict[str, Any], width: int | None, *, trend: bool = True) -> str:
+    """The audit as text no wider than `width` columns (default: the terminal's; rich
+    is imported here, by the CLI only). Models are listed in chain order; * marks a
+    margin resting on assumed values."""
+    from rich.console import Console
+
+    console = Console(width=width, color_system=None, highlight=False, emoji=False)
+    with console.capture() as captured:
+        if not report["routes"]:
+            console.print("no attempt or request rows" + (
+                f" since {report['since']}" if report["since"] else ""))
+        for route in report["routes"]:
+            console.print(_route_heading(route, report), style="bold")
+            for table in _audit_tables(route, report["hang_threshold_s"]):
+                console.print(table)
+            if trend and report["by"]:
+                console.print(_trend_table(route, report["by"]))
+            console.print()
+        console.print(_audit_notes(report))
+    return "".join(line.rstrip() + "\n" for line in captured.get().splitlines())
+
+
+def _audit_notes(report: dict[str, Any]) -> str:
+    notes = [f"hangs: first-token, stall or total deadline fired with no answer; "
+             f">={report['hang_threshold_s']:g}s: attempts that went that long without "
+             "meaningful output (any outcome). failed held s: time failed attempts held their "
+             "requests. cost includes failed attempts that produced output."]
+    assumed = report["assumed"]
+    if assumed["requests"]:
+        notes.append(f"* {assumed['requests']:,} request row(s) predate total_timeout_s and "
+                     "client_cliff_s in the ledger; their margins assume total_timeout_s = "
+                     f"{assumed['total_timeout_s']:g} s and client_cliff_s = "
+                     f"{assumed['client_cliff_s']:g} s (--assume-total, --assume-cliff).")
+    if report["unreadable_lines"]:
+        notes.append(f"{report['unreadable_lines']:,} line(s) were not ledger rows (torn by a "
+                     "crash, or foreign) and were skipped.")
+    return "\n".join(notes)
+
+
+def relative(seconds: float) -> str:
+    """A duration as people say it: 46 s, 3 min 5 s, 2 h 4 min, 3 d 4 h."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s} s"
+    for unit, size, sub, subsize in (("d", 86400, "h", 3600), ("h", 3600, "min", 60),
+                                     ("min", 60, "s", 1)):
+        if s >= size:
+            rest = (s % size) // subsize
+            return f"{s // size} {unit}" + (f" {rest} {sub}" if rest else "")
+    return f"{s} s"  # unreachable
+
+
+def _until(iso: str | None, now: float) -> float | None:
+    if not iso:
+        return None
+    try:
+        return _dt.datetime.fromisoformat(iso).timestamp() - now
+    except ValueError:
+        return None
+
+
+def _slot_state(s: dict[str, Any], answers: bool, how: str) -> str:
+    if answers:
+        return {"ok": "answers now", "probe": "answers now: its probe (half-open)",
+                "forced probe": "answers now: every slot is out, this one is closest to "
+                "recovery"}[how] + (f" ({s['breaker']}: {s['reason']})" if s["reason"] else "")
+    if s["state"] == "open":
+        left = "" if s["left_s"] is None else f", {relative(s['left_s'])} left"
+        return f"open{left} ({s['breaker']}: {s['reason']})"
+    if s["state"] == "probing":
+        return f"half-open, its probe is in flight ({s['breaker']}: {s['reason']})"
+    return "half-open: the next request probes" if s["state"] == "probe" else "ok, standing by"
+
+
+def _routes_table(routes: list[dict[str, Any]]) -> Any:
+    table = _table("routes: which slot answers now", [("route", "left"), ("#", "right"),
+                                                      ("model", "left"), ("state", "left")],
+                   wrap=("model", "state"))
+    for r in routes:
+        for i, s in enumerate(r["slots"]):
+            table.add_row(r["route"] if i == 0 else "", str(i), s["slot"],
+                          _slot_state(s, s["slot"] == r["answers"], r["how"]))
+    return table
+
+
+def _inflight_table(inflight: list[dict[str, Any]]) -> Any:
+    table = _table(f"in flight: {len(inflight)}", [
+        ("request", "left"), ("route", "left"), ("model", "left"), ("attempts", "right"),
+        ("age", "right"), ("left", "right"), ("", "left")])
+    for r in inflight:
+        left = r.get("left_s")
+        racing = r.get("racing") or []
+        table.add_row(r["request_id"], r["route"],
+                      " + ".join(racing) if len(racing) > 1 else r["slot"] or "-",
+                      str(r["attempts"]),
+                      relative(r["age_s"]), "-" if left is None else
+                      relative(left) if left > 0 else "past its deadline",
+                      "committed" if r["committed"] else "")
+    return table
+
+
+def _breakers_table(breakers: list[dict[str, Any]], now: float) -> Any:
+    table = _table(f"breakers: {len(breakers)}", [
+        ("scope", "left"), ("key", "left"), ("state", "left"), ("failures", "right"),
+        ("why", "left")], wrap=("key", "why"))
+    for b in breakers:
+        state = b["state"].replace("_", "-")
+        left = _until(b.get("open_until"), now)
+        if b["state"] == "open" and left is not None:
+            state = f"open, {relative(left)} left"
+        elif b["state"] == "half_open" and b.get("probing"):
+            state = "half-open, probing"
+        # The reason belongs to the state it caused: a closed breaker has none.
+        why = (b.get("last_reason") or "") if b["state"] != "closed" else ""
+        table.add_row(b["scope"], b["key"], state,
+                      f"{b['failures_in_window']}/{b['calls_in_window']}", why)
+    return table
+
+
+def _status_lines(status: dict[str, Any]) -> list[str]:
+    lines = [f"failoverd {status['version']}, up {relative(status['uptime_s'])}"
              + (" (draining)" if status.get("draining") else "")]
     if status.get("shed_requests") or status.get("overloaded"):
         lines.append(f"event loop {status.get('loop_lag_ms', 0):.0f} ms late; "
@@ -5367,27 +6152,34 @@ def format_status(status: dict[str, Any]) -> list[str]:
     if ledger.get("dropped_rows"):
         lines.append(f"ledger {ledger['path']}: {ledger['dropped_rows']} row(s) dropped "
                      "(disk full or unwritable?)")
-    inflight = status.get("in_flight") or []
-    lines.append(f"in flight: {len(inflight)}")
-    for r in inflight:
-        lines.append(f"  {r['request_id']} {r['route']:<12} on {r['slot'] or '-':<32} "
-                     f"attempts={r['attempts']} age={r['age_s']:.1f}s"
-                     + (" committed" if r["committed"] else ""))
-    breakers = status.get("breakers") or []
-    lines.append(f"breakers: {len(breakers)}")
-    for b in breakers:
-        line = (f"  {b['scope']:<10} {b['key']:<36} {b['state']:<9} "
-                f"failures {b['failures_in_window']}/{b['calls_in_window']} in window")
-        if b.get("open_until"):
-            line += f", open until {b['open_until']}"
-        if b.get("last_reason"):
-            line += f" -- {b['last_reason']}"
-        lines.append(line)
-    divisors = status.get("token_divisors") or {}
-    if divisors:
-        lines.append("token divisors (chars per prompt token):")
-        lines += [f"  {k:<40} {v:.2f}" for k, v in sorted(divisors.items())]
     return lines
+
+
+def format_status(status: dict[str, Any], width: int | None = None,
+                  now: float | None = None) -> list[str]:
+    """`failoverd status` as text no wider than `width`: routes (who answers now),
+    in-flight requests with the time they have left, breakers with relative times and
+    only the current reason, token divisors. `now` defaults to the daemon's time."""
+    from rich.console import Console
+
+    if now is None:
+        now = _until(status.get("time"), 0.0) or time.time()
+    console = Console(width=width, color_system=None, highlight=False, emoji=False)
+    with console.capture() as captured:
+        for line in _status_lines(status):
+            console.print(line)
+        if status.get("routes"):
+            console.print(_routes_table(status["routes"]))
+        inflight, breakers = status.get("in_flight") or [], status.get("breakers") or []
+        console.print(_inflight_table(inflight) if inflight else "in flight: 0")
+        console.print(_breakers_table(breakers, now) if breakers else "breakers: none yet")
+        divisors = status.get("token_divisors") or {}
+        if divisors:
+            table = _table("token divisors", [("model", "left"), ("bytes/token", "right")])
+            for k, v in sorted(divisors.items()):
+                table.add_row(k, f"{v:.2f}")
+            console.print(table)
+    return [line.rstrip() for line in captured.get().splitlines()]
 
 
 @cli.command("status")
@@ -5395,8 +6187,12 @@ def format_status(status: dict[str, Any]) -> list[str]:
               "config]")
 @click.option("--config", "config_path", help="Config file to find the socket in.")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
-def status_cmd(socket_path: str | None, config_path: str | None, as_json: bool) -> None:
-    """Ask a running daemon for its breakers, in-flight requests and token divisors."""
+@click.option("--width", type=click.IntRange(min=40), help="Table width [default: the "
+              "terminal's].")
+def status_cmd(socket_path: str | None, config_path: str | None, as_json: bool,
+               width: int | None) -> None:
+    """Ask a running daemon which slot answers each route now, what is in flight and
+    how long it has left, its breakers and token divisors."""
     if socket_path is None:
         try:
             socket_path = load_config(_config_path(config_path)).daemon.socket
@@ -5413,44 +6209,335 @@ def status_cmd(socket_path: str | None, config_path: str | None, as_json: bool) 
     if as_json:
         click.echo(resp.text)
         return
-    for line in format_status(resp.json()):
+    for line in format_status(resp.json(), width):
         click.echo(line)
+
+
+# `audit --html` plots at most this many attempts per model: every failure, and answers
+# evenly spaced in time (an SVG point each; 3000 keep a page of ten models ~10 MB).
+HTML_MAX_POINTS = 3000
+# Series colours of a model's plot: answered, failed, timed out, p50, p90, p99,
+# total_timeout_s, cliff; and of a route's trend: p50, p99, max, total_timeout_s, cliff.
+MODEL_COLOURS = ("#4575b4", "#fdae61", "#d73027", "#1a9850", "#74add1", "#8073ac", "#555555",
+                 "#000000")
+TREND_COLOURS = ("#1a9850", "#8073ac", "#d73027", "#555555", "#000000")
+# Latency axis ticks (log scale), those within the plotted range are shown.
+HTML_TICKS = (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 180, 300, 600, 900, 1800)
+_SVG_NOISE = re.compile(r'<!--.*?-->|<script\b.*?</script>| xmlns(?::\w+)?="[^"]*"', re.S)
+
+
+def _require_report_extra() -> None:
+    try:
+        import pygal  # noqa: F401
+    except ImportError:
+        raise click.UsageError("--html needs the plotting library pygal: pip install "
+                               "'failoverd[report]' (the daemon itself does not need it)"
+                               ) from None
+
+
+def _write_html(path: str, page: str) -> None:
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(page)
+    except OSError as e:
+        raise click.UsageError(f"cannot write --html {path}: {e.strerror}") from None
+
+
+def _svg(chart: Any) -> str:
+    """The chart inline in the page: no comments (pygal's carry its URLs), no script,
+    no namespace URIs (HTML puts an inline <svg> in the SVG namespace by itself)."""
+    return _SVG_NOISE.sub("", chart.render(is_unicode=True))
+
+
+def _sampled(points: list[tuple[float, float, str]]) -> tuple[list[tuple[float, float, str]],
+                                                              str]:
+    if len(points) <= HTML_MAX_POINTS:
+        return points, ""
+    failed = [p for p in points if p[2] != "ok"][:HTML_MAX_POINTS // 2]
+    answers = [p for p in points if p[2] == "ok"]
+    step = math.ceil(len(answers) / (HTML_MAX_POINTS - len(failed)))
+    kept = sorted(failed + answers[::step])
+    return kept, f" (plotted: {len(kept):,} of {len(points):,}: failures, every {step}th answer)"
+
+
+def _chart_config(title: str, colours: tuple[str, ...], lines: tuple[float, float],
+                  values: Iterable[float]) -> dict[str, Any]:
+    """pygal settings shared by the plots; `lines` (total_timeout_s, cliff) are ticks of
+    their own, and the usual ticks too close to them give way."""
+    from pygal.style import Style
+
+    values = [v for v in (*lines, *values) if v > 0]
+    low, high = min(values), max(values)
+    ticks = sorted({t for t in HTML_TICKS if low / 2 <= t <= high * 1.5
+                    and all(abs(t - line) > line / 5 for line in lines)} | set(lines))
+    return {"title": title, "js": [], "disable_xml_declaration": True, "logarithmic": True,
+            "width": 1000, "height": 380, "explicit_size": True, "legend_at_bottom": True,
+            "legend_at_bottom_columns": 4, "y_title": "seconds (log scale)",
+            "y_labels": [round(t, 3) for t in ticks], "truncate_legend": -1,
+            "style": Style(colors=colours, background="white", plot_background="white",
+                           font_family="sans-serif", guide_stroke_color="#ddd",
+                           major_guide_stroke_color="#ddd")}
+
+
+def _limits(route: dict[str, Any], report: dict[str, Any]) -> tuple[float, float, str]:
+    assumed = report["assumed"]
+    total, cliff = route["total_timeout_s"], route["client_cliff_s"]
+    note = "" if total is not None and cliff is not None else " (assumed: not in the rows)"
+    return (assumed["total_timeout_s"] if total is None else total,
+            assumed["client_cliff_s"] if cliff is None else cliff, note)
+
+
+def _model_chart(route: dict[str, Any], model: dict[str, Any], report: dict[str, Any],
+                 points: list[tuple[float, float, str]]) -> str:
+    import pygal
+
+    total, cliff, note = _limits(route, report)
+    kept, sampled = _sampled(points)
+    title = f"#{model['position']} {model['model']}: attempt latency{sampled}"
+    when = [(_dt.datetime.fromtimestamp(t), max(v, 0.001), o) for t, v, o in kept]
+    chart = pygal.DateTimeLine(stroke=False, show_legend=True, dots_size=2,
+                               x_value_formatter=lambda t: f"{t:%m-%d %H:%M}",
+                               **_chart_config(title, MODEL_COLOURS, (total, cliff),
+                                               (v for _, v, _ in when)))
+    chart.add("answered", [(t, v) for t, v, o in when if o == "ok"])
+    chart.add("failed", [(t, v) for t, v, o in when if o != "ok" and o not in HANG_OUTCOMES])
+    chart.add("timed out", [(t, v) for t, v, o in when if o in HANG_OUTCOMES], dots_size=4)
+    span = [when[0][0], when[-1][0]] if when else []
+    dist = model["latency_s"]
+    for name in ("p50", "p90", "p99"):
+        value = dist[name]
+        chart.add(f"answer {name} {_secs(value)} s (n {dist['n']:,})",
+                  [(t, max(value, 0.001)) for t in span] if value is not None else [],
+                  stroke=True, show_dots=False, stroke_style={"width": 2})
+    chart.add(f"total_timeout_s {total:g}{note}", [(t, total) for t in span], stroke=True,
+              show_dots=False, stroke_style={"width": 2, "dasharray": "6,4"})
+    chart.add(f"cliff {cliff:g}{note}", [(t, cliff) for t in span], stroke=True,
+              show_dots=False, stroke_style={"width": 3, "dasharray": "2,3"})
+    return _svg(chart)
+
+
+def _trend_chart(route: dict[str, Any], report: dict[str, Any]) -> str:
+    import pygal
+
+    total, cliff, note = _limits(route, report)
+    trend = route["trend"]
+    values = [b["latency_s"][k] or 0 for b in trend for k in ("p50", "max")]
+    chart = pygal.Line(x_label_rotation=30, **_chart_config(
+        f"route {route['route']}: request latency per {report['by']}", TREND_COLOURS,
+        (total, cliff), values))
+    chart.x_labels = [b["bucket"] for b in trend]
+
+    def series(name: str) -> list[float | None]:
+        return [None if b["latency_s"][name] is None else max(b["latency_s"][name], 0.001)
+                for b in trend]
+
+    chart.add("p50", series("p50"))
+    chart.add("p99", series("p99"))
+    chart.add("max", series("max"))
+    chart.add(f"total_timeout_s {total:g}{note}", [total] * len(trend), show_dots=False,
+              stroke_style={"width": 2, "dasharray": "6,4"})
+    chart.add(f"cliff {cliff:g}{note}", [cliff] * len(trend), show_dots=False,
+              stroke_style={"width": 3, "dasharray": "2,3"})
+    return _svg(chart)
+
+
+_HTML_HEAD = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>failoverd audit</title>
+<style>
+body { font-family: sans-serif; margin: 2em auto; max-width: 1040px; color: #222; }
+h2 { border-top: 1px solid #ccc; padding-top: 1em; }
+table { border-collapse: collapse; margin: .5em 0 1em; font-size: 90%; }
+th, td { padding: 2px 8px; text-align: right; }
+th:nth-child(2), td:nth-child(2) { text-align: left; white-space: normal;
+                                  word-break: break-all; }
+td { white-space: nowrap; } th { vertical-align: bottom; }
+.note { color: #555; font-size: 90%; } svg { display: block; margin: 1em 0; }
+</style></head><body>
+"""
+
+
+def _html_summary(route: dict[str, Any]) -> str:
+    import html
+
+    rows = ["<tr><th>#</th><th>model</th><th>n</th><th>ok %</th><th>hangs</th>"
+            "<th>answer p50 / p90 / p99 / max s</th><th>first token p99 s</th>"
+            "<th>slowest served s</th><th>to total</th><th>to cliff</th></tr>"]
+    for m in route["models"]:
+        d, served = m["latency_s"], m["served"]
+        answers = " / ".join(_secs(d[k]) for k, _ in PERCENTILES)
+        rows.append(
+            f"<tr><td>{m['position']}</td><td>{html.escape(m['model'])}</td><td>{m['n']:,}</td>"
+            f"<td>{'-' if m['success_pct'] is None else m['success_pct']}</td>"
+            f"<td>{m['hangs']}</td><td>{answers} (n {d['n']:,})</td>"
+            f"<td>{_secs(m['ttft_s']['p99'])}</td>"
+            f"<td>{_secs(served['slowest_s'])}</td><td>{_margin(served, 'margin_to_total_s')}</td>"
+            f"<td>{_margin(served, 'margin_to_cliff_s')}</td></tr>")
+    return "<table>" + "".join(rows) + "</table>"
+
+
+def audit_html(report: dict[str, Any], points: dict[tuple[str, str], list[Any]]) -> str:
+    """One self-contained page: per route, the request trend against total_timeout_s and
+    the cliff, then per model (in chain order) every attempt's latency as a point."""
+    import html
+
+    parts = [_HTML_HEAD, "<h1>failoverd audit</h1>",
+             f"<p class=note>{html.escape(', '.join(report.get('files', [])))}: "
+             f"{report['rows']:,} rows" + (f" since {html.escape(report['since'])}"
+                                          if report["since"] else "") +
+             f"; generated {html.escape(local_time(utc_timestamp()))}.</p>",
+             "<p class=note>Latency is on a log scale, so one second and the cliff fit one "
+             "picture. Watch the distance between the top of the cloud and the dashed lines: "
+             "the cliff approaching shows as p99 and max rising towards total_timeout_s "
+             "while every call still returns 200. Red points are attempts abandoned at a "
+             "deadline; their height is how long they held the request. "
+             "* marks a margin that rests on assumed values.</p>"]
+    for route in report["routes"]:
+        parts.append(f"<h2>route {html.escape(route['route'])}</h2>")
+        heading = _route_heading(route, report).split(": ", 1)[1].replace("\n ", ";")
+        parts.append(f"<p>{html.escape(heading)}</p>")
+        parts.append(_html_summary(route))
+        parts.append(_trend_chart(route, report))
+        for model in route["models"]:
+            parts.append(_model_chart(route, model, report,
+                                      points.get((route["route"], model["model"]), [])))
+    parts.append(f"<p class=note>{html.escape(_audit_notes(report))}</p></body></html>\n")
+    return "\n".join(parts)
+
+
+# logrotate's names for a rotated ledger: ledger.jsonl.1, ledger.jsonl.2.gz,
+# ledger.jsonl-20260102 (dateext), each maybe compressed.
+ROTATED_SUFFIX = re.compile(r"^(?:\.\d+|-\d{8,10})(?:\.gz)?$")
+SINCE_UNITS = {
+    "s": 1, "sec": 1, "secs": 1, "second": 1, "seconds": 1,
+    "m": 60, "min": 60, "mins": 60, "minute": 60, "minutes": 60,
+    "h": 3600, "hr": 3600, "hrs": 3600, "hour": 3600, "hours": 3600,
+    "d": 86400, "day": 86400, "days": 86400,
+    "w": 604800, "wk": 604800, "week": 604800, "weeks": 604800,
+}
+_SINCE_PART = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-z]+)\s*")
+
+
+def parse_since(text: str, now: float) -> float:
+    """--since as Unix time: a duration back from `now` (30m, 24h, 1w, "24 hours",
+    "1h 30m") or an ISO date or time (local unless it names its zone)."""
+    spec = text.strip().lower()
+    pos, seconds = 0, 0.0
+    while pos < len(spec) and (m := _SINCE_PART.match(spec, pos)) and m.group(2) in SINCE_UNITS:
+        seconds += float(m.group(1)) * SINCE_UNITS[m.group(2)]
+        pos = m.end()
+    if spec and pos == len(spec):
+        return now - seconds
+    try:
+        return _dt.datetime.fromisoformat(text.strip()).astimezone().timestamp()
+    except ValueError:
+        raise ValueError(f"--since {text!r}: expected a duration such as 30m, 24h, 1w or "
+                         "'24 hours', or a date or time such as 2026-01-02 or "
+                         "2026-01-02T15:00+01:00") from None
+
+
+def ledger_files(path: str) -> list[str]:
+    """The ledger and its rotated siblings that exist, oldest first."""
+    directory, name = os.path.split(path)
+    try:
+        siblings = [os.path.join(directory, f) for f in os.listdir(directory or ".")
+                    if f.startswith(name) and ROTATED_SUFFIX.match(f[len(name):])]
+    except OSError:
+        siblings = []
+    return _oldest_first([*siblings, *([path] if os.path.exists(path) else [])])
+
+
+def _oldest_first(paths: Iterable[str]) -> list[str]:
+    return sorted(dict.fromkeys(paths), key=lambda p: os.stat(p).st_mtime)
+
+
+def read_rows(path: str, problems: list[str]) -> Iterator[LedgerRow | None]:
+    """The rows of a ledger file, plain or gzip-compressed (None for a line that is
+    not a row); a compressed file cut short gives what it has and a problem note."""
+    import gzip
+
+    decoder = msgspec.json.Decoder(LedgerRow)
+    with open(path, "rb") as raw:
+        compressed = raw.read(2) == b"\x1f\x8b"
+        raw.seek(0)
+        f: Any = gzip.GzipFile(fileobj=raw) if compressed else raw
+        try:
+            for line in f:
+                if line.strip():
+                    decoded = _decoded(line, decoder)
+                    yield None if decoded is None else decoded[1]
+        except (EOFError, OSError) as e:  # truncated or corrupt gzip
+            problems.append(f"{path}: {e}; read up to there")
+
+
+def _audit_paths(ledgers: tuple[str, ...], config_path: str | None) -> list[str]:
+    if ledgers:
+        missing = [p for p in ledgers if not os.path.isfile(p)]
+        if missing:
+            raise click.UsageError(f"no ledger file at {', '.join(missing)}")
+        return _oldest_first(ledgers)
+    try:
+        path = load_config(_config_path(config_path)).daemon.ledger
+    except ConfigError:
+        path = DaemonConfig().ledger
+    found = ledger_files(path)
+    if not found:
+        raise click.UsageError(f"no ledger at {path} (nor rotated ones beside it); pass the "
+                               "ledger files, or --config with daemon.ledger")
+    return found
 
 
 @cli.command("audit")
-@click.argument("ledger", required=False)
-@click.option("--since", help="Only rows newer than this: 90s, 30m, 6h, 2d.")
-@click.option("--config", "config_path", help="Config for the ledger path and client_cliff_s.")
-@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
-def audit_cmd(ledger: str | None, since: str | None, config_path: str | None,
-              as_json: bool) -> None:
-    """Per-model table: n, success %, latency and TTFT p50/p90/p99/max, hangs, failovers,
-    cost, and the margin to the client's cancel cliff."""
+@click.argument("ledgers", nargs=-1, metavar="[LEDGER]...")
+@click.option("--since", help="Only rows since then: 30m, 24h, 1w, '24 hours', or an ISO date "
+              "or time (local unless it gives its zone).")
+@click.option("--by", type=click.Choice(["hour", "day"]), help="Add the trend per route: "
+              "requests, latency and margins per hour or day (local time).")
+@click.option("--hang-threshold", default=120.0, show_default=True, type=click.FloatRange(min=0),
+              metavar="SECONDS", help="Count attempts that went this long without output.")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+@click.option("--html", "html_path", metavar="FILE", help="Also write a self-contained page "
+              "with the latency plots (needs failoverd[report]).")
+@click.option("--width", type=click.IntRange(min=40), help="Table width [default: the "
+              "terminal's].")
+@click.option("--assume-total", default=ASSUMED_TOTAL_S, show_default=True, metavar="SECONDS",
+              type=click.FloatRange(min=0, min_open=True),
+              help="total_timeout_s for request rows that predate the field (marked *).")
+@click.option("--assume-cliff", default=ASSUMED_CLIFF_S, show_default=True, metavar="SECONDS",
+              type=click.FloatRange(min=0, min_open=True),
+              help="client_cliff_s for request rows that predate the field (marked *).")
+@click.option("--config", "config_path", help="Config to find the ledger in (when none is "
+              "named); the figures need no config.")
+def audit_cmd(ledgers: tuple[str, ...], since: str | None, by: str | None,
+              hang_threshold: float, as_json: bool, html_path: str | None, width: int | None,
+              assume_total: float, assume_cliff: float, config_path: str | None) -> None:
+    """Per route, models in chain order: attempts, success, hangs, failovers, time and
+    money failed attempts cost, latency and first-token percentiles with their sample
+    counts, and how close the slowest requests came to total_timeout_s and the cliff.
+    Reads rotated and .gz ledgers too (by default: the ledger and its rotated siblings)."""
+    if html_path is not None:
+        _require_report_extra()
+    paths = _audit_paths(ledgers, config_path)
     try:
-        cfg = load_config(_config_path(config_path))
-    except ConfigError:
-        cfg = Config()
-    path = ledger or cfg.daemon.ledger
-    since_epoch = None
-    if since is not None:
-        seconds = parse_duration(since)
-        if seconds is None:
-            click.echo(f"failoverd: --since {since!r}: expected a duration like 30m, 6h or 2d",
-                       err=True)
-            sys.exit(2)
-        since_epoch = time.time() - seconds
-    try:
-        table = audit((row for _, row in read_ledger(path) if row is not None),
-                      cfg.daemon.client_cliff_s, since_epoch)
-    except FileNotFoundError:
-        click.echo(f"failoverd: no ledger at {path}; pass its path or check daemon.ledger",
-                   err=True)
-        sys.exit(1)
+        since_ts = None if since is None else utc_timestamp(parse_since(since, time.time()))
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--since") from None
+    audit = Audit(since_ts=since_ts, hang_threshold_s=hang_threshold,
+                  by=by or ("hour" if html_path else None), assume_total_s=assume_total,
+                  assume_cliff_s=assume_cliff, points=html_path is not None)
+    problems: list[str] = []
+    for path in paths:
+        for row in read_rows(path, problems):
+            audit.add(row)
+    report = audit.report()
+    report["files"] = paths
+    for problem in problems:
+        click.echo(f"failoverd: {problem}", err=True)
+    if html_path is not None:
+        _write_html(html_path, audit_html(report, audit.points()))
     if as_json:
-        click.echo(msgspec.json.encode(table).decode())
-        return
-    for line in format_audit(table):
-        click.echo(line)
+        click.echo(msgspec.json.encode(report).decode())
+    else:
+        click.echo(render_audit(report, width, trend=by is not None), nl=False)
 
 
 @cli.command("demo")
