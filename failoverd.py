@@ -134,6 +134,12 @@ class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     # Our own budget for this model: skip it rather than push it over its quota.
     tpm_limit: PositiveInt | None = None
     rpm_limit: PositiveInt | None = None
+    # How this model can continue a partial answer (SPEC section 11): "trailing" = the
+    # partial answer as a final assistant message (Anthropic; llama.cpp and other
+    # OpenAI-compatible servers that really continue it), "prefix" = that message with
+    # "prefix": true (DeepSeek, Mistral), "vllm" = continue_final_message. "none": it
+    # is never asked to continue one.
+    prefill: Literal["none", "trailing", "prefix", "vllm"] = "none"
     # Live spend cap (SPEC section 13): once the model's billed cost today (UTC), failed
     # attempts included, reaches this, its slots are skipped until UTC midnight.
     budget_usd_per_day: NonNegative | None = None
@@ -188,6 +194,8 @@ class Timing(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     # A half-open probe is raced against the next slot started this much later, so a
     # hung probe costs its client at most this (SPEC section 9).
     probe_hedge_after_s: NonNegative = 1.0
+    # After commit, continue a broken answer on the next slot that can (SPEC section 11).
+    continuation: bool = False
 
 
 class RouteShadow(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -221,6 +229,7 @@ class RouteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     hedge_min_s: Seconds | None = None
     hedge_max_share: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
     probe_hedge_after_s: NonNegative | None = None
+    continuation: bool | None = None
     shadow: RouteShadow | None = None
 
 
@@ -274,7 +283,8 @@ _SECTION_TYPES: dict[str, type] = {
 }
 
 
-_ENUMS = {"kind": "'openai' or 'anthropic'"}
+_ENUMS = {"kind": "'openai' or 'anthropic'",
+          "prefill": "'none', 'trailing', 'prefix' or 'vllm'"}
 
 
 def _expected(text: str) -> str:
@@ -308,6 +318,12 @@ def config_errors(cfg: Config) -> list[str]:
                 f"models.{name!r}: expected PROVIDER/MODEL with a provider declared under "
                 f"[providers] (declared: {declared})"
             )
+        elif cfg.providers[slot.provider].kind == "anthropic" and cfg.models[name].prefill in (
+                "prefix", "vllm"):
+            errors.append(
+                f"models.{name!r}.prefill = {cfg.models[name].prefill!r}: provider "
+                f"{slot.provider!r} is of kind 'anthropic', whose Messages API continues a final "
+                "assistant message as it is; expected 'trailing' or 'none'")
         if mc.budget_usd_per_day is not None and not _priced(mc):
             errors.append(
                 f"models.{name!r}.budget_usd_per_day: set price_in_per_mtok / "
@@ -485,6 +501,12 @@ def check_report(cfg: Config) -> tuple[list[str], list[str]]:
                     f"its deadline (it would start at {start:g} s, total_timeout_s is "
                     f"{t.total_timeout_s:g}); lower first_token_timeout_s or shorten the chain"
                 )
+        if t.continuation and all(
+                cfg.models.get(s.key, NO_MODEL).prefill == "none" for s in route.slots[1:]):
+            warnings.append(
+                f"routes.{name}: continuation = true, but no slot after the first declares "
+                "prefill, so an answer that breaks cannot be continued; set prefill under "
+                "[models.\"PROVIDER/MODEL\"] for the fallbacks that can continue one")
         for slot in route.slots:
             if slot.key not in cfg.models:
                 warnings.append(
@@ -534,6 +556,7 @@ class AttemptRow(msgspec.Struct, tag="attempt", tag_field="kind", kw_only=True):
     stall_deadline_s: float | None = None
     hedge: bool = False  # started beside a running attempt (a hedge, or a probe's race)
     probe: bool = False  # it held a half-open breaker's probe
+    continued: bool = False  # it continued an answer that broke after commit (SPEC section 11)
     # A shadow call (SPEC section 13): a copy of live request `shadow_of`, made after its
     # reply was complete; its cost_usd is real (and counted on the shadow's budget).
     shadow: bool = False
@@ -561,8 +584,10 @@ class RequestRow(msgspec.Struct, tag="request", tag_field="kind", kw_only=True):
     client_pid: int | None = None
     client_uid: int | None = None
     # What the request was held to, so that `audit` needs no config (SPEC section 12).
+    # None in rows written before these fields existed.
     total_timeout_s: float | None = None
     client_cliff_s: float | None = None
+    continued: bool = False  # the answer broke after commit and another model finished it
 
 
 class BreakerRow(msgspec.Struct, tag="breaker", tag_field="kind", kw_only=True):
@@ -691,6 +716,44 @@ def classify_status(status: int, body: bytes) -> tuple[str, str]:
     if status in (400, 422):
         return "bad_request", error
     return "http_error", error
+
+
+# A 400/422 that rejects the prefill of a continuation (SPEC section 11) names the
+# final assistant message or the prefill fields. Texts seen or expected:
+#   Anthropic   "messages: final assistant content cannot end with trailing whitespace"
+#               "When `thinking` is enabled, a final `assistant` message must start with
+#               a thinking block ..."; "This model does not support assistant message
+#               prefill. The conversation must end with a user message." (wording a guess)
+#   Mistral     "Expected last role User or Tool (or Assistant with prefix True) for
+#               serving but got assistant"
+#   DeepSeek    "The last message of deepseek-reasoner must be a user message, or an
+#               assistant message with prefix mode on"
+#   vLLM        "Cannot set both `continue_final_message` and `add_generation_prompt` to
+#               True."; transformers' "continue_final_message is set but the final message
+#               does not appear in the chat after applying the chat template!"
+#   llama.cpp   "Cannot have 2 or more assistant messages at the end of the list.",
+#               "Assistant response prefill is incompatible with enable_thinking."
+#   OpenAI      "Unrecognized request argument supplied: continue_final_message"
+#   strict servers (pydantic 422, JSON schema): "'prefix' was unexpected", loc
+#               ["body", "messages", 2, "prefix"], "messages.2: ..." (the index we added)
+_PREFILL_REJECTED = re.compile(
+    rb"prefill|prefix|continue_final_message|add_generation_prompt"
+    rb"|(?:final|last|trailing)\W{1,3}(?:assistant|message|role|turn)"
+    rb"|assistant messages? at the end|trailing whitespace",
+    re.IGNORECASE,
+)
+
+
+def prefill_rejected(status: int | None, body: bytes, index: int | None = None) -> bool:
+    """Whether a continuation's 4xx refuses its prefill (the model cannot continue an
+    answer in that shape), rather than the request as such. `index`: where the prefill
+    sits in the messages sent (an error naming that message is about the prefill)."""
+    if status not in (400, 422) or _CONTEXT_OVERFLOW.search(body):
+        return False
+    if _PREFILL_REJECTED.search(body):
+        return True
+    return index is not None and re.search(
+        rb'messages(?:\[|\.|",\s*)%d(?!\d)' % index, body) is not None
 
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|d|h|m|s)")
@@ -878,6 +941,17 @@ class Breaker:
         return (old, "open", reason, self.open_until)
 
 
+def breaker_state_at(b: Breaker, now: float) -> tuple[str, float]:
+    """A breaker's state at `now` (as `Breaker.view`) and until when it blocks (0 if it
+    does not), read without moving it. For views (status, metrics) that change nothing."""
+    state = b.view(now)
+    if state == "open":
+        return "open", b.open_until
+    if state == "half_open" and b.state == "half_open" and b.probing:
+        return "half_open", math.inf  # until the probe in flight finishes
+    return state, 0.0
+
+
 class Gate(msgspec.Struct, frozen=True):
     """What a slot's breakers say now: why it is blocked and until when (skip None:
     it may be tried), and whether trying it is a half-open probe."""
@@ -1000,6 +1074,40 @@ def retry_wait(
         return None
     # The retry must leave room for at least a first-token deadline's worth of work.
     return wait if wait + min(timing.first_token_timeout_s, 1.0) < remaining else None
+
+
+# continue_blocker()'s reasons that are about the candidate slot, not the request: the
+# next slot may still continue the answer.
+_SLOT_BLOCKERS = frozenset({"the model declares no prefill",
+                            "the model rejected a prefill before"})
+# Failures after commit that leave a partial answer another model may continue: the
+# stream broke. A timeout of the whole request, a client gone or a bad request did not.
+CONTINUABLE_OUTCOMES = frozenset({
+    "truncated", "stall_timeout", "upstream_error_event", "protocol_error"})
+
+
+def continue_blocker(
+    *, enabled: bool, outcome: str, committed: bool, relayed: Relayed, continued: bool,
+    prefill: str, unable: bool,
+) -> str | None:
+    """Why a request whose attempt failed may not be continued on a candidate slot (the
+    slot's model declares `prefill`; `unable`: it rejected a prefill before), or None
+    when it may (SPEC section 11)."""
+    if not enabled:
+        return "continuation is off for this route"
+    if not committed:
+        return "nothing was relayed yet (an ordinary failover)"
+    if outcome not in CONTINUABLE_OUTCOMES:
+        return f"{outcome} is not a stream that broke"
+    if relayed.blocker is not None:
+        return relayed.blocker
+    if continued:
+        return "the request was continued once already"
+    if prefill == "none":
+        return "the model declares no prefill"
+    if unable:
+        return "the model rejected a prefill before"
+    return None
 
 
 def next_shed_share(share: float, late: float, limit: float) -> float:
@@ -1282,6 +1390,10 @@ class Ledger:
         self._last_warning = -math.inf
         self._encoder = msgspec.json.Encoder()
         self._buf = bytearray(1024)
+        # Called with every row before it is written (the metrics): one call per
+        # attempt, request or breaker row, whether or not the row reaches the disk.
+        self.observers: list[Callable[[LedgerRow], None]] = []
+        self._observer_failed = False
         if path is not None:
             self.open()
 
@@ -1316,6 +1428,7 @@ class Ledger:
             os.close(old)
 
     def write(self, row: LedgerRow) -> None:
+        self._notify(row)
         if self.fd is None:
             if self.path is not None:
                 self.dropped += 1
@@ -1338,6 +1451,17 @@ class Ledger:
                     self.path, e.strerror, self.dropped,
                 )
 
+    def _notify(self, row: LedgerRow) -> None:
+        """An observer that fails costs neither the row nor the request (logged once)."""
+        for observe in self.observers:
+            try:
+                observe(row)
+            except Exception:
+                if not self._observer_failed:
+                    self._observer_failed = True
+                    log.exception("ledger observer %r failed; rows are still written (this "
+                                  "is logged once)", observe)
+
     def close(self) -> None:
         if self.fd is not None:
             os.close(self.fd)
@@ -1356,6 +1480,147 @@ def read_ledger(path: str) -> Iterable[tuple[bytes, LedgerRow | None]]:
                 yield line, decoder.decode(line)
             except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
                 yield line, None
+
+
+# ---------------------------------------------------------------------------
+# Metrics
+# Prometheus families for GET /metrics: counters and histograms kept from the ledger's
+# rows (one update per attempt, request or breaker row, never per chunk), and gauges
+# read from the daemon when Prometheus scrapes.
+# ---------------------------------------------------------------------------
+
+# Latency buckets in seconds, out past the calling runtime's cancel cliff (~660 s): the
+# field reports' hangs sit at 120 to 600 s. The configured cliff and each route's
+# total_timeout_s are added as edges, so "how many came within the cliff" is exact.
+LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 45.0, 60.0, 90.0, 120.0,
+                   180.0, 240.0, 300.0, 420.0, 600.0, 660.0, 900.0)
+# failoverd_breaker_state values (SPEC section 12).
+BREAKER_STATE_VALUES = {"closed": 0, "half_open": 1, "open": 2}
+# Set to "off" in the daemon's environment to keep no metrics (bench/run.py uses it to
+# show what they cost); GET /metrics then answers 404.
+METRICS_ENV = "FAILOVERD_METRICS"
+
+
+def daemon_metrics(d: Daemon) -> PromMetrics | None:
+    if os.environ.get(METRICS_ENV, "").lower() in ("off", "0", "no", "false"):
+        return None
+    return PromMetrics(d)
+
+
+class PromMetrics:
+    """One daemon's metrics in its own registry (never prometheus_client's global one:
+    a process may hold several daemons, as the tests do). Label children are cached,
+    so a row costs a few dict lookups and additions."""
+
+    def __init__(self, d: Daemon) -> None:
+        import prometheus_client as prom  # only a serving daemon pays for this import
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        prom.disable_created_metrics()  # no *_created series: half the text, no use here
+        self.d = d
+        self._prom = prom
+        self._gauge, self._counter = GaugeMetricFamily, CounterMetricFamily
+        self.registry = prom.CollectorRegistry(auto_describe=False)
+        self.content_type = getattr(prom, "CONTENT_TYPE_PLAIN_0_0_4", prom.CONTENT_TYPE_LATEST)
+        edges = {d.cfg.daemon.client_cliff_s, *(r.timing.total_timeout_s
+                                                for r in d.routes.values())}
+        buckets = sorted(set(LATENCY_BUCKETS) | edges)
+        reg = self.registry
+        self.requests = prom.Counter(
+            "failoverd_requests", "Requests answered, by route and outcome (ok or error).",
+            ["route", "outcome"], registry=reg)
+        self.request_seconds = prom.Histogram(
+            "failoverd_request_duration_seconds", "Time from a request's arrival to its end, "
+            "for requests that reached an upstream (see failoverd_total_timeout_seconds and "
+            "failoverd_client_cliff_seconds).", ["route"], buckets=buckets, registry=reg)
+        self.attempts = prom.Counter(
+            "failoverd_attempts", "Attempts by slot and outcome (skipped slots included).",
+            ["provider", "model", "outcome"], registry=reg)
+        self.attempt_seconds = prom.Counter(
+            "failoverd_attempt_seconds", "Time attempts held their requests, by outcome: the "
+            "time failed attempts cost.", ["provider", "model", "outcome"], registry=reg)
+        self.first_token = prom.Histogram(
+            "failoverd_first_token_seconds", "Time from sending an attempt to its first "
+            "meaningful output (attempts that produced one).", ["provider", "model"],
+            buckets=buckets, registry=reg)
+        self.cost = prom.Counter(
+            "failoverd_cost_usd", "Estimated billed cost, failed attempts with output included.",
+            ["provider", "model"], registry=reg)
+        self.deadline = prom.Gauge(
+            "failoverd_deadline_seconds", "The deadlines that applied to the slot's last "
+            "attempt.", ["provider", "model", "kind"], registry=reg)
+        self.breaker_changes = prom.Counter(
+            "failoverd_breaker_transitions", "Breaker state changes, by the state entered.",
+            ["scope", "key", "to"], registry=reg)
+        self._children: dict[tuple[Any, ...], Any] = {}
+        reg.register(self)
+        prom.ProcessCollector(registry=reg)
+        d.ledger.observers.append(self.observe)
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def observe(self, row: LedgerRow) -> None:
+        if isinstance(row, AttemptRow):
+            self._attempt(row)
+        elif isinstance(row, RequestRow):
+            self._child(self.requests, row.route, row.outcome).inc()
+            if row.attempts:
+                self._child(self.request_seconds, row.route).observe(row.total_ms / 1000)
+        else:
+            self._child(self.breaker_changes, row.scope, row.key, row.to).inc()
+
+    def _attempt(self, row: AttemptRow) -> None:
+        provider, model, outcome = row.provider, row.model, row.outcome
+        self._child(self.attempts, provider, model, outcome).inc()
+        if outcome == "skipped":
+            return
+        if row.latency_ms is not None:
+            self._child(self.attempt_seconds, provider, model, outcome).inc(row.latency_ms / 1000)
+        if row.ttft_ms is not None:
+            self._child(self.first_token, provider, model).observe(row.ttft_ms / 1000)
+        self._child(self.cost, provider, model).inc(row.cost_usd or 0.0)
+        if row.first_token_deadline_s is not None:
+            self._child(self.deadline, provider, model, "first_token").set(
+                row.first_token_deadline_s)
+        if row.stall_deadline_s is not None:
+            self._child(self.deadline, provider, model, "stall").set(row.stall_deadline_s)
+
+    def describe(self) -> list[Any]:
+        return []  # read at scrape time only; nothing to check at registration
+
+    def collect(self) -> Iterator[Any]:
+        """What is state rather than events, read from the daemon as it is now."""
+        d, gauge = self.d, self._gauge
+        yield gauge("failoverd_in_flight_requests", "Requests under way.", value=len(d.inflight))
+        yield gauge("failoverd_event_loop_lag_seconds", "How late the event loop wakes up "
+                    "(smoothed; the overload signal).", value=d.loop_lag)
+        yield gauge("failoverd_fallbacks_waiting", "Next attempts waiting their turn while the "
+                    "loop runs late (a failover storm).", value=len(d.fallbacks))
+        yield self._counter("failoverd_ledger_dropped_rows", "Ledger rows that could not be "
+                            "written (disk full, unwritable).", value=d.ledger.dropped)
+        yield self._counter("failoverd_shed_requests", "Requests refused with 503 while "
+                            "overloaded.", value=d.shed)
+        yield gauge("failoverd_client_cliff_seconds", "daemon.client_cliff_s: when the calling "
+                    "runtime gives up.", value=d.cfg.daemon.client_cliff_s)
+        totals = gauge("failoverd_total_timeout_seconds", "Each route's total_timeout_s.",
+                       labels=["route"])
+        for name, route in sorted(d.routes.items()):
+            totals.add_metric([name], route.timing.total_timeout_s)
+        yield totals
+        states = gauge("failoverd_breaker_state", "Breaker state: 0 closed, 1 half-open, "
+                       "2 open.", labels=["scope", "key"])
+        now = trio.current_time()
+        for (scope, key), b in sorted(d.health.breakers.items()):
+            states.add_metric([scope, key], BREAKER_STATE_VALUES[breaker_state_at(b, now)[0]])
+        yield states
+
+    def exposition(self) -> bytes:
+        return self._prom.generate_latest(self.registry)
 
 
 # ---------------------------------------------------------------------------
@@ -1912,6 +2177,260 @@ ADAPTERS: dict[str, type[OpenAIAdapter] | type[AnthropicAdapter]] = {
 }
 
 
+# -- continuing an answer that broke after commit (SPEC section 11) --------------
+# The engine feeds every frame it relays to a streaming client to a Relayed; when a
+# committed stream breaks and continue_blocker() allows it, continue_body() turns the
+# next slot's request into the conversation plus that partial answer, and a Seam
+# passes the continuation's frames on as the rest of the same answer.
+
+
+def _request_blocker(body: Mapping[str, Any]) -> str | None:
+    """What in the request itself rules continuing its answer out."""
+    n = body.get("n")
+    if n is not None and n != 1:
+        return f"the client asked for n = {n} choices"
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
+        # A grammar (structured output) starts again from its first state after the
+        # prefill: the continuation would begin a new JSON document inside the old one.
+        return f"structured output (response_format {fmt.get('type')}) cannot be resumed"
+    return None
+
+
+class Relayed:
+    """What a streaming client has been sent of the answer: choice 0's content and
+    reasoning, the first chunk's id and created time, and what rules continuing out."""
+
+    __slots__ = ("_content", "_reasoning", "id", "created", "blocker")
+
+    def __init__(self, body: Mapping[str, Any]) -> None:
+        self._content: list[str] = []
+        self._reasoning: list[str] = []
+        self.id: str | None = None
+        self.created: int | None = None
+        self.blocker = _request_blocker(body)
+
+    @property
+    def content(self) -> str:
+        return "".join(self._content)
+
+    @property
+    def reasoning(self) -> str:
+        return "".join(self._reasoning)
+
+    def add(self, frame: bytes) -> None:
+        """One frame as relayed (an OpenAI chunk, as both adapters produce them)."""
+        try:
+            chunk = _chunk_decoder.decode(frame)
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
+            self.blocker = self.blocker or "a relayed frame could not be read back"
+            return
+        if self.id is None:
+            self.id, self.created = chunk.id, chunk.created
+        for choice in chunk.choices or ():
+            d = choice.delta or choice.message
+            if d is None:
+                continue
+            if choice.index != 0:
+                self.blocker = self.blocker or "the answer has several choices"
+            if d.tool_calls:
+                # Arguments cut at an arbitrary byte and call ids cannot be resumed, and a
+                # continuation could call other tools than the half-relayed one.
+                self.blocker = self.blocker or "a tool-call delta was relayed"
+            if d.refusal:
+                self.blocker = self.blocker or "a refusal was relayed"
+            if d.content:
+                self._content.append(d.content)
+            if d.reasoning_content or d.reasoning:
+                self._reasoning.append(d.reasoning_content or d.reasoning or "")
+
+
+class Prefill(msgspec.Struct, frozen=True, kw_only=True):
+    """The partial answer as a continuation sends it, and the seam it leaves.
+
+    Trailing whitespace is never sent: Anthropic refuses a final assistant message that
+    ends in it, and elsewhere it splits a token (BPE tokenizers attach the space to the
+    next word, so a model continuing after one doubles or drops it). The model writes
+    that whitespace again; the Seam drops it, since the client has it (`cut`).
+    """
+
+    content: str = ""  # what the final assistant message holds (a client's own prefill too)
+    reasoning: str = ""  # relayed reasoning, where the wire carries it
+    cut: str = ""  # whitespace stripped from the end of `content`
+    reasoning_cut: str = ""
+    thinking: bool = False  # the answer broke inside its (carried) reasoning
+    index: int | None = None  # the prefill's place in messages; None: no prefill sent
+
+
+def _own_text(content: Any) -> str | None:
+    """The text of a conversation's own final assistant message, if it is text only."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    if isinstance(content, list) and all(
+            isinstance(p, dict) and p.get("type") == "text" for p in content):
+        return "".join(str(p.get("text") or "") for p in content)
+    return None
+
+
+def _with_prefill(
+    messages: list[Any], content: str, reasoning: str, extra: dict[str, Any],
+) -> tuple[list[Any], Prefill]:
+    """`messages` ending in one assistant message holding `content` (and `reasoning`):
+    a final assistant message of the conversation's own (a client's prefill) is
+    extended rather than followed by a second one. Nothing is added when there is
+    nothing to send."""
+    head, base = messages, {}
+    last = messages[-1] if messages else None
+    if isinstance(last, dict) and last.get("role") == "assistant" and not last.get(
+            "tool_calls") and (own := _own_text(last.get("content"))) is not None:
+        head, base, content = messages[:-1], last, own + content
+    thinking = bool(reasoning) and not content
+    kept = content.rstrip()
+    kept_reasoning = reasoning.rstrip() if thinking else reasoning
+    prefill = Prefill(content=kept, reasoning=kept_reasoning, cut=content[len(kept):],
+                      reasoning_cut=reasoning[len(kept_reasoning):], thinking=thinking)
+    if not kept and not kept_reasoning:
+        return messages, prefill
+    message = {**base, "role": "assistant", "content": kept, **extra}
+    if kept_reasoning:
+        message["reasoning_content"] = kept_reasoning
+    return [*head, message], msgspec.structs.replace(prefill, index=len(head))
+
+
+def _spent(body: dict[str, Any], keys: tuple[str, ...], used: int | None) -> None:
+    """The continuation may write only what the client's output limit has left."""
+    for key in keys:
+        limit = body.get(key)
+        if used and isinstance(limit, int) and not isinstance(limit, bool):
+            body[key] = max(1, limit - used)
+
+
+def continue_body(
+    kind: str, mode: str, body: dict[str, Any], relayed: Relayed, *,
+    used_tokens: int | None = None,
+) -> tuple[dict[str, Any], Prefill]:
+    """An upstream request body (as the adapter of `kind` built it) turned into the
+    continuation of the relayed answer, for a model whose prefill is `mode`.
+
+    openai + trailing: the partial answer as a final assistant message; + prefix: that
+    message with "prefix": true and, for a reasoning model, its reasoning_content
+    (DeepSeek); + vllm: continue_final_message, add_generation_prompt false. anthropic:
+    the Messages API's own prefill, a final assistant message (reasoning is not sent:
+    a thinking block needs the signature only a whole one has). `used_tokens`: output
+    already spent, taken off max_tokens / max_completion_tokens.
+    """
+    if mode == "none" or (kind == "anthropic" and mode != "trailing"):
+        raise ValueError(f"a {kind} model with prefill = {mode!r} cannot continue an answer")
+    out = dict(body)
+    reasoning = relayed.reasoning if kind == "openai" and mode == "prefix" else ""
+    extra: dict[str, Any] = {"prefix": True} if kind == "openai" and mode == "prefix" else {}
+    messages, prefill = _with_prefill(
+        list(out.get("messages") or ()), relayed.content, reasoning, extra)
+    out["messages"] = messages
+    if kind == "openai" and mode == "vllm" and prefill.index is not None:
+        out["continue_final_message"] = True
+        out["add_generation_prompt"] = False
+    keys = ("max_tokens",) if kind == "anthropic" else ("max_tokens", "max_completion_tokens")
+    _spent(out, keys, used_tokens)
+    return out, prefill
+
+
+def continue_payload(
+    kind: str, mode: str, payload: bytes, relayed: Relayed, *, used_tokens: int | None = None,
+) -> tuple[bytes, Prefill]:
+    """continue_body() on the encoded body an adapter's request() returned."""
+    body, prefill = continue_body(kind, mode, msgspec.json.decode(payload), relayed,
+                                  used_tokens=used_tokens)
+    return _json_encode(body), prefill
+
+
+def add_usage(usage: Mapping[str, Any], prior: Mapping[str, int]) -> dict[str, Any]:
+    """A continuation's usage with the broken attempt's tokens added: the client is
+    told what both attempts cost."""
+    out = dict(usage)
+    for key, n in prior.items():
+        if isinstance(out.get(key), int | float) or key not in out:
+            out[key] = (out.get(key) or 0) + n
+    return out
+
+
+def model_fingerprint(model: ModelConfig, provider: ProviderConfig) -> str:
+    """What a 'cannot continue' mark is valid for: the model's and provider's config."""
+    return hashlib.sha256(msgspec.json.encode((model, provider))).hexdigest()[:16]
+
+
+def _empty_choice(choice: Any) -> bool:
+    if not isinstance(choice, dict) or choice.get("finish_reason"):
+        return False
+    delta = choice.get("delta")
+    return not isinstance(delta, dict) or all(k == "role" or not v for k, v in delta.items())
+
+
+class Seam:
+    """Passes a continuation's frames on as the rest of the answer the client has.
+
+    Each frame of the continuing attempt (an OpenAI chunk, as the adapters relay them)
+    loses the leading characters that write again the whitespace the prefill was cut
+    of (matched character by character, across deltas, up to the first that differs),
+    and any reasoning unless the answer broke inside its reasoning; a frame left with
+    nothing in it (the continuation's role delta) is dropped; every frame gets the id
+    and created time of the answer's first chunk, so the client sees one stream.
+    """
+
+    __slots__ = ("_pending", "_keep_reasoning", "id", "created", "prior")
+
+    def __init__(self, prefill: Prefill, relayed: Relayed,
+                 prior: Mapping[str, int] | None = None) -> None:
+        self._pending = {"content": prefill.cut, "reasoning": prefill.reasoning_cut}
+        self._keep_reasoning = prefill.thinking
+        self.id, self.created = relayed.id, relayed.created
+        self.prior = dict(prior or {})  # the broken attempt's usage, added to the usage chunk
+
+    def _trimmed(self, channel: str, text: str) -> str:
+        pending = self._pending[channel]
+        if not pending or not text:
+            return text
+        n = 0
+        while n < len(text) and n < len(pending) and text[n] == pending[n]:
+            n += 1
+        # Settled at the first character that differs, or once all of it came again.
+        self._pending[channel] = pending[n:] if n == len(text) else ""
+        return text[n:]
+
+    def _delta(self, delta: dict[str, Any]) -> None:
+        for key in ("reasoning_content", "reasoning"):
+            if key in delta and not self._keep_reasoning:
+                del delta[key]
+            elif isinstance(delta.get(key), str):
+                delta[key] = self._trimmed("reasoning", delta[key])
+        if isinstance(delta.get("content"), str):
+            delta["content"] = self._trimmed("content", delta["content"])
+
+    def frame(self, frame: bytes) -> bytes | None:
+        """The frame to relay instead of `frame`, or None to relay nothing."""
+        try:
+            chunk = msgspec.json.decode(frame)
+        except msgspec.DecodeError:
+            return frame  # not ours to judge: the adapter parsed it
+        if not isinstance(chunk, dict):
+            return frame
+        if self.id is not None and "id" in chunk:
+            chunk["id"] = self.id
+        if self.created is not None and "created" in chunk:
+            chunk["created"] = self.created
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            chunk["usage"] = add_usage(usage, self.prior)
+        choices = chunk.get("choices")
+        if isinstance(choices, list) and choices:
+            for choice in choices:
+                if isinstance(choice, dict) and isinstance(choice.get("delta"), dict):
+                    self._delta(choice["delta"])
+            if not chunk.get("usage") and all(_empty_choice(c) for c in choices):
+                return None
+        return _json_encode(chunk)
+
+
 class _BoundedStream(httpcore.AsyncNetworkStream):
     """httpcore's read/write, bounded by a timeout scope only when httpcore gives a
     timeout; subclasses implement the unbounded `_read` and `_write`."""
@@ -2178,6 +2697,9 @@ class SavedState(msgspec.Struct, kw_only=True):
     saved_at: str = ""
     breakers: list[SavedBreaker] = []
     divisors: dict[str, float] = {}
+    # Models that rejected a continuation's prefill, with the config they had then
+    # (model_fingerprint): unable to continue until that config changes.
+    prefill_unable: dict[str, str] = {}
     # Spend today (SPEC section 13): live per model, shadows per route.
     spend: SavedSpend = msgspec.field(default_factory=lambda: SavedSpend())
     shadow_spend: SavedSpend = msgspec.field(default_factory=lambda: SavedSpend())
@@ -2516,6 +3038,7 @@ class Daemon:
         self.estimator = Estimator()
         self.throttle = Throttle()
         self.hedges: dict[str, HedgeWindow] = collections.defaultdict(HedgeWindow)
+        self.prefill_unable: dict[str, str] = {}  # see SavedState.prefill_unable
         self.inflight: dict[str, Request] = {}
         self.no_inflight = trio.Event()
         self.no_inflight.set()
@@ -2545,6 +3068,7 @@ class Daemon:
         self.answer_key = os.urandom(32)  # keys answer digests; never leaves this process
         self.state_path = self._state_path(cfg)
         self._state_warned = False
+        self.metrics = daemon_metrics(self)  # before any row: they all count
         self.load_state()
 
     # The current generation of the config; a request uses its own (Request.snap).
@@ -2594,6 +3118,7 @@ class Daemon:
         if restored:
             log.warning("restored %d open breaker(s) from %s", restored, self.state_path)
         self.restore_divisors(state.divisors)
+        self.prefill_unable = dict(state.prefill_unable)
         self.spend = Spend(state.spend.day, state.spend.spent)
         self.shadow_spend = Spend(state.shadow_spend.day, state.shadow_spend.spent)
 
@@ -2616,7 +3141,7 @@ class Daemon:
         if not self.state_path:
             return
         state = SavedState(saved_at=utc_timestamp(), breakers=self.health.saved(),
-                           divisors=self.divisors(),
+                           divisors=self.divisors(), prefill_unable=self.prefill_unable,
                            spend=SavedSpend(day=self.spend.day, spent=self.spend.spent),
                            shadow_spend=SavedSpend(day=self.shadow_spend.day,
                                                    spent=self.shadow_spend.spent))
@@ -2760,6 +3285,20 @@ class Daemon:
     def route_for(self, model: str) -> Route | None:
         return self.snap.route_for(model)
 
+    def can_continue(self, snap: Snapshot, slot: Slot) -> bool:
+        """False once the model rejected a prefill, until its config changes."""
+        mark = self.prefill_unable.get(slot.key)
+        return mark is None or mark != model_fingerprint(
+            snap.model_cfg(slot), snap.cfg.providers[slot.provider])
+
+    def cannot_continue(self, snap: Snapshot, slot: Slot, why: str) -> None:
+        self.prefill_unable[slot.key] = model_fingerprint(
+            snap.model_cfg(slot), snap.cfg.providers[slot.provider])
+        log.warning("%s rejected a continuation's prefill (%s); it is not asked to continue "
+                    "an answer again until its config changes (models.%r.prefill)",
+                    slot.key, why, slot.key)
+        self.save_state()
+
     def model_cfg(self, slot: Slot) -> ModelConfig:
         return self.snap.model_cfg(slot)
 
@@ -2827,6 +3366,7 @@ class Daemon:
             "config_generations": 1 + len(self.retired),
             "in_flight": [req.describe(now) for req in self.inflight.values()],
             "breakers": self.health.snapshot(),
+            "routes": route_view(self, now), "time": utc_timestamp(),
             "token_divisors": self.divisors(),
             "budgets": self.budgets(),
             "shadow": self.shadows.status(),
@@ -2840,6 +3380,58 @@ async def _close_pools(pools: list[PoolShards]) -> None:
     with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
         for shards in pools:
             await shards.aclose()
+
+
+def _slot_view(d: Daemon, slot: Slot, now: float) -> dict[str, Any]:
+    """A slot's breakers as they stand at `now`, read without moving them; a model whose
+    day's budget is spent is out until UTC midnight whatever they say."""
+    budget = d.snap.model_cfg(slot).budget_usd_per_day
+    wall = d.wall_clock()
+    if budget is not None and d.spend.over(slot.key, wall, budget):
+        return {"slot": slot.key, "state": "budget",
+                "left_s": round(next_utc_midnight(wall) - wall, 3), "breaker": None,
+                "reason": f"budget_usd_per_day = {budget:g} spent"}
+    worst: tuple[float, str, str, str] = (0.0, "closed", "", "")  # (until, state, by, reason)
+    probe = False
+    for scope, key in breaker_keys(slot, d.snap.credential(slot.provider)):
+        b = d.health.breakers.get((scope, key))
+        if b is None:
+            continue
+        state, until = breaker_state_at(b, now)
+        probe = probe or state == "half_open"
+        if until > worst[0]:
+            worst = (until, state, f"{scope} {key}", b.reason)
+    until, state, by, reason = worst
+    if until:  # out: open, or half-open with its probe in flight
+        return {"slot": slot.key, "state": "probing" if state == "half_open" else "open",
+                "left_s": None if until == math.inf else round(until - now, 3),
+                "breaker": by, "reason": reason}
+    return {"slot": slot.key, "state": "probe" if probe else "ok", "left_s": None,
+            "breaker": None, "reason": None}
+
+
+def route_view(d: Daemon, now: float) -> list[dict[str, Any]]:
+    """Which slot would answer each route now, from the breakers alone and without
+    side effects (no probe claimed, no transition written): the first slot no breaker
+    holds out; when every slot is out, the one closest to recovery is probed (never
+    blank); a slot out of its day's budget never answers. What only a request knows (its
+    size against context windows, its TPM share, a provider that timed out earlier in
+    it) is not part of the view."""
+    out = []
+    for name, route in sorted(d.routes.items()):
+        slots = [_slot_view(d, slot, now) for slot in route.slots]
+        free = [s for s in slots if s["state"] in ("ok", "probe")]
+        blocked = [s for s in slots if s["state"] != "budget"]
+        if free:
+            answers, how = free[0]["slot"], "probe" if free[0]["state"] == "probe" else "ok"
+        elif blocked:
+            answers = min(blocked, key=lambda s: math.inf if s["left_s"] is None
+                          else s["left_s"])["slot"]
+            how = "forced probe"
+        else:
+            answers, how = None, "budget_exhausted"  # the route answers 429
+        out.append({"route": name, "answers": answers, "how": how, "slots": slots})
+    return out
 
 
 class Reply:
@@ -2930,7 +3522,8 @@ class Attempt:
     """
 
     def __init__(self, req: Request, slot: Slot, *, claim: tuple[BreakerKey, ...],
-                 hedge: bool, retry: bool) -> None:
+                 hedge: bool, retry: bool, continues: tuple[Attempt, Failure] | None = None,
+                 ) -> None:
         self.req = req
         self.slot = slot
         self.index = req.next_index()
@@ -2938,6 +3531,11 @@ class Attempt:
         self.probe = bool(claim)
         self.hedge = hedge  # started beside a running attempt (a hedge or a probe's race)
         self.retried = retry  # the slot's one retry (SPEC section 5)
+        # The committed attempt that broke, and how, when this one continues its answer.
+        self.continues = continues
+        self.prefill: Prefill | None = None
+        self.seam: Seam | None = None
+        self.tokens: tuple[int | None, int | None] = (None, None)  # in, out (see _row)
         self.credential = req.snap.credential(slot.provider)
         self.model_cfg = req.snap.model_cfg(slot)
         timing = req.route.timing
@@ -2973,7 +3571,8 @@ class Attempt:
         except trio.Cancelled:  # the request is torn down around it (client gone, shutdown)
             if self.writing:
                 self.req.reply.abort()
-            self.failure = Failure(self.req.cancel_reason, CANCEL_TEXT[self.req.cancel_reason])
+            reason = self.cancel_reason or self.req.cancel_reason  # a loser stays a loser
+            self.failure = Failure(reason, CANCEL_TEXT[reason])
             raise
         finally:
             self._end()
@@ -3019,7 +3618,7 @@ class Attempt:
     def stop(self, reason: str) -> None:
         """The request ended (the client went away, shutdown): stop now, unless this is
         a probe that lost the race and runs on to its verdict."""
-        if self.detached:
+        if self.detached or self.cancel_reason is not None:  # detached, or already stopped
             return
         self.cancel_reason = reason
         self.scope.cancel(reason=CANCEL_TEXT[reason])
@@ -3059,6 +3658,10 @@ class Attempt:
             f = self._tripwire()
             if f is None and self.st.tokens_in:
                 d.estimator.observe(self.slot.key, req.body_size, self.st.tokens_in)
+        elif self.continues is not None and f.outcome == "bad_request" and prefill_rejected(
+                f.status, f.body, self.prefill.index if self.prefill else None):
+            f.outcome = "prefill_rejected"  # never shown to the client (see Request._in_band)
+            d.cannot_continue(req.snap, self.slot, f.error)
         elif f.outcome == "context_overflow":
             reported = reported_prompt_tokens(f.error)
             window = self.model_cfg.context_window
@@ -3104,6 +3707,7 @@ class Attempt:
             tokens_in, estimated = self.estimate, True
         if tokens_out is None and st.out_chars:
             tokens_out, estimated = math.ceil(st.out_chars / OUTPUT_CHARS_PER_TOKEN), True
+        self.tokens = (tokens_in, tokens_out)
         # A call that produced output may be billed; one that produced none is not.
         cost = cost_usd(self.model_cfg, tokens_in, tokens_out) if t.first is not None else None
         self.req.charge(self, cost)
@@ -3116,7 +3720,8 @@ class Attempt:
             tokens_in=tokens_in, tokens_out=tokens_out, tokens_estimated=estimated,
             cost_usd=cost,
             first_token_deadline_s=self.first_token_s, stall_deadline_s=self.stall_s,
-            hedge=self.hedge, probe=self.probe, **self.req.answer_fields(self))
+            hedge=self.hedge, probe=self.probe, continued=self.continues is not None,
+            **self.req.answer_fields(self))
 
     # -- talking to the upstream -----------------------------------------------
 
@@ -3129,6 +3734,8 @@ class Attempt:
             url, headers, payload = adapter.request(
                 provider.base_url, slot.model, req.body, snap.keys.get(slot.provider),
                 self.model_cfg)
+            if self.continues is not None:
+                payload = self._continuation(provider.kind, payload)
         except Exception as e:  # the request could not be translated: not the upstream's fault
             raise Failure("bad_request", f"failoverd cannot send this request to {slot.key}: "
                                          f"{type(e).__name__}: {e}", status=400) from None
@@ -3148,6 +3755,19 @@ class Attempt:
                                 extensions={"timeout": timeout})
         with snap.pools[slot.provider].lease() as pool:
             await self._call(pool, request, adapter, provider)
+
+    def _continuation(self, kind: str, payload: bytes) -> bytes:
+        """The request as a continuation of what the client has (SPEC section 11)."""
+        assert self.continues is not None
+        assert self.req.relayed is not None
+        broken, relayed = self.continues[0], self.req.relayed
+        tokens_in, tokens_out = broken.tokens
+        payload, self.prefill = continue_payload(kind, self.model_cfg.prefill, payload, relayed,
+                                                 used_tokens=tokens_out)
+        self.seam = Seam(self.prefill, relayed, prior={
+            "prompt_tokens": tokens_in or 0, "completion_tokens": tokens_out or 0,
+            "total_tokens": (tokens_in or 0) + (tokens_out or 0)})
+        return payload
 
     async def _call(self, pool: httpx.AsyncBaseTransport, request: httpx.Request, adapter: Any,
                     provider: ProviderConfig) -> None:
@@ -3239,6 +3859,8 @@ class Attempt:
         failover or an in-band error, never an answer with a hole in it.
         """
         st, t, req = self.st, self.t, self.req
+        if frame is not None and self.seam is not None:
+            frame = self.seam.frame(frame)  # only what follows the text the client has
         if st.progress:
             st.progress = False
             now = trio.current_time()
@@ -3279,6 +3901,8 @@ class Attempt:
         reply = self.req.reply
         rest = None
         if frame is not None:
+            if self.req.relayed is not None and self.continues is None:
+                self.req.relayed.add(frame)
             data = b"data: %b\n\n" % frame
             try:
                 rest = reply.relay_now(data)
@@ -3330,6 +3954,7 @@ class Request:
         self.deadline = self.started + route.timing.total_timeout_s
         self.cancel_reason = "client_disconnected"
         self.nursery: trio.Nursery | None = None
+        self.racing = False  # the race's nursery is open: attempts may still start
         self.changed = trio.Event()  # set (and replaced) whenever an attempt ends or wins
         self.running: list[Attempt] = []
         self.rows = 0  # attempt rows (tries and skips) so far: the next attempt's index
@@ -3354,6 +3979,9 @@ class Request:
         self.status = 200
         self.row_written = False
         self.keep_alive = True  # False: the client pipelined more than we keep
+        # What a streaming client has of the answer, where it may be continued.
+        self.relayed = Relayed(body) if stream and route.timing.continuation else None
+        self.continued = False
         self.budget_skips: list[Slot] = []  # slots out of their day's budget
         # A shadow, or a request that came marked as serving one (SHADOW_HEADER): never
         # sampled, so no shadow ever has a shadow; it marks its own upstream calls.
@@ -3377,13 +4005,18 @@ class Request:
 
     # -- the race --------------------------------------------------------------
 
-    async def run(self) -> None:
+    async def run(self, nursery: trio.Nursery) -> None:
+        """Race the chain, then deliver the reply. Attempts that run beside another (a
+        hedge, a probe's race, a continuation) are started in `nursery`, which the
+        caller keeps open until this returns; the sequential case spawns nothing."""
         self.d.begin(self)
         try:
-            async with trio.open_nursery() as nursery:
-                self.nursery = nursery
+            self.nursery, self.racing = nursery, True
+            try:
                 await self.race()
-                self.stop_others(None)  # settled: nothing else may answer
+            finally:
+                self.racing = False
+            self.stop_others(None)  # settled: nothing else may answer
             await self.deliver()
         except Exception:
             self.status = 500
@@ -3400,18 +4033,36 @@ class Request:
             self.d.shadows.after(self)  # the reply is complete: its shadow may start
 
     async def race(self) -> None:
-        newest = await self.start_next()
+        newest = await self.go(await self.start_next())
         while (self.running or self.failed_over) and not self.settled:
             if self.failed_over:
                 self.failed_over = False
                 if self.winner is None:
-                    newest = await self.start_next() or newest
+                    newest = await self.go(await self.start_next()) or newest
                 continue
             changed = self.changed
             with trio.move_on_at(self.hedge_at(newest)) as timer:
                 await changed.wait()
             if timer.cancelled_caught:
                 newest = await self.hedge(newest) or newest
+
+    async def go(self, a: Attempt | None) -> Attempt | None:
+        """Start `a`. When nothing may run beside it (no other attempt, no hedge, not a
+        probe: the sequential case) it runs in the request's own task, which saves a
+        task and two scheduling rounds per request; otherwise in the nursery."""
+        if a is not None:
+            if len(self.running) == 1 and math.isinf(self.hedge_at(a)):
+                await a.run()
+            else:
+                self.spawn(a)
+        return a
+
+    def spawn(self, a: Attempt) -> None:
+        # A probe may outlive its request (see Attempt.detach): it runs in the daemon's
+        # nursery, everything else in the request's.
+        nursery = self.d.background if a.probe and self.d.background else self.nursery
+        assert nursery is not None
+        nursery.start_soon(a.run)
 
     def hedge_at(self, newest: Attempt | None) -> float:
         """When to start an attempt beside `newest`, if it is still alone and silent: a
@@ -3432,7 +4083,10 @@ class Request:
     async def hedge(self, newest: Attempt) -> Attempt | None:
         self.extra_used = True
         if newest.probe:
-            return await self.start_next(hedge=True)
+            a = await self.start_next(hedge=True)
+            if a is not None:
+                self.spawn(a)
+            return a
         window = self.d.hedges[self.route.name]
         now = trio.current_time()
         if not window.may_hedge(now, self.route.timing.hedge_max_share):
@@ -3440,6 +4094,7 @@ class Request:
         a = await self.start_next(hedge=True)
         if a is not None:
             window.hedge(now)
+            self.spawn(a)
         return a
 
     def claim_win(self, a: Attempt) -> bool:
@@ -3492,10 +4147,11 @@ class Request:
         return None
 
     def may_launch(self) -> bool:
-        return not self.settled and self.winner is None \
+        return not self.settled and self.winner is None and not self.committed \
             and trio.current_time() < self.deadline
 
-    def try_slot(self, slot: Slot, position: int, hedge: bool) -> Attempt | None:
+    def try_slot(self, slot: Slot, position: int, hedge: bool,
+                 continues: tuple[Attempt, Failure] | None = None) -> Attempt | None:
         """Start `slot` now, or write its skip row (skip_reason decides)."""
         d = self.d
         model_cfg = self.snap.model_cfg(slot)
@@ -3512,7 +4168,7 @@ class Request:
             context_window=model_cfg.context_window, min_window=self.min_window,
             throttled=throttled, gate=gate_, over_budget=over_budget))
         if reason is None:
-            return self.launch(slot, hedge=hedge, probe=gate_.probe)
+            return self.launch(slot, hedge=hedge, probe=gate_.probe, continues=continues)
         if reason == "context_window":
             self.context_skips.append((slot, needed, model_cfg.context_window or 0))
         else:
@@ -3527,19 +4183,16 @@ class Request:
         return None
 
     def launch(self, slot: Slot, *, hedge: bool, probe: bool = False, retry: bool = False,
-               claim: tuple[BreakerKey, ...] = ()) -> Attempt:
-        """Claim the slot's half-open probe (if trying it is one) and start the attempt
-        in the same step: the attempt's own `finally` releases what it holds."""
+               claim: tuple[BreakerKey, ...] = (),
+               continues: tuple[Attempt, Failure] | None = None) -> Attempt:
+        """Claim the slot's half-open probe (if trying it is one) and make the attempt in
+        the same step; the caller starts it (go, spawn) before any checkpoint, and the
+        attempt's own `finally` releases what it holds."""
         if probe:
             claim = self.d.health.claim(slot, self.snap.credential(slot.provider))
-        a = Attempt(self, slot, claim=claim, hedge=hedge, retry=retry)
+        a = Attempt(self, slot, claim=claim, hedge=hedge, retry=retry, continues=continues)
         self.running.append(a)
         self.redispatched = self.tripped
-        # A probe may outlive its request (see Attempt.detach): it runs in the daemon's
-        # nursery, everything else in the request's.
-        nursery = self.d.background if a.probe and self.d.background else self.nursery
-        assert nursery is not None
-        nursery.start_soon(a.run)
         return a
 
     async def pause(self, seconds: float) -> bool:
@@ -3576,8 +4229,14 @@ class Request:
 
     def _failed(self, a: Attempt, f: Failure) -> None:
         self.failures.append((a.slot, f))
-        if f.outcome == "client_disconnected" or f.outcome == "bad_request" or (
-                self.committed and self.winner is a):
+        if self.committed:  # only the answer being streamed (or its continuation) decides
+            if a is self.winner or a.continues is not None:
+                self.winner = None
+                if a.continues is None and self._continue(a, f):
+                    return
+                self.verdict = (a, f)
+            return
+        if f.outcome == "client_disconnected" or f.outcome == "bad_request":
             self.verdict = (a, f)
             return
         if self.winner is a:
@@ -3594,6 +4253,38 @@ class Request:
         credential = self.snap.credential(a.slot.provider)
         if wait is not None and self.d.health.blocked_until(a.slot, credential) <= now + wait:
             self.retry_due = (a.slot, wait)
+
+    def _continue(self, a: Attempt, f: Failure) -> bool:
+        """A streamed answer broke after commit: finish it on the next slot that can
+        continue it (SPEC section 11), under that attempt's own deadlines and within
+        what is left of the total. At most once per request."""
+        if not self.racing:  # a probe's task, ending after its request did
+            return False
+        if is_timeout(f):
+            self.timed_out.add(a.slot.provider)
+        slots = self.route.slots
+        start = slots.index(a.slot) + 1 if a.slot in slots else 0
+        for i in range(start, len(slots)):
+            slot = slots[i]
+            blocker = continue_blocker(
+                enabled=self.relayed is not None, outcome=f.outcome, committed=True,
+                relayed=self.relayed or Relayed({}), continued=self.continued,
+                prefill=self.snap.model_cfg(slot).prefill,
+                unable=not self.d.can_continue(self.snap, slot))
+            if blocker is not None:
+                if blocker not in _SLOT_BLOCKERS:
+                    log.info("request %s: not continued: %s", self.request_id, blocker)
+                    return False
+                continue
+            if slot == a.slot or trio.current_time() >= self.deadline:
+                continue
+            if (a2 := self.try_slot(slot, i, hedge=False, continues=(a, f))) is not None:
+                self.spawn(a2)
+                self.continued = True
+                log.info("request %s: %s broke after commit (%s); continuing the answer on %s",
+                         self.request_id, a.slot.key, f.outcome, slot.key)
+                return True
+        return False
 
     # -- the reply -------------------------------------------------------------
 
@@ -3613,6 +4304,9 @@ class Request:
         headers = [*self.headers(a.slot), ("content-type", "text/event-stream"),
                    ("cache-control", "no-cache")]
         first = b"".join(b"data: " + f + b"\n\n" for f in pending)
+        if self.relayed is not None:
+            for frame in pending:
+                self.relayed.add(frame)
         try:
             await self.reply.start(200, headers, first)
         except ClientGone:
@@ -3651,10 +4345,15 @@ class Request:
                                  body, self.finish)
 
     async def _in_band(self, a: Attempt, f: Failure) -> None:
-        """After commit: one error event, no [DONE], so OpenAI clients raise."""
-        self.status = failure_status(f)
-        self.served_by = a.slot
-        body = self.error(f"upstream {a.slot.key} failed mid-stream: {f.outcome} ({f.error})", f)
+        """After commit: one error event, no [DONE], so OpenAI clients raise. It names
+        the failure that broke the answer, also when its continuation failed too."""
+        broken, why = a.continues or (a, f)
+        self.status = failure_status(why)
+        self.served_by = broken.slot
+        message = f"upstream {broken.slot.key} failed mid-stream: {why.outcome} ({why.error})"
+        if a.continues is not None:
+            message += f"; continuing the answer on {a.slot.key} failed too: {f.outcome}"
+        body = self.error(message, why)
         await self.reply.finish(b"data: " + _json_encode(body) + b"\n\n", self.finish)
 
     async def _pass_through(self, a: Attempt, f: Failure) -> None:
@@ -3790,7 +4489,7 @@ class Request:
             ttft_ms=_ms(self.client_ttft), status=self.status, stream=self.stream,
             client_pid=self.peer.pid, client_uid=self.peer.uid,
             total_timeout_s=timing.total_timeout_s,
-            client_cliff_s=self.snap.cfg.daemon.client_cliff_s,
+            client_cliff_s=self.snap.cfg.daemon.client_cliff_s, continued=self.continued,
         ))
 
     def describe(self, now: float) -> dict[str, Any]:
@@ -3861,12 +4560,13 @@ class ShadowRequest(Request):
             is not None else math.ceil(st.out_chars / OUTPUT_CHARS_PER_TOKEN) or None
         self.reserved, self.reserved_day = 0.0, ""
 
-    async def run(self) -> None:
+    async def run(self, nursery: trio.Nursery) -> None:
+        """The race alone: no request in flight, no reply, no request row."""
+        self.nursery, self.racing = nursery, True
         try:
-            async with trio.open_nursery() as nursery:
-                self.nursery = nursery
-                await self.race()
+            await self.race()
         finally:
+            self.racing = False
             for a in list(self.running):  # a probe runs in the daemon's nursery
                 a.stop(self.cancel_reason)
 
@@ -3878,7 +4578,8 @@ class ShadowRequest(Request):
         self.cursor = 1
         return self.try_slot(self.route.slots[0], 0, hedge)
 
-    def try_slot(self, slot: Slot, position: int, hedge: bool) -> Attempt | None:
+    def try_slot(self, slot: Slot, position: int, hedge: bool,
+                 continues: tuple[Attempt, Failure] | None = None) -> Attempt | None:
         """Start the shadow, or write its skip row: the estimated cost must fit what is
         left of the budget today, and the shadow's own breaker must let it through."""
         d = self.d
@@ -3982,7 +4683,8 @@ class Shadows:
     async def _run(self, sreq: ShadowRequest) -> None:
         try:
             with sreq.scope:
-                await sreq.run()
+                async with trio.open_nursery() as nursery:
+                    await sreq.run(nursery)
         finally:
             self.running.discard(sreq)
             self.d.release(sreq.snap)
@@ -4300,13 +5002,26 @@ async def _handle_request(
                       {"status": "draining" if d.draining else "ok"})
     elif path == b"/status" and method == b"GET":
         await _simple(reply, 200, d.status())
-    elif path in (b"/v1/chat/completions", b"/v1/models", b"/healthz", b"/status"):
+    elif path == b"/metrics" and method == b"GET":
+        await _metrics(d, reply)
+    elif path in (b"/v1/chat/completions", b"/v1/models", b"/healthz", b"/status", b"/metrics"):
         await _client_error(reply, 405, f"{method.decode()} is not allowed on {path.decode()}",
                             code="method_not_allowed")
     else:
         await _client_error(reply, 404, f"no such endpoint {path.decode('latin-1')}; failoverd "
-                            "serves POST /v1/chat/completions, GET /v1/models, /healthz, /status",
-                            code="not_found")
+                            "serves POST /v1/chat/completions, GET /v1/models, /healthz, /status, "
+                            "/metrics", code="not_found")
+
+
+async def _metrics(d: Daemon, reply: H11Reply) -> None:
+    """Prometheus text exposition (format 0.0.4)."""
+    if d.metrics is None:
+        await _client_error(reply, 404, f"metrics are off in this daemon ({METRICS_ENV}=off in "
+                            "its environment)", code="not_found")
+        return
+    with contextlib.suppress(ClientGone):
+        await reply.start(200, [("content-type", d.metrics.content_type)],
+                          d.metrics.exposition(), final=True)
 
 
 async def _chat(
@@ -4354,7 +5069,7 @@ async def _chat(
     with trio.CancelScope() as req_scope:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_watch_client, conn, stream, req, req_scope)
-            await req.run()
+            await req.run(nursery)
             nursery.cancel_scope.cancel()
     if not req.keep_alive:
         reply.abort()  # pipelined bytes were dropped: this connection cannot go on
@@ -4367,7 +5082,8 @@ async def _shed(d: Daemon, reply: H11Reply, route: Route, body: dict[str, Any],
     d.ledger.write(RequestRow(
         ts=utc_timestamp(), request_id=_secrets.token_hex(8), route=route.name, outcome="error",
         served_by=None, attempts=0, total_ms=0.0, ttft_ms=None, status=503,
-        stream=body.get("stream") is True, client_pid=peer.pid, client_uid=peer.uid))
+        stream=body.get("stream") is True, client_pid=peer.pid, client_uid=peer.uid,
+        total_timeout_s=route.timing.total_timeout_s, client_cliff_s=d.cfg.daemon.client_cliff_s))
     error = error_body(f"failoverd is overloaded (event loop {d.loop_lag * 1000:.0f} ms late, "
                        f"limit daemon.shed_lag_s = {d.cfg.daemon.shed_lag_s:g} s); retry shortly",
                        type_="failoverd_error", code="overloaded")
@@ -4839,6 +5555,189 @@ async def play_script(script: Script) -> AsyncIterator[bytes]:
             yield script_bytes(step)
 
 
+# A prefill a ContinuingModel refuses, with the error text a real server of that shape
+# sends (see _PREFILL_REJECTED for where each comes from).
+_FAKE_REJECTIONS = {
+    "anthropic": (400, {"type": "error", "error": {
+        "type": "invalid_request_error",
+        "message": "This model does not support assistant message prefill. The conversation "
+                   "must end with a user message."}}),
+    "anthropic_whitespace": (400, {"type": "error", "error": {
+        "type": "invalid_request_error",
+        "message": "messages: final assistant content cannot end with trailing whitespace"}}),
+    "trailing": (400, {"error": {
+        "message": "Expected last role User or Tool (or Assistant with prefix True) for serving"
+                   " but got assistant", "type": "invalid_request_error", "param": None,
+        "code": "3230"}}),
+    "prefix": (400, {"error": {
+        "message": "'messages.1' : for 'role:assistant' the following must be satisfied"
+                   "[('messages.1' : property 'prefix' is unsupported, did you mean 'name'?)]",
+        "type": "invalid_request_error", "param": None, "code": None}}),
+    "vllm": (400, {"error": {
+        "message": "Unrecognized request argument supplied: add_generation_prompt, "
+                   "continue_final_message", "type": "invalid_request_error", "param": None,
+        "code": None}}),
+}
+
+
+def _fake_event(name: str, data: dict[str, Any]) -> tuple[Any, ...]:
+    return ("raw", f"event: {name}\ndata: {_json_encode(data).decode()}\n\n".encode())
+
+
+def _rest(parts: list[str], done: str) -> list[str]:
+    """The pieces of `parts` after the text `done` (where they begin): the first may be
+    the tail of the piece the text ends in, as when a model continues mid-token."""
+    out, at = [], 0
+    for part in parts:
+        end = at + len(part)
+        if end > len(done):
+            out.append(part[max(0, len(done) - at):])
+        at = end
+    return out
+
+
+class ContinuingModel:
+    """A scripted model that knows one canonical answer and really continues it.
+
+    Callable as FakeUpstream's `scripts(model, body, n)` (the tests' MockUpstreams
+    takes it as a key's script too). A request that ends in a user message gets the
+    answer from the start: `reasoning` pieces, then `parts` (with `cut_after = N`, only
+    the first N pieces, then the stream breaks as `breaks` says: "close", "hang",
+    "error" event or "garbage" data). A request whose final assistant message is a
+    prefill in the shape `prefill` names gets the rest of the answer after that text:
+    - "trailing": any final assistant message; "prefix": only with "prefix": true, its
+      reasoning_content continued (a final assistant message without it: Mistral's 400);
+    - "vllm": only with continue_final_message true and add_generation_prompt false
+      (without, vLLM answers a new turn after it: the answer again from the start);
+    - kind "anthropic" (Messages SSE): a final assistant message, refused with the
+      API's 400 when it ends in whitespace.
+    A prefill that is not where the canonical answer begins gets a 500 naming both (a
+    test or the shaping got it wrong). `rejects`: every prefill gets a realistic 400.
+    """
+
+    def __init__(
+        self, parts: Iterable[str], *, reasoning: Iterable[str] = (), prefill: str = "trailing",
+        kind: str = "openai", cut_after: int | None = None, breaks: str = "close",
+        rejects: bool = False, gap: float = 0.0, model: str = "sim-1",
+    ) -> None:
+        self.parts, self.reasoning = list(parts), list(reasoning)
+        self.prefill, self.kind, self.rejects = prefill, kind, rejects
+        self.cut_after, self.breaks = cut_after, breaks
+        self.gap, self.model = gap, model
+
+    @property
+    def answer(self) -> str:
+        return "".join(self.parts)
+
+    def __call__(self, model: str, body: dict[str, Any], n: int) -> Script:
+        messages = body.get("messages") or [{}]
+        last = messages[-1] if isinstance(messages[-1], dict) else {}
+        if last.get("role") != "assistant":
+            return self._stream(self.reasoning, self.parts, self.cut_after)
+        content = last.get("content") if isinstance(last.get("content"), str) else ""
+        refusal = self._refusal(body, last, content)
+        if refusal is not None:
+            status, error = _FAKE_REJECTIONS[refusal]
+            return [("respond", status, {}, _json_encode(error))]
+        if self.kind == "openai" and self.prefill == "vllm" and not (
+                body.get("continue_final_message") is True
+                and body.get("add_generation_prompt") is False):
+            return self._stream(self.reasoning, self.parts, None)
+        reasoning = last.get("reasoning_content") if self.prefill == "prefix" else ""
+        return self._continue(content, reasoning if isinstance(reasoning, str) else "")
+
+    def _refusal(self, body: dict[str, Any], last: dict[str, Any], content: str) -> str | None:
+        """Which of _FAKE_REJECTIONS this request's prefill gets, if any."""
+        if self.kind == "anthropic":
+            if self.rejects:
+                return "anthropic"
+            return "anthropic_whitespace" if content != content.rstrip() else None
+        if self.rejects:
+            return self.prefill
+        if self.prefill == "prefix" and last.get("prefix") is not True:
+            return "trailing"  # Mistral: a final assistant message needs prefix: true
+        return None
+
+    def _continue(self, content: str, reasoning: str) -> Script:
+        canonical_reasoning = "".join(self.reasoning)
+        if not self.answer.startswith(content) or not canonical_reasoning.startswith(reasoning):
+            message = (f"fake upstream: the prefill {content!r} (reasoning {reasoning!r}) is not "
+                       f"where the canonical answer {self.answer!r} begins")
+            return [("respond", 500, {}, _json_encode({"error": {"message": message}}))]
+        if content:  # the answer had begun: no more thinking
+            return self._stream([], _rest(self.parts, content), None)
+        return self._stream(_rest(self.reasoning, reasoning), self.parts, None)
+
+    def _stream(self, reasoning: list[str], parts: list[str], cut: int | None) -> Script:
+        pieces = [("reasoning", r) for r in reasoning] + [("content", p) for p in parts]
+        whole = cut is None or cut >= len(pieces)
+        pieces = pieces[:cut]
+        events = (self._anthropic if self.kind == "anthropic" else self._openai)(pieces, whole)
+        steps: Script = [("head", 200, {})]
+        for event in events:
+            if event[0] == "piece" and self.gap:
+                steps.append(("sleep", self.gap))
+            steps.append(event[1] if event[0] == "piece" else event)
+        if not whole:
+            steps += self._break()
+        return steps
+
+    def _openai(self, pieces: list[tuple[str, str]], whole: bool) -> Script:
+        role = sse_chunk(role="assistant", content="", model=self.model)
+        steps: Script = [("sse", role)]
+        for channel, text in pieces:
+            chunk = sse_chunk(model=self.model)
+            chunk["choices"][0]["delta"] = {
+                "reasoning_content" if channel == "reasoning" else "content": text}
+            steps.append(("piece", ("sse", chunk)))
+        if whole:
+            steps += [("sse", sse_chunk(finish="stop", model=self.model)),
+                      ("sse", sse_chunk(model=self.model, choices=False,
+                                        usage=(12, len(pieces)))),
+                      ("sse", "[DONE]")]
+        return steps
+
+    def _anthropic(self, pieces: list[tuple[str, str]], whole: bool) -> Script:
+        steps: Script = [_fake_event("message_start", {"type": "message_start", "message": {
+            "id": "msg_sim", "model": self.model, "usage": {"input_tokens": 12}}})]
+        block, index = None, -1
+        for channel, text in pieces:
+            kind = "thinking" if channel == "reasoning" else "text"
+            if block != kind:
+                if block is not None:
+                    steps.append(_fake_event("content_block_stop", {
+                        "type": "content_block_stop", "index": index}))
+                block, index = kind, index + 1
+                steps.append(_fake_event("content_block_start", {
+                    "type": "content_block_start", "index": index,
+                    "content_block": {"type": kind, kind: ""}}))
+            steps.append(("piece", _fake_event("content_block_delta", {
+                "type": "content_block_delta", "index": index,
+                "delta": {"type": f"{kind}_delta", kind: text}})))
+        if whole:
+            if block is not None:
+                steps.append(_fake_event("content_block_stop", {
+                    "type": "content_block_stop", "index": index}))
+            steps += [
+                _fake_event("message_delta", {"type": "message_delta", "delta": {
+                    "stop_reason": "end_turn"}, "usage": {"output_tokens": len(pieces)}}),
+                _fake_event("message_stop", {"type": "message_stop"})]
+        return steps
+
+    def _break(self) -> Script:
+        if self.breaks == "hang":
+            return [("hang",)]
+        if self.breaks == "garbage":
+            return [("raw", b"data: {not json\n\n"), ("close",)]
+        if self.breaks == "error":
+            if self.kind == "anthropic":
+                return [_fake_event("error", {"type": "error", "error": {
+                    "type": "overloaded_error", "message": "Overloaded"}}), ("close",)]
+            return [("sse", {"error": {"message": "Internal error", "type": "server_error"}}),
+                    ("close",)]
+        return [("close",)]
+
+
 DEMO_FIRST_TOKEN_S = 1.5
 
 
@@ -4977,27 +5876,54 @@ def _config_path(path: str | None) -> str:
     return path or os.environ.get("FAILOVERD_CONFIG") or DEFAULT_CONFIG_PATH
 
 
-def _setup_logging(verbose: bool) -> None:
-    # Under systemd, journald reads "<N>" priority prefixes from stderr.
-    prefix = "%(levelno)s" if os.environ.get("JOURNAL_STREAM") else ""
+def _stderr_is_journal() -> bool:
+    """systemd sets JOURNAL_STREAM to the device:inode of the stderr it connected to
+    journald; a stderr redirected since (by a shell started from a service) is not."""
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return bool(stream) and stream == f"{st.st_dev}:{st.st_ino}"
+
+
+def _setup_logging(verbose: bool, fmt: str = "text") -> None:
+    """journald gets "<N>" priority prefixes and no timestamp (it keeps its own);
+    anywhere else each line starts with the local time. `fmt="json"` makes each line
+    one JSON object for log shippers (still priority-prefixed for journald)."""
     handler = logging.StreamHandler(sys.stderr)
-    if prefix:
-        handler.addFilter(_JournalPriority())
-        handler.setFormatter(logging.Formatter("<%(priority)d>%(message)s"))
-    else:
-        handler.setFormatter(logging.Formatter("failoverd %(levelname)s: %(message)s"))
+    handler.setFormatter(_LogFormatter(json=fmt == "json", journal=_stderr_is_journal()))
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO if verbose else logging.WARNING)
     log.propagate = False
 
 
-class _JournalPriority(logging.Filter):
-    LEVELS = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
-              logging.CRITICAL: 2}
+class _LogFormatter(logging.Formatter):
+    # journald's priorities (syslog's levels) for Python's.
+    PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+                  logging.CRITICAL: 2}
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.priority = self.LEVELS.get(record.levelno, 6)
-        return True
+    def __init__(self, *, json: bool, journal: bool) -> None:
+        super().__init__()
+        self.json, self.journal = json, journal
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.exc_info:
+            message += "\n" + self.formatException(record.exc_info)
+        if self.json:
+            text = msgspec.json.encode({"ts": utc_timestamp(record.created),
+                                        "level": record.levelname.lower(),
+                                        "logger": record.name, "msg": message}).decode()
+        elif self.journal:
+            text = message
+        else:
+            t = _dt.datetime.fromtimestamp(record.created).astimezone()
+            text = (f"{t.isoformat(timespec='milliseconds')} failoverd "
+                    f"{record.levelname}: {message}")
+        if self.journal:
+            return f"<{self.PRIORITIES.get(record.levelno, 6)}>{text}"
+        return text
 
 
 def _load_or_exit(path: str) -> Config:
@@ -5018,9 +5944,11 @@ def cli() -> None:
 @click.option("--config", "config_path", help="Config file [default: $FAILOVERD_CONFIG or "
               f"{DEFAULT_CONFIG_PATH}]")
 @click.option("--quiet", is_flag=True, help="Log warnings and errors only (no per-failure lines).")
-def serve_cmd(config_path: str | None, quiet: bool) -> None:
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
+              show_default=True, help="json: one JSON object per log line, for log shippers.")
+def serve_cmd(config_path: str | None, quiet: bool, log_format: str) -> None:
     """Run the daemon in the foreground (systemd Type=notify)."""
-    _setup_logging(verbose=not quiet)
+    _setup_logging(verbose=not quiet, fmt=log_format)
     path = _config_path(config_path)
     cfg = _load_or_exit(path)
     try:
@@ -5062,9 +5990,18 @@ def _fmt_ms(v: float | None) -> str:
     return "-" if v is None else f"{v:.0f}ms"
 
 
+def local_time(ts: str) -> str:
+    """A row's `ts` (UTC) in the local zone, with the zone: 2026-01-02 04:04:05.678 CET."""
+    try:
+        t = _dt.datetime.fromisoformat(ts).astimezone()
+    except ValueError:
+        return ts
+    return f"{t:%Y-%m-%d %H:%M:%S}.{t.microsecond // 1000:03d} {t:%Z}"
+
+
 def format_row(row: LedgerRow) -> str:
     """One human-readable line for `failoverd tail`."""
-    ts = row.ts[11:23] if len(row.ts) >= 23 else row.ts
+    ts = local_time(row.ts)
     if isinstance(row, AttemptRow):
         what = row.outcome if row.outcome != "skipped" else f"skipped:{row.skip_reason}"
         line = (f"{ts} attempt {row.request_id} {row.route} #{row.attempt} "
@@ -5090,7 +6027,7 @@ def format_row(row: LedgerRow) -> str:
                 f"served_by={row.served_by or '-'} attempts={row.attempts} "
                 f"ttft={_fmt_ms(row.ttft_ms)} total={_fmt_ms(row.total_ms)}")
     return (f"{ts} breaker {row.scope} {row.key} {row.from_} -> {row.to} -- {row.reason}"
-            + (f" (open until {row.open_until})" if row.open_until else ""))
+            + (f" (open until {local_time(row.open_until)})" if row.open_until else ""))
 
 
 def _default_ledger() -> str:
@@ -5101,20 +6038,57 @@ def _default_ledger() -> str:
 
 @cli.command("tail")
 @click.argument("ledger", required=False)
-@click.option("-f", "--follow", is_flag=True, help="Keep printing rows as they are appended.")
+@click.option("-n", "--lines", default=10, show_default=True, type=click.IntRange(min=0),
+              help="Print the last N rows (that match the filters) first; 0 prints none, so "
+              "`-n 0 -f` shows only new rows.")
+@click.option("-f", "--follow", is_flag=True,
+              help="Then keep printing rows as they are appended, across log rotation.")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON rows.")
-@click.option("-n", "--lines", default=0, help="Only the last N rows (0 = all).")
-def tail_cmd(ledger: str | None, follow: bool, as_json: bool, lines: int) -> None:
-    """Print ledger rows (human-readable by default)."""
+@click.option("--route", "routes", multiple=True, help="Only rows of this route (repeatable).")
+@click.option("--outcome", "outcomes", multiple=True,
+              help="Only attempts or requests with this outcome: ok, error, first_token_timeout, "
+              "..., skipped, or a skip reason such as breaker_open (repeatable).")
+@click.option("--request-id", "request_ids", multiple=True,
+              help="Only the rows of this request (repeatable).")
+def tail_cmd(ledger: str | None, lines: int, follow: bool, as_json: bool,
+             routes: tuple[str, ...], outcomes: tuple[str, ...],
+             request_ids: tuple[str, ...]) -> None:
+    """Print the last rows of the ledger, like tail(1): human-readable (local time) by
+    default. With a filter, breaker rows are left out (they belong to no request)."""
     path = ledger or _default_ledger()
+    wanted = row_filter(routes, outcomes, request_ids)
     try:
-        _tail(path, follow, as_json, lines)
+        _tail(path, lines, follow, lambda line, row: click.echo(
+            line.decode() if as_json else format_row(row)), wanted)
     except FileNotFoundError:
         click.echo(f"failoverd: no ledger at {path}; pass its path or check daemon.ledger",
                    err=True)
         sys.exit(1)
+    except IsADirectoryError:
+        click.echo(f"failoverd: {path} is a directory; pass the ledger file", err=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         pass
+
+
+def row_filter(routes: Iterable[str], outcomes: Iterable[str], request_ids: Iterable[str]
+               ) -> Callable[[LedgerRow], bool] | None:
+    """`tail`'s filters as one predicate (None: every row); all given filters must match."""
+    routes, outcomes, request_ids = set(routes), set(outcomes), set(request_ids)
+    if not (routes or outcomes or request_ids):
+        return None
+
+    def wanted(row: LedgerRow) -> bool:
+        if isinstance(row, BreakerRow):
+            return False
+        if routes and row.route not in routes:
+            return False
+        if request_ids and row.request_id not in request_ids:
+            return False
+        skip = row.skip_reason if isinstance(row, AttemptRow) else None
+        return not outcomes or row.outcome in outcomes or skip in outcomes
+
+    return wanted
 
 
 def _decoded(line: bytes, decoder: msgspec.json.Decoder) -> tuple[bytes, LedgerRow] | None:
@@ -5125,40 +6099,105 @@ def _decoded(line: bytes, decoder: msgspec.json.Decoder) -> tuple[bytes, LedgerR
         return None  # a torn or foreign line
 
 
-def _print_row(line: bytes, row: LedgerRow, as_json: bool) -> None:
-    click.echo(line.decode() if as_json else format_row(row))
+# `tail` reads the ledger backwards in blocks of this size.
+TAIL_BLOCK = 64 * 1024
+# How often `tail -f` looks for new rows and for rotation (tail(1)'s default is 1 s).
+TAIL_POLL_S = 0.25
+
+Emit = Callable[[bytes, LedgerRow], None]
 
 
-def _tail(path: str, follow: bool, as_json: bool, last: int) -> None:
+def _after_last_newline(f: Any, end: int) -> int:
+    """The offset just past the last newline before `end` (0 if there is none)."""
+    pos = end
+    while pos > 0:
+        size = min(TAIL_BLOCK, pos)
+        pos -= size
+        f.seek(pos)
+        i = f.read(size).rfind(b"\n")
+        if i >= 0:
+            return pos + i + 1
+    return 0
+
+
+def last_rows(f: Any, end: int, count: int, wanted: Callable[[LedgerRow], bool] | None
+              ) -> list[tuple[bytes, LedgerRow]]:
+    """The last `count` rows that decode and are `wanted` among the whole lines before
+    offset `end`, read backwards block by block: time and memory grow with what is
+    printed (and skipped by a filter), not with the size of the file."""
     decoder = msgspec.json.Decoder(LedgerRow)
+    found: list[tuple[bytes, LedgerRow]] = []
+    pos, carry = end, b""
+    while pos > 0 and len(found) < count:
+        size = min(TAIL_BLOCK, pos)
+        pos -= size
+        f.seek(pos)
+        lines = (f.read(size) + carry).split(b"\n")
+        carry = lines.pop(0) if pos > 0 else b""  # may start mid-line: finish it next block
+        for line in reversed(lines):
+            if len(found) >= count:
+                break
+            decoded = _decoded(line, decoder) if line.strip() else None
+            if decoded is not None and (wanted is None or wanted(decoded[1])):
+                found.append(decoded)
+    return found[::-1]
+
+
+def _tail(path: str, count: int, follow: bool, emit: Emit,
+          wanted: Callable[[LedgerRow], bool] | None = None) -> None:
     with open(path, "rb") as f:
-        rows = [r for r in (_decoded(line, decoder) for line in f) if r is not None]
-        for line, row in rows[-last:] if last else rows:
-            _print_row(line, row, as_json)
-        if not follow:
-            return
-        inode, partial = os.fstat(f.fileno()).st_ino, b""
+        # Rows end with a newline; what follows the last one is a row being written
+        # (or one torn by a crash): -f picks it up from there once it is whole.
+        whole = _after_last_newline(f, os.fstat(f.fileno()).st_size)
+        for line, row in last_rows(f, whole, count, wanted):
+            emit(line, row)
+        if follow:
+            f.seek(whole)
+            _follow(path, f, b"", emit, wanted)
+
+
+def _follow(path: str, f: Any, partial: bytes, emit: Emit,
+            wanted: Callable[[LedgerRow], bool] | None) -> None:
+    """Print rows as they are appended; after rotation, finish the old file, then read
+    the new one from its start (like `tail -F`)."""
+    decoder = msgspec.json.Decoder(LedgerRow)
+
+    def drain(partial: bytes) -> bytes:
+        while chunk := f.read():
+            *complete, partial = (partial + chunk).split(b"\n")
+            for decoded in (_decoded(line, decoder) for line in complete if line.strip()):
+                if decoded is not None and (wanted is None or wanted(decoded[1])):
+                    emit(*decoded)
+        return partial
+
+    inode = os.fstat(f.fileno()).st_ino
+    try:
         while True:
-            chunk = f.read()
-            if chunk:
-                *complete, partial = (partial + chunk).split(b"\n")
-                for decoded in (_decoded(line, decoder) for line in complete):
-                    if decoded is not None:
-                        _print_row(*decoded, as_json)
-                continue
-            time.sleep(0.25)
-            with contextlib.suppress(FileNotFoundError):
+            partial = drain(partial)
+            time.sleep(TAIL_POLL_S)
+            try:
                 st = os.stat(path)
-                if st.st_ino != inode or st.st_size < f.tell():  # rotated or truncated
-                    f.close()
-                    f = open(path, "rb")  # noqa: SIM115 -- kept open across iterations
-                    inode, partial = st.st_ino, b""
+            except FileNotFoundError:
+                continue  # rotated away; the new file is not there yet
+            if st.st_ino != inode:
+                partial = drain(partial)  # what was written to the old file meanwhile
+                f.close()
+                f = open(path, "rb")  # noqa: SIM115 -- kept open across iterations
+                inode, partial = os.fstat(f.fileno()).st_ino, b""
+            elif st.st_size < f.tell():  # truncated in place (copytruncate)
+                f.seek(0)
+                partial = b""
+    finally:
+        f.close()
 
 
-# Outcomes that mean the upstream hung (no meaningful output in time).
-HANG_OUTCOMES = frozenset({"first_token_timeout", "stall_timeout"})
-# Outcomes that are no fault of the slot: a failover from them is not counted.
-NOT_FAILOVERS = frozenset({"ok", "skipped", "bad_request", "client_disconnected", "shutdown"})
+# Outcomes that mean the upstream hung: no meaningful output before a deadline fired.
+HANG_OUTCOMES = frozenset({"first_token_timeout", "stall_timeout", "total_timeout"})
+PERCENTILES = (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))
+# Request rows written before they carried total_timeout_s and client_cliff_s are held
+# to the built-in defaults: `audit` marks every figure that rests on them as assumed.
+ASSUMED_TOTAL_S = Timing().total_timeout_s
+ASSUMED_CLIFF_S = DaemonConfig().client_cliff_s
 
 
 def percentile(values: list[float], p: float) -> float | None:
@@ -5169,77 +6208,422 @@ def percentile(values: list[float], p: float) -> float | None:
     return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
 
 
-def audit(rows: Iterable[LedgerRow], cliff_s: float, since_epoch: float | None = None
-          ) -> list[dict[str, Any]]:
-    """Per model: volume, success, latency and TTFT percentiles, hangs, failovers, cost,
-    and the margin between the slowest request it served and the client's cliff."""
-    stats: dict[str, dict[str, Any]] = {}
-    served_worst: dict[str, float] = {}
-    for row in rows:
-        if since_epoch is not None and _dt.datetime.fromisoformat(row.ts).timestamp() < since_epoch:
-            continue
-        if isinstance(row, RequestRow) and row.served_by:
-            served_worst[row.served_by] = max(served_worst.get(row.served_by, 0.0), row.total_ms)
-        if not isinstance(row, AttemptRow) or row.outcome == "skipped" or row.shadow:
-            continue  # shadows have their own report (shadow_report)
-        s = stats.setdefault(f"{row.provider}/{row.model}", {
-            "n": 0, "ok": 0, "latency": [], "ttft": [], "hangs": 0, "failovers": 0, "cost": 0.0})
-        s["n"] += 1
-        s["ok"] += row.outcome == "ok"
-        s["hangs"] += row.outcome in HANG_OUTCOMES
-        s["failovers"] += row.outcome not in NOT_FAILOVERS and not row.committed
-        s["cost"] += row.cost_usd or 0.0
-        if row.outcome == "ok" and row.latency_ms is not None:
-            s["latency"].append(row.latency_ms)
+def distribution(values: Iterable[float]) -> dict[str, Any]:
+    """n and nearest-rank p50/p90/p99/max (None when there is no sample), rounded to ms."""
+    ordered = sorted(values)
+    out: dict[str, Any] = {"n": len(ordered)}
+    for name, p in PERCENTILES:
+        out[name] = round(ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)], 3) \
+            if ordered else None
+    return out
+
+
+def silent_s(row: AttemptRow) -> float:
+    """The longest time an attempt went without meaningful output: to its first token
+    (all of it when none came), the longest gap after, or the stall that ended it."""
+    if row.ttft_ms is None:
+        return (row.latency_ms or 0.0) / 1000
+    gap = max(row.ttft_ms, row.max_gap_ms or 0.0) / 1000
+    if row.outcome == "stall_timeout" and row.stall_deadline_s is not None:
+        gap = max(gap, row.stall_deadline_s)
+    return gap
+
+
+class _Margins:
+    """How close the slowest of a set of requests came to its total_timeout_s and to
+    the cliff, each request against the values in its own row."""
+
+    __slots__ = ("n", "slowest", "to_total", "to_cliff", "assumed")
+
+    def __init__(self) -> None:
+        self.n = self.assumed = 0
+        self.slowest = 0.0
+        self.to_total = self.to_cliff = math.inf
+
+    def add(self, row: RequestRow, total_s: float, assume_total: float, assume_cliff: float,
+            ) -> None:
+        self.n += 1
+        if row.total_timeout_s is None or row.client_cliff_s is None:
+            self.assumed += 1
+        limit = assume_total if row.total_timeout_s is None else row.total_timeout_s
+        cliff = assume_cliff if row.client_cliff_s is None else row.client_cliff_s
+        self.slowest = max(self.slowest, total_s)
+        self.to_total = min(self.to_total, limit - total_s)
+        self.to_cliff = min(self.to_cliff, cliff - total_s)
+
+    def report(self) -> dict[str, Any]:
+        if not self.n:
+            return {"requests": 0, "slowest_s": None, "margin_to_total_s": None,
+                    "margin_to_cliff_s": None, "assumed": 0}
+        return {"requests": self.n, "slowest_s": round(self.slowest, 3),
+                "margin_to_total_s": round(self.to_total, 3),
+                "margin_to_cliff_s": round(self.to_cliff, 3), "assumed": self.assumed}
+
+
+class _SlotAudit:
+    __slots__ = ("position", "n", "ok", "skipped", "hangs", "long_waits", "failovers",
+                 "retries", "hedges_lost", "held_s", "cost", "failed_cost", "latency", "ttft",
+                 "served", "points")
+
+    def __init__(self, position: int) -> None:
+        self.position = position  # the lowest attempt index seen: its place in the chain
+        self.n = self.ok = self.skipped = self.hangs = self.long_waits = 0
+        self.failovers = self.retries = self.hedges_lost = 0
+        self.held_s = self.cost = self.failed_cost = 0.0
+        self.latency: list[float] = []
+        self.ttft: list[float] = []
+        self.served = _Margins()
+        self.points: list[tuple[float, float, str]] = []  # (unix time, latency s, outcome)
+
+    def report(self, key: str) -> dict[str, Any]:
+        n = self.n
+        decided = n - self.hedges_lost  # a race lost says nothing of the slot's success
+        return {
+            "model": key, "position": self.position, "n": n, "skipped": self.skipped,
+            "success_pct": round(100 * self.ok / decided, 1) if decided else None,
+            "hangs": self.hangs, "hangs_over_threshold": self.long_waits,
+            "hedges_lost": self.hedges_lost,
+            "latency_s": distribution(self.latency), "ttft_s": distribution(self.ttft),
+            "failed_held_s": round(self.held_s, 3), "failovers": self.failovers,
+            "retries": self.retries, "cost_usd": round(self.cost, 6),
+            "failed_cost_usd": round(self.failed_cost, 6), "served": self.served.report(),
+        }
+
+
+class _Trend:
+    """One --by bucket of a route."""
+
+    __slots__ = ("requests", "ok", "latency", "margins", "hangs", "failovers", "cost")
+
+    def __init__(self) -> None:
+        self.requests = self.ok = self.hangs = self.failovers = 0
+        self.cost = 0.0
+        self.latency: list[float] = []
+        self.margins = _Margins()
+
+    def report(self, bucket: str) -> dict[str, Any]:
+        return {"bucket": bucket, "requests": self.requests,
+                "success_pct": round(100 * self.ok / self.requests, 1) if self.requests else None,
+                "latency_s": distribution(self.latency), **self.margins.report(),
+                "hangs": self.hangs, "failovers": self.failovers, "cost_usd": round(self.cost, 6)}
+
+
+class _RouteAudit:
+    __slots__ = ("requests", "ok", "latency", "margins", "slots", "trend", "total_s", "cliff_s")
+
+    def __init__(self) -> None:
+        self.requests = self.ok = 0
+        self.latency: list[float] = []
+        self.margins = _Margins()
+        self.slots: dict[str, _SlotAudit] = {}
+        self.trend: dict[str, _Trend] = {}
+        self.total_s: float | None = None  # the latest total_timeout_s seen in its rows
+        self.cliff_s: float | None = None
+
+
+class Audit:
+    """`failoverd audit` as data: `add()` every row (files oldest first, as written),
+    then `report()`. Pure: no I/O and no clock; the caller gives `since_ts` (a row `ts`
+    to compare with) and the zone that --by buckets are cut in (None: local)."""
+
+    def __init__(self, *, since_ts: str | None = None, hang_threshold_s: float = 120.0,
+                 by: str | None = None, tz: _dt.tzinfo | None = None,
+                 assume_total_s: float = ASSUMED_TOTAL_S,
+                 assume_cliff_s: float = ASSUMED_CLIFF_S, points: bool = False) -> None:
+        self.since_ts = since_ts
+        self.hang_threshold_s = hang_threshold_s
+        self.by = by
+        self.tz = tz
+        self.assume_total_s, self.assume_cliff_s = assume_total_s, assume_cliff_s
+        self.keep_points = points
+        self.rows = self.skipped_rows = self.unreadable = 0
+        self.routes: dict[str, _RouteAudit] = {}
+        self.compared: list[AttemptRow] = []  # shadows and the sampled answers they shadow
+        # The last attempt of each request still open: (slot, failed, trend bucket).
+        self._last: dict[str, tuple[_SlotAudit, str, bool, _Trend | None]] = {}
+        self._labels: dict[str, str] = {}
+
+    def add(self, row: LedgerRow | None) -> None:
+        if row is None:
+            self.unreadable += 1
+            return
+        if self.since_ts is not None and row.ts < self.since_ts:
+            self.skipped_rows += 1
+            return
+        self.rows += 1
+        if isinstance(row, AttemptRow):
+            if row.shadow or row.answer_digest is not None:
+                self.compared.append(row)
+            if not row.shadow:  # shadows have a report of their own (shadow_report)
+                self._attempt(row)
+        elif isinstance(row, RequestRow):
+            self._request(row)
+
+    def _route(self, name: str) -> _RouteAudit:
+        route = self.routes.get(name)
+        if route is None:
+            route = self.routes[name] = _RouteAudit()
+        return route
+
+    def _trend(self, route: _RouteAudit, ts: str) -> _Trend | None:
+        if self.by is None:
+            return None
+        label = self._labels.get(ts[:16])  # zones are whole minutes off UTC
+        if label is None:
+            t = _dt.datetime.fromisoformat(ts[:16]).replace(tzinfo=_dt.UTC).astimezone(self.tz)
+            label = self._labels[ts[:16]] = f"{t:%Y-%m-%d %H}:00" if self.by == "hour" \
+                else f"{t:%Y-%m-%d}"
+        bucket = route.trend.get(label)
+        if bucket is None:
+            bucket = route.trend[label] = _Trend()
+        return bucket
+
+    def _attempt(self, row: AttemptRow) -> None:
+        route = self._route(row.route)
+        key = f"{row.provider}/{row.model}"
+        slot = route.slots.get(key)
+        if slot is None:
+            slot = route.slots[key] = _SlotAudit(row.attempt)
+        slot.position = min(slot.position, row.attempt)
+        if row.outcome == "skipped":
+            slot.skipped += 1
+            return
+        bucket = self._trend(route, row.ts)
+        previous = self._last.get(row.request_id)
+        if previous is not None and previous[2]:  # the attempt before this one failed
+            if previous[1] == key:
+                previous[0].retries += 1
+            else:
+                previous[0].failovers += 1
+                if previous[3] is not None:
+                    previous[3].failovers += 1
+        # A hedge that lost was beaten, not failed: it moved no request anywhere.
+        failed = row.outcome not in ("ok", "hedge_lost")
+        self._last[row.request_id] = (slot, key, failed, bucket)
+        self._account(slot, row, failed, bucket)
+
+    def _account(self, slot: _SlotAudit, row: AttemptRow, failed: bool,
+                 bucket: _Trend | None) -> None:
+        latency = (row.latency_ms or 0.0) / 1000
+        hang = row.outcome in HANG_OUTCOMES
+        slot.n += 1
+        slot.ok += row.outcome == "ok"
+        slot.hedges_lost += row.outcome == "hedge_lost"
+        slot.hangs += hang
+        slot.long_waits += silent_s(row) >= self.hang_threshold_s
+        slot.cost += row.cost_usd or 0.0
+        if row.outcome != "ok":
+            slot.failed_cost += row.cost_usd or 0.0
+        if failed:
+            slot.held_s += latency
+        elif row.outcome == "ok" and row.latency_ms is not None:
+            slot.latency.append(latency)
         if row.ttft_ms is not None:
-            s["ttft"].append(row.ttft_ms)
-    table = []
-    for model, s in sorted(stats.items()):
-        worst = served_worst.get(model)
-        table.append({
-            "model": model, "n": s["n"], "success_pct": round(100 * s["ok"] / s["n"], 1),
-            **{f"latency_{name}_ms": percentile(s["latency"], p) for name, p in
-               (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))},
-            **{f"ttft_{name}_ms": percentile(s["ttft"], p) for name, p in
-               (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))},
-            "hangs": s["hangs"], "failovers": s["failovers"], "cost_usd": round(s["cost"], 6),
-            "cliff_margin_s": None if worst is None else round(cliff_s - worst / 1000, 3),
-        })
+            slot.ttft.append(row.ttft_ms / 1000)
+        if self.keep_points and row.latency_ms is not None:
+            slot.points.append((_dt.datetime.fromisoformat(row.ts).timestamp(), latency,
+                                row.outcome))
+        if bucket is not None:
+            bucket.hangs += hang
+            bucket.cost += row.cost_usd or 0.0
+
+    def _request(self, row: RequestRow) -> None:
+        self._last.pop(row.request_id, None)
+        route = self._route(row.route)
+        total_s = row.total_ms / 1000
+        ok = row.outcome == "ok"
+        route.requests += 1
+        route.ok += ok
+        if row.total_timeout_s is not None:
+            route.total_s = row.total_timeout_s
+        if row.client_cliff_s is not None:
+            route.cliff_s = row.client_cliff_s
+        if not row.attempts:
+            return  # refused before any upstream (overload): no latency to speak of
+        args = (row, total_s, self.assume_total_s, self.assume_cliff_s)
+        route.latency.append(total_s)
+        route.margins.add(*args)
+        if row.served_by is not None and row.served_by in route.slots:
+            route.slots[row.served_by].served.add(*args)
+        bucket = self._trend(route, row.ts)
+        if bucket is not None:
+            bucket.requests += 1
+            bucket.ok += ok
+            bucket.latency.append(total_s)
+            bucket.margins.add(*args)
+
+    def report(self) -> dict[str, Any]:
+        routes = []
+        assumed = 0
+        for name, r in sorted(self.routes.items()):
+            slots = sorted(r.slots.items(), key=lambda kv: (kv[1].position, kv[0]))
+            assumed += r.margins.assumed
+            routes.append({
+                "route": name, "requests": r.requests,
+                "success_pct": round(100 * r.ok / r.requests, 1) if r.requests else None,
+                "latency_s": distribution(r.latency), **r.margins.report(),
+                "total_timeout_s": r.total_s, "client_cliff_s": r.cliff_s,
+                "models": [s.report(key) for key, s in slots],
+                "trend": [b.report(label) for label, b in sorted(r.trend.items())],
+            })
+        return {
+            "rows": self.rows, "unreadable_lines": self.unreadable,
+            "older_rows_skipped": self.skipped_rows, "since": self.since_ts,
+            "hang_threshold_s": self.hang_threshold_s, "by": self.by,
+            "assumed": {"requests": assumed, "total_timeout_s": self.assume_total_s,
+                        "client_cliff_s": self.assume_cliff_s},
+            "routes": routes, "shadows": shadow_report(self.compared),
+        }
+
+    def points(self) -> dict[tuple[str, str], list[tuple[float, float, str]]]:
+        """Each (route, model)'s attempts as (unix time, latency s, outcome), for --html."""
+        return {(name, key): s.points for name, r in self.routes.items()
+                for key, s in r.slots.items()}
+
+
+def _secs(v: float | None) -> str:
+    """Seconds with the precision that matters at their size."""
+    if v is None:
+        return "-"
+    return f"{v:.2f}" if abs(v) < 10 else f"{v:.1f}" if abs(v) < 100 else f"{v:.0f}"
+
+
+def _margin(m: dict[str, Any], key: str) -> str:
+    value = m[key]
+    return "-" if value is None else _secs(value) + ("*" if m["assumed"] else "")
+
+
+def _table(title: str, columns: list[tuple[str, str]],
+           wrap: tuple[str, ...] = ("model",)) -> Any:
+    """A compact rich table: (header, justify) per column. Numbers never wrap; the
+    `wrap` columns fold long names and wrap text (keeping room for a short name);
+    other columns keep their width."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+                  show_edge=False, padding=0, title_style="bold")
+    for header, justify in columns:
+        folds = header in wrap
+        table.add_column(header, justify=justify,  # type: ignore[arg-type]
+                         overflow="fold", no_wrap=not folds, min_width=16 if folds else None)
     return table
 
 
-def format_audit(table: list[dict[str, Any]]) -> list[str]:
-    def ms(v: float | None) -> str:
-        return "-" if v is None else f"{v / 1000:.2f}" if v >= 1000 else f"{v / 1000:.3f}"
+def _audit_tables(route: dict[str, Any], threshold: float) -> list[Any]:
+    attempts = _table("attempts", [("#", "right"), ("model", "left"), ("n", "right"),
+                                   ("ok%", "right"), ("hangs", "right"),
+                                   (f">={threshold:g}s", "right"), ("failovers", "right"),
+                                   ("failed held s", "right"), ("cost $", "right")])
+    latency = _table("latency, s (nearest rank over n)", [
+        ("#", "right"), ("model", "left"), ("", "left"), ("n", "right"), ("p50", "right"),
+        ("p90", "right"), ("p99", "right"), ("max", "right")])
+    margins = _table("the slowest request, s", [
+        ("#", "right"), ("model", "left"), ("requests", "right"), ("slowest", "right"),
+        ("to total_timeout_s", "right"), ("to cliff", "right")])
+    whole = route["latency_s"]
+    latency.add_row("", "all requests", "", *_dist_cells(whole))
+    margins.add_row("", "all requests", f"{route['requests']:,}", _secs(route["slowest_s"]),
+                    _margin(route, "margin_to_total_s"), _margin(route, "margin_to_cliff_s"))
+    for m in route["models"]:
+        pos = str(m["position"])
+        attempts.add_row(pos, m["model"], f"{m['n']:,}",
+                         "-" if m["success_pct"] is None else f"{m['success_pct']:.1f}",
+                         str(m["hangs"]), str(m["hangs_over_threshold"]), str(m["failovers"]),
+                         _secs(m["failed_held_s"]), f"{m['cost_usd']:.4f}")
+        latency.add_row(pos, m["model"], "answer", *_dist_cells(m["latency_s"]))
+        latency.add_row("", "", "first token", *_dist_cells(m["ttft_s"]))
+        served = m["served"]
+        margins.add_row(pos, m["model"], f"{served['requests']:,}", _secs(served["slowest_s"]),
+                        _margin(served, "margin_to_total_s"), _margin(served, "margin_to_cliff_s"))
+    return [attempts, latency, margins]
 
-    head = (f"{'model':<36} {'n':>6} {'ok%':>6}  {'latency s p50/p90/p99/max':<27} "
-            f"{'ttft s p50/p90/p99/max':<27} {'hangs':>5} {'failover':>8} {'cost $':>10} "
-            f"{'cliff margin':>12}")
-    lines = [head]
-    for r in table:
-        lat = "/".join(ms(r[f"latency_{p}_ms"]) for p in ("p50", "p90", "p99", "max"))
-        ttft = "/".join(ms(r[f"ttft_{p}_ms"]) for p in ("p50", "p90", "p99", "max"))
-        margin = "-" if r["cliff_margin_s"] is None else f"{r['cliff_margin_s']:.1f} s"
-        lines.append(f"{r['model']:<36} {r['n']:>6} {r['success_pct']:>6.1f}  {lat:<27} "
-                     f"{ttft:<27} {r['hangs']:>5} {r['failovers']:>8} {r['cost_usd']:>10.4f} "
-                     f"{margin:>12}")
-    return lines
+
+def _dist_cells(d: dict[str, Any]) -> list[str]:
+    return [f"{d['n']:,}", *(_secs(d[name]) for name, _ in PERCENTILES)]
+
+
+def _trend_table(route: dict[str, Any], by: str) -> Any:
+    table = _table(f"requests by {by} ({time.strftime('%Z')}), s", [
+        (by, "left"), ("n", "right"), ("ok%", "right"), ("p50", "right"),
+        ("p99", "right"), ("max", "right"), ("to\ntotal", "right"), ("to\ncliff", "right"),
+        ("hangs", "right"), ("fail-\novers", "right"), ("cost $", "right")])
+    for b in route["trend"]:
+        d = b["latency_s"]
+        table.add_row(b["bucket"], f"{b['requests']:,}",
+                      "-" if b["success_pct"] is None else f"{b['success_pct']:.1f}",
+                      _secs(d["p50"]), _secs(d["p99"]), _secs(d["max"]),
+                      _margin(b, "margin_to_total_s"), _margin(b, "margin_to_cliff_s"),
+                      str(b["hangs"]), str(b["failovers"]), f"{b['cost_usd']:.4f}")
+    return table
+
+
+def _route_heading(route: dict[str, Any], report: dict[str, Any]) -> str:
+    assumed = report["assumed"]
+    total = route["total_timeout_s"]
+    cliff = route["client_cliff_s"]
+    limits = (f"total_timeout_s {_secs(total) if total is not None else 'not recorded'}, "
+              f"client_cliff_s {_secs(cliff) if cliff is not None else 'not recorded'}")
+    if total is None or cliff is None:
+        limits += (f" (assumed {assumed['total_timeout_s']:g} s and "
+                   f"{assumed['client_cliff_s']:g} s)")
+    ok = "-" if route["success_pct"] is None else f"{route['success_pct']:.1f}% ok"
+    return f"route {route['route']}: {route['requests']:,} requests, {ok}\n  {limits}"
+
+
+def render_audit(report: dict[str, Any], width: int | None, *, trend: bool = True) -> str:
+    """The audit as text no wider than `width` columns (default: the terminal's; rich
+    is imported here, by the CLI only). Models are listed in chain order; * marks a
+    margin resting on assumed values."""
+    from rich.console import Console
+
+    console = Console(width=width, color_system=None, highlight=False, emoji=False)
+    with console.capture() as captured:
+        if not report["routes"]:
+            console.print("no attempt or request rows" + (
+                f" since {report['since']}" if report["since"] else ""))
+        for route in report["routes"]:
+            console.print(_route_heading(route, report), style="bold")
+            for table in _audit_tables(route, report["hang_threshold_s"]):
+                console.print(table)
+            if trend and report["by"]:
+                console.print(_trend_table(route, report["by"]))
+            console.print()
+        _print_shadows(console, report.get("shadows") or [])
+        console.print(_audit_notes(report))
+    return "".join(line.rstrip() + "\n" for line in captured.get().splitlines())
+
+
+def _audit_notes(report: dict[str, Any]) -> str:
+    notes = [f"hangs: first-token, stall or total deadline fired with no answer; "
+             f">={report['hang_threshold_s']:g}s: attempts that went that long without "
+             "meaningful output (any outcome). failed held s: time failed attempts held their "
+             "requests. cost includes failed attempts that produced output."]
+    assumed = report["assumed"]
+    if assumed["requests"]:
+        notes.append(f"* {assumed['requests']:,} request row(s) predate total_timeout_s and "
+                     "client_cliff_s in the ledger; their margins assume total_timeout_s = "
+                     f"{assumed['total_timeout_s']:g} s and client_cliff_s = "
+                     f"{assumed['client_cliff_s']:g} s (--assume-total, --assume-cliff).")
+    if report["unreadable_lines"]:
+        notes.append(f"{report['unreadable_lines']:,} line(s) were not ledger rows (torn by a "
+                     "crash, or foreign) and were skipped.")
+    return "\n".join(notes)
 
 
 def _call_stats(rows: list[AttemptRow]) -> dict[str, Any]:
-    """Latency and first-token percentiles (answered calls), tokens (of the calls that
-    produced output, which may be billed) and cost."""
+    """Calls, answers, latency and first-token distributions (answered calls), tokens
+    (of the calls that produced output, which may be billed) and cost (all calls)."""
     ok = [r for r in rows if r.outcome == "ok"]
     billed = [r for r in rows if r.ttft_ms is not None]
-    out: dict[str, Any] = {"n": len(rows), "ok": len(ok)}
-    for name, values in (("latency", [r.latency_ms for r in ok if r.latency_ms is not None]),
-                         ("ttft", [r.ttft_ms for r in ok if r.ttft_ms is not None])):
-        out |= {f"{name}_{p}_ms": percentile(values, n) for p, n in
-                (("p50", 50), ("p90", 90), ("p99", 99))}
-    out["tokens_in"] = sum(r.tokens_in or 0 for r in billed)
-    out["tokens_out"] = sum(r.tokens_out or 0 for r in billed)
-    out["cost_usd"] = round(sum(r.cost_usd or 0.0 for r in rows), 6)
-    return out
+    return {
+        "n": len(rows), "ok": len(ok),
+        "latency_s": distribution(r.latency_ms / 1000 for r in ok if r.latency_ms is not None),
+        "ttft_s": distribution(r.ttft_ms / 1000 for r in ok if r.ttft_ms is not None),
+        "tokens_in": sum(r.tokens_in or 0 for r in billed),
+        "tokens_out": sum(r.tokens_out or 0 for r in billed),
+        "cost_usd": round(sum(r.cost_usd or 0.0 for r in rows), 6),
+    }
 
 
 def _agreement(pairs: list[tuple[AttemptRow, AttemptRow]]) -> dict[str, Any]:
@@ -5263,16 +6647,14 @@ def _agreement(pairs: list[tuple[AttemptRow, AttemptRow]]) -> dict[str, Any]:
     }
 
 
-def _shadow_rows(rows: Iterable[LedgerRow], since_epoch: float | None
+def _shadow_rows(rows: Iterable[LedgerRow]
                  ) -> tuple[dict[str, AttemptRow], list[AttemptRow]]:
-    """The shadow rows, and the answered live attempts that carry a fingerprint (those
-    of sampled requests) by request id."""
+    """The shadow rows, and by request id the answered live attempts that carry a
+    fingerprint (those of sampled requests)."""
     live: dict[str, AttemptRow] = {}
-    shadows: list[AttemptRow] = []
+    shadows = []
     for row in rows:
-        if not isinstance(row, AttemptRow) or (
-                since_epoch is not None
-                and _dt.datetime.fromisoformat(row.ts).timestamp() < since_epoch):
+        if not isinstance(row, AttemptRow):
             continue
         if row.shadow:
             shadows.append(row)
@@ -5281,13 +6663,12 @@ def _shadow_rows(rows: Iterable[LedgerRow], since_epoch: float | None
     return live, shadows
 
 
-def shadow_report(rows: Iterable[LedgerRow], since_epoch: float | None = None
-                  ) -> list[dict[str, Any]]:
+def shadow_report(rows: Iterable[LedgerRow]) -> list[dict[str, Any]]:
     """Each shadow beside its primary (SPEC section 13), per route, shadow model and the
     model that answered the live requests it shadowed: calls, skips, latency and
-    first-token percentiles, tokens and cost of both, and how often they agree. A
-    shadow whose live row is not in the ledgers read is counted under primary "?"."""
-    live, shadows = _shadow_rows(rows, since_epoch)
+    first-token distributions, tokens and cost of both, and how often they agree. A
+    shadow whose live row is not in the rows given is counted under primary "?"."""
+    live, shadows = _shadow_rows(rows)
     groups: dict[tuple[str, str, str], list[AttemptRow]] = {}
     for s in shadows:
         p = live.get(s.shadow_of or "")
@@ -5308,37 +6689,146 @@ def shadow_report(rows: Iterable[LedgerRow], since_epoch: float | None = None
     return report
 
 
-def format_shadow_report(report: list[dict[str, Any]]) -> list[str]:
-    def s(v: float | None) -> str:
-        return "-" if v is None else f"{v / 1000:.2f}"
+def _shadow_heading(r: dict[str, Any]) -> str:
+    skipped = ", ".join(f"{k} {v:,}" for k, v in r["skipped"].items()) or "none"
+    return (f"route {r['route']}: shadow {r['shadow_model']} beside primary "
+            f"{r['primary_model']} (skipped: {skipped})")
 
+
+def _shadow_table(r: dict[str, Any]) -> Any:
+    table = _table("", [
+                       ("", "left"), ("calls", "right"), ("ok", "right"),
+                       ("tokens in/out", "right"), ("cost $", "right"), ("s", "left"),
+                       ("n", "right"), ("p50", "right"), ("p90", "right"), ("p99", "right"),
+                       ("max", "right")], wrap=())
+    for name in ("primary", "shadow"):
+        c = r[name]
+        table.add_row(name, f"{c['n']:,}", f"{c['ok']:,}",
+                      f"{c['tokens_in']:,}/{c['tokens_out']:,}", f"{c['cost_usd']:.4f}",
+                      "answer", *_dist_cells(c["latency_s"]))
+        table.add_row("", "", "", "", "", "first token", *_dist_cells(c["ttft_s"]))
+    return table
+
+
+def _agreement_line(r: dict[str, Any]) -> str:
     def pct(v: float | None) -> str:
         return "-" if v is None else f"{v:.1f}%"
 
-    lines = ["shadows (each beside the primary that answered the same requests):"]
-    for r in report:
-        skipped = ", ".join(f"{k} {v}" for k, v in r["skipped"].items()) or "none"
-        lines.append(f"route {r['route']}: shadow {r['shadow_model']} vs primary "
-                     f"{r['primary_model']}; skipped: {skipped}")
-        lines.append(f"  {'':<8} {'n':>6} {'ok':>6}  {'latency s p50/p90/p99':<22} "
-                     f"{'ttft s p50/p90/p99':<22} {'tokens in/out':>17} {'cost $':>10}")
-        for name in ("primary", "shadow"):
-            c = r[name]
-            lat = "/".join(s(c[f"latency_{p}_ms"]) for p in ("p50", "p90", "p99"))
-            ttft = "/".join(s(c[f"ttft_{p}_ms"]) for p in ("p50", "p90", "p99"))
-            lines.append(f"  {name:<8} {c['n']:>6} {c['ok']:>6}  {lat:<22} {ttft:<22} "
-                         f"{c['tokens_in']:>8}/{c['tokens_out']:<8} {c['cost_usd']:>10.4f}")
-        ratio = "-" if r["length_ratio"] is None else f"{r['length_ratio']:.2f}"
-        tools = (f"same tools {pct(r['same_tools_pct'])} of {r['tool_turns']} tool-call "
-                 "turn(s)") if r["tool_turns"] else "no tool-call turns"
-        lines.append(f"  agreement over {r['compared']} answered pair(s): exact match "
-                     f"{pct(r['exact_match_pct'])}, length {ratio}x the primary's, {tools}")
-    return lines
+    ratio = "-" if r["length_ratio"] is None else f"{r['length_ratio']:.2f}"
+    tools = (f"same tools {pct(r['same_tools_pct'])} of {r['tool_turns']:,} tool-call "
+             "turns") if r["tool_turns"] else "no tool calls"
+    return (f"agreement over {r['compared']:,} answered pairs: exact match "
+            f"{pct(r['exact_match_pct'])}, length {ratio}x the primary's, {tools}")
 
 
-def format_status(status: dict[str, Any]) -> list[str]:
-    """`failoverd status` as text: in-flight requests, breakers, token divisors."""
-    lines = [f"failoverd {status['version']}, up {status['uptime_s']:.0f} s"
+def _print_shadows(console: Any, shadows: list[dict[str, Any]]) -> None:
+    if not shadows:
+        return
+    console.print("shadows: each beside the primary that answered the same requests",
+                  style="bold")
+    for r in shadows:
+        console.print(_shadow_heading(r))
+        console.print(_shadow_table(r))
+        console.print("  " + _agreement_line(r))
+        console.print()
+
+
+def format_shadow_report(report: list[dict[str, Any]], width: int | None = None) -> list[str]:
+    """The shadow report as text no wider than `width` (`failoverd audit --shadows`)."""
+    from rich.console import Console
+
+    console = Console(width=width, color_system=None, highlight=False, emoji=False)
+    with console.capture() as captured:
+        _print_shadows(console, report)
+        if not report:
+            console.print("no shadow rows")
+    return [line.rstrip() for line in captured.get().splitlines()]
+
+
+def relative(seconds: float) -> str:
+    """A duration as people say it: 46 s, 3 min 5 s, 2 h 4 min, 3 d 4 h."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s} s"
+    for unit, size, sub, subsize in (("d", 86400, "h", 3600), ("h", 3600, "min", 60),
+                                     ("min", 60, "s", 1)):
+        if s >= size:
+            rest = (s % size) // subsize
+            return f"{s // size} {unit}" + (f" {rest} {sub}" if rest else "")
+    return f"{s} s"  # unreachable
+
+
+def _until(iso: str | None, now: float) -> float | None:
+    if not iso:
+        return None
+    try:
+        return _dt.datetime.fromisoformat(iso).timestamp() - now
+    except ValueError:
+        return None
+
+
+def _slot_state(s: dict[str, Any], answers: bool, how: str) -> str:
+    if answers:
+        return {"ok": "answers now", "probe": "answers now: its probe (half-open)",
+                "forced probe": "answers now: every slot is out, this one is closest to "
+                "recovery"}[how] + (f" ({s['breaker']}: {s['reason']})" if s["reason"] else "")
+    if s["state"] == "open":
+        left = "" if s["left_s"] is None else f", {relative(s['left_s'])} left"
+        return f"open{left} ({s['breaker']}: {s['reason']})"
+    if s["state"] == "probing":
+        return f"half-open, its probe is in flight ({s['breaker']}: {s['reason']})"
+    if s["state"] == "budget":
+        return f"out of budget, {relative(s['left_s'])} to UTC midnight ({s['reason']})"
+    return "half-open: the next request probes" if s["state"] == "probe" else "ok, standing by"
+
+
+def _routes_table(routes: list[dict[str, Any]]) -> Any:
+    table = _table("routes: which slot answers now", [("route", "left"), ("#", "right"),
+                                                      ("model", "left"), ("state", "left")],
+                   wrap=("model", "state"))
+    for r in routes:
+        for i, s in enumerate(r["slots"]):
+            table.add_row(r["route"] if i == 0 else "", str(i), s["slot"],
+                          _slot_state(s, s["slot"] == r["answers"], r["how"]))
+    return table
+
+
+def _inflight_table(inflight: list[dict[str, Any]]) -> Any:
+    table = _table(f"in flight: {len(inflight)}", [
+        ("request", "left"), ("route", "left"), ("model", "left"), ("attempts", "right"),
+        ("age", "right"), ("left", "right"), ("", "left")])
+    for r in inflight:
+        left = r.get("left_s")
+        racing = r.get("racing") or []
+        table.add_row(r["request_id"], r["route"],
+                      " + ".join(racing) if len(racing) > 1 else r["slot"] or "-",
+                      str(r["attempts"]),
+                      relative(r["age_s"]), "-" if left is None else
+                      relative(left) if left > 0 else "past its deadline",
+                      "committed" if r["committed"] else "")
+    return table
+
+
+def _breakers_table(breakers: list[dict[str, Any]], now: float) -> Any:
+    table = _table(f"breakers: {len(breakers)}", [
+        ("scope", "left"), ("key", "left"), ("state", "left"), ("failures", "right"),
+        ("why", "left")], wrap=("key", "why"))
+    for b in breakers:
+        state = b["state"].replace("_", "-")
+        left = _until(b.get("open_until"), now)
+        if b["state"] == "open" and left is not None:
+            state = f"open, {relative(left)} left"
+        elif b["state"] == "half_open" and b.get("probing"):
+            state = "half-open, probing"
+        # The reason belongs to the state it caused: a closed breaker has none.
+        why = (b.get("last_reason") or "") if b["state"] != "closed" else ""
+        table.add_row(b["scope"], b["key"], state,
+                      f"{b['failures_in_window']}/{b['calls_in_window']}", why)
+    return table
+
+
+def _status_lines(status: dict[str, Any]) -> list[str]:
+    lines = [f"failoverd {status['version']}, up {relative(status['uptime_s'])}"
              + (" (draining)" if status.get("draining") else "")]
     if status.get("shed_requests") or status.get("overloaded"):
         lines.append(f"event loop {status.get('loop_lag_ms', 0):.0f} ms late; "
@@ -5353,53 +6843,70 @@ def format_status(status: dict[str, Any]) -> list[str]:
     if ledger.get("dropped_rows"):
         lines.append(f"ledger {ledger['path']}: {ledger['dropped_rows']} row(s) dropped "
                      "(disk full or unwritable?)")
-    inflight = status.get("in_flight") or []
-    lines.append(f"in flight: {len(inflight)}")
-    for r in inflight:
-        lines.append(f"  {r['request_id']} {r['route']:<12} on {r['slot'] or '-':<32} "
-                     f"attempts={r['attempts']} age={r['age_s']:.1f}s"
-                     + (" committed" if r["committed"] else ""))
-    breakers = status.get("breakers") or []
-    lines.append(f"breakers: {len(breakers)}")
-    for b in breakers:
-        line = (f"  {b['scope']:<10} {b['key']:<36} {b['state']:<9} "
-                f"failures {b['failures_in_window']}/{b['calls_in_window']} in window")
-        if b.get("open_until"):
-            line += f", open until {b['open_until']}"
-        if b.get("last_reason"):
-            line += f" -- {b['last_reason']}"
-        lines.append(line)
-    divisors = status.get("token_divisors") or {}
-    if divisors:
-        lines.append("token divisors (chars per prompt token):")
-        lines += [f"  {k:<40} {v:.2f}" for k, v in sorted(divisors.items())]
-    return lines + format_budgets(status)
+    return lines
 
 
-def format_budgets(status: dict[str, Any]) -> list[str]:
-    """The spend budgets and shadows part of `failoverd status`."""
-    lines = []
-    budgets = status.get("budgets") or {}
+def format_status(status: dict[str, Any], width: int | None = None,
+                  now: float | None = None) -> list[str]:
+    """`failoverd status` as text no wider than `width`: routes (who answers now),
+    in-flight requests with the time they have left, breakers with relative times and
+    only the current reason, token divisors. `now` defaults to the daemon's time."""
+    from rich.console import Console
 
-    def spent(b: dict[str, Any]) -> str:
-        if b["budget_usd_per_day"] is None:
-            return f"${b['spent_usd']:.4f} (no budget)"
-        return f"${b['spent_usd']:.4f} of ${b['budget_usd_per_day']:g}" + (
-            "  EXHAUSTED" if b["exhausted"] else f"  (left ${b['left_usd']:.4f})")
+    if now is None:
+        now = _until(status.get("time"), 0.0) or time.time()
+    console = Console(width=width, color_system=None, highlight=False, emoji=False)
+    with console.capture() as captured:
+        for line in _status_lines(status):
+            console.print(line)
+        if status.get("routes"):
+            console.print(_routes_table(status["routes"]))
+        inflight, breakers = status.get("in_flight") or [], status.get("breakers") or []
+        console.print(_inflight_table(inflight) if inflight else "in flight: 0")
+        console.print(_breakers_table(breakers, now) if breakers else "breakers: none yet")
+        divisors = status.get("token_divisors") or {}
+        if divisors:
+            table = _table("token divisors", [("model", "left"), ("bytes/token", "right")])
+            for k, v in sorted(divisors.items()):
+                table.add_row(k, f"{v:.2f}")
+            console.print(table)
+        for table in _budget_tables(status):
+            console.print(table)
+    return [line.rstrip() for line in captured.get().splitlines()]
 
+
+def _budget_tables(status: dict[str, Any]) -> list[Any]:
+    """Today's spend against the budgets, and the shadows (SPEC section 13)."""
+    budgets, shadow = status.get("budgets") or {}, status.get("shadow") or {}
+
+    def cells(b: dict[str, Any]) -> list[str]:
+        budget = b["budget_usd_per_day"]
+        return [f"{b['spent_usd']:.4f}", "-" if budget is None else f"{budget:g}",
+                "-" if b["left_usd"] is None else f"{b['left_usd']:.4f}",
+                "spent" if b["exhausted"] else ""]
+
+    tables = []
+    money = [("spent $", "right"), ("budget $", "right"), ("left $", "right"), ("", "left")]
+    if budgets.get("models") or budgets.get("shadows"):  # titles wrap to a table's width
+        tables.append(f"spend today ({budgets['day']} UTC; budgets reset "
+                      f"{budgets['resets_at']})")
     if budgets.get("models"):
-        lines.append(f"spend today ({budgets['day']} UTC; budgets reset {budgets['resets_at']}):")
-        lines += [f"  {b['model']:<40} {spent(b)}" for b in budgets["models"]]
-    shadow = status.get("shadow") or {}
+        table = _table("live, per model", [("model", "left"), *money])
+        for b in budgets["models"]:
+            table.add_row(b["model"], *cells(b))
+        tables.append(table)
     if budgets.get("shadows"):
         dropped = ", ".join(f"{k} {v}" for k, v in (shadow.get("dropped") or {}).items())
-        lines.append(f"shadows: {'on' if shadow.get('enabled') else 'off ([shadow] enabled)'}, "
-                     f"{shadow.get('in_flight', 0)}/{shadow.get('max_in_flight', 0)} in flight, "
-                     f"{shadow.get('started', 0)} started" + (f"; dropped: {dropped}"
-                                                               if dropped else ""))
-        lines += [f"  route {b['route']} -> {b['model']}, sample {b['sample']:.0%}: {spent(b)}"
-                  for b in budgets["shadows"]]
-    return lines
+        tables.append(
+            f"shadows: {'on' if shadow.get('enabled') else 'off ([shadow] enabled = false)'}, "
+            f"{shadow.get('in_flight', 0)}/{shadow.get('max_in_flight', 0)} in flight, "
+            f"{shadow.get('started', 0)} started" + (f", dropped: {dropped}" if dropped else ""))
+        table = _table("shadows, per route", [("route", "left"), ("model", "left"),
+                                              ("sample", "right"), *money])
+        for b in budgets["shadows"]:
+            table.add_row(b["route"], b["model"], f"{b['sample']:.0%}", *cells(b))
+        tables.append(table)
+    return tables
 
 
 @cli.command("status")
@@ -5407,8 +6914,12 @@ def format_budgets(status: dict[str, Any]) -> list[str]:
               "config]")
 @click.option("--config", "config_path", help="Config file to find the socket in.")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON.")
-def status_cmd(socket_path: str | None, config_path: str | None, as_json: bool) -> None:
-    """Ask a running daemon for its breakers, in-flight requests and token divisors."""
+@click.option("--width", type=click.IntRange(min=40), help="Table width [default: the "
+              "terminal's].")
+def status_cmd(socket_path: str | None, config_path: str | None, as_json: bool,
+               width: int | None) -> None:
+    """Ask a running daemon which slot answers each route now, what is in flight and
+    how long it has left, its breakers and token divisors."""
     if socket_path is None:
         try:
             socket_path = load_config(_config_path(config_path)).daemon.socket
@@ -5425,48 +6936,341 @@ def status_cmd(socket_path: str | None, config_path: str | None, as_json: bool) 
     if as_json:
         click.echo(resp.text)
         return
-    for line in format_status(resp.json()):
+    for line in format_status(resp.json(), width):
         click.echo(line)
+
+
+# `audit --html` plots at most this many attempts per model: every failure, and answers
+# evenly spaced in time (an SVG point each; 3000 keep a page of ten models ~10 MB).
+HTML_MAX_POINTS = 3000
+# Series colours of a model's plot: answered, failed, timed out, p50, p90, p99,
+# total_timeout_s, cliff; and of a route's trend: p50, p99, max, total_timeout_s, cliff.
+MODEL_COLOURS = ("#4575b4", "#fdae61", "#d73027", "#1a9850", "#74add1", "#8073ac", "#555555",
+                 "#000000")
+TREND_COLOURS = ("#1a9850", "#8073ac", "#d73027", "#555555", "#000000")
+# Latency axis ticks (log scale), those within the plotted range are shown.
+HTML_TICKS = (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 180, 300, 600, 900, 1800)
+_SVG_NOISE = re.compile(r'<!--.*?-->|<script\b.*?</script>| xmlns(?::\w+)?="[^"]*"', re.S)
+
+
+def _require_report_extra() -> None:
+    try:
+        import pygal  # noqa: F401
+    except ImportError:
+        raise click.UsageError("--html needs the plotting library pygal: pip install "
+                               "'failoverd[report]' (the daemon itself does not need it)"
+                               ) from None
+
+
+def _write_html(path: str, page: str) -> None:
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(page)
+    except OSError as e:
+        raise click.UsageError(f"cannot write --html {path}: {e.strerror}") from None
+
+
+def _svg(chart: Any) -> str:
+    """The chart inline in the page: no comments (pygal's carry its URLs), no script,
+    no namespace URIs (HTML puts an inline <svg> in the SVG namespace by itself)."""
+    return _SVG_NOISE.sub("", chart.render(is_unicode=True))
+
+
+def _sampled(points: list[tuple[float, float, str]]) -> tuple[list[tuple[float, float, str]],
+                                                              str]:
+    if len(points) <= HTML_MAX_POINTS:
+        return points, ""
+    failed = [p for p in points if p[2] != "ok"][:HTML_MAX_POINTS // 2]
+    answers = [p for p in points if p[2] == "ok"]
+    step = math.ceil(len(answers) / (HTML_MAX_POINTS - len(failed)))
+    kept = sorted(failed + answers[::step])
+    return kept, f" (plotted: {len(kept):,} of {len(points):,}: failures, every {step}th answer)"
+
+
+def _chart_config(title: str, colours: tuple[str, ...], lines: tuple[float, float],
+                  values: Iterable[float]) -> dict[str, Any]:
+    """pygal settings shared by the plots; `lines` (total_timeout_s, cliff) are ticks of
+    their own, and the usual ticks too close to them give way."""
+    from pygal.style import Style
+
+    values = [v for v in (*lines, *values) if v > 0]
+    low, high = min(values), max(values)
+    ticks = sorted({t for t in HTML_TICKS if low / 2 <= t <= high * 1.5
+                    and all(abs(t - line) > line / 5 for line in lines)} | set(lines))
+    return {"title": title, "js": [], "disable_xml_declaration": True, "logarithmic": True,
+            "width": 1000, "height": 380, "explicit_size": True, "legend_at_bottom": True,
+            "legend_at_bottom_columns": 4, "y_title": "seconds (log scale)",
+            "y_labels": [round(t, 3) for t in ticks], "truncate_legend": -1,
+            "style": Style(colors=colours, background="white", plot_background="white",
+                           font_family="sans-serif", guide_stroke_color="#ddd",
+                           major_guide_stroke_color="#ddd")}
+
+
+def _limits(route: dict[str, Any], report: dict[str, Any]) -> tuple[float, float, str]:
+    assumed = report["assumed"]
+    total, cliff = route["total_timeout_s"], route["client_cliff_s"]
+    note = "" if total is not None and cliff is not None else " (assumed: not in the rows)"
+    return (assumed["total_timeout_s"] if total is None else total,
+            assumed["client_cliff_s"] if cliff is None else cliff, note)
+
+
+def _model_chart(route: dict[str, Any], model: dict[str, Any], report: dict[str, Any],
+                 points: list[tuple[float, float, str]]) -> str:
+    import pygal
+
+    total, cliff, note = _limits(route, report)
+    kept, sampled = _sampled(points)
+    title = f"#{model['position']} {model['model']}: attempt latency{sampled}"
+    when = [(_dt.datetime.fromtimestamp(t), max(v, 0.001), o) for t, v, o in kept]
+    chart = pygal.DateTimeLine(stroke=False, show_legend=True, dots_size=2,
+                               x_value_formatter=lambda t: f"{t:%m-%d %H:%M}",
+                               **_chart_config(title, MODEL_COLOURS, (total, cliff),
+                                               (v for _, v, _ in when)))
+    chart.add("answered", [(t, v) for t, v, o in when if o == "ok"])
+    chart.add("failed", [(t, v) for t, v, o in when if o != "ok" and o not in HANG_OUTCOMES])
+    chart.add("timed out", [(t, v) for t, v, o in when if o in HANG_OUTCOMES], dots_size=4)
+    span = [when[0][0], when[-1][0]] if when else []
+    dist = model["latency_s"]
+    for name in ("p50", "p90", "p99"):
+        value = dist[name]
+        chart.add(f"answer {name} {_secs(value)} s (n {dist['n']:,})",
+                  [(t, max(value, 0.001)) for t in span] if value is not None else [],
+                  stroke=True, show_dots=False, stroke_style={"width": 2})
+    chart.add(f"total_timeout_s {total:g}{note}", [(t, total) for t in span], stroke=True,
+              show_dots=False, stroke_style={"width": 2, "dasharray": "6,4"})
+    chart.add(f"cliff {cliff:g}{note}", [(t, cliff) for t in span], stroke=True,
+              show_dots=False, stroke_style={"width": 3, "dasharray": "2,3"})
+    return _svg(chart)
+
+
+def _trend_chart(route: dict[str, Any], report: dict[str, Any]) -> str:
+    import pygal
+
+    total, cliff, note = _limits(route, report)
+    trend = route["trend"]
+    values = [b["latency_s"][k] or 0 for b in trend for k in ("p50", "max")]
+    chart = pygal.Line(x_label_rotation=30, **_chart_config(
+        f"route {route['route']}: request latency per {report['by']}", TREND_COLOURS,
+        (total, cliff), values))
+    chart.x_labels = [b["bucket"] for b in trend]
+
+    def series(name: str) -> list[float | None]:
+        return [None if b["latency_s"][name] is None else max(b["latency_s"][name], 0.001)
+                for b in trend]
+
+    chart.add("p50", series("p50"))
+    chart.add("p99", series("p99"))
+    chart.add("max", series("max"))
+    chart.add(f"total_timeout_s {total:g}{note}", [total] * len(trend), show_dots=False,
+              stroke_style={"width": 2, "dasharray": "6,4"})
+    chart.add(f"cliff {cliff:g}{note}", [cliff] * len(trend), show_dots=False,
+              stroke_style={"width": 3, "dasharray": "2,3"})
+    return _svg(chart)
+
+
+_HTML_HEAD = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>failoverd audit</title>
+<style>
+body { font-family: sans-serif; margin: 2em auto; max-width: 1040px; color: #222; }
+h2 { border-top: 1px solid #ccc; padding-top: 1em; }
+table { border-collapse: collapse; margin: .5em 0 1em; font-size: 90%; }
+th, td { padding: 2px 8px; text-align: right; }
+th:nth-child(2), td:nth-child(2) { text-align: left; white-space: normal;
+                                  word-break: break-all; }
+td { white-space: nowrap; } th { vertical-align: bottom; }
+.note { color: #555; font-size: 90%; } svg { display: block; margin: 1em 0; }
+</style></head><body>
+"""
+
+
+def _html_summary(route: dict[str, Any]) -> str:
+    import html
+
+    rows = ["<tr><th>#</th><th>model</th><th>n</th><th>ok %</th><th>hangs</th>"
+            "<th>answer p50 / p90 / p99 / max s</th><th>first token p99 s</th>"
+            "<th>slowest served s</th><th>to total</th><th>to cliff</th></tr>"]
+    for m in route["models"]:
+        d, served = m["latency_s"], m["served"]
+        answers = " / ".join(_secs(d[k]) for k, _ in PERCENTILES)
+        rows.append(
+            f"<tr><td>{m['position']}</td><td>{html.escape(m['model'])}</td><td>{m['n']:,}</td>"
+            f"<td>{'-' if m['success_pct'] is None else m['success_pct']}</td>"
+            f"<td>{m['hangs']}</td><td>{answers} (n {d['n']:,})</td>"
+            f"<td>{_secs(m['ttft_s']['p99'])}</td>"
+            f"<td>{_secs(served['slowest_s'])}</td><td>{_margin(served, 'margin_to_total_s')}</td>"
+            f"<td>{_margin(served, 'margin_to_cliff_s')}</td></tr>")
+    return "<table>" + "".join(rows) + "</table>"
+
+
+def audit_html(report: dict[str, Any], points: dict[tuple[str, str], list[Any]]) -> str:
+    """One self-contained page: per route, the request trend against total_timeout_s and
+    the cliff, then per model (in chain order) every attempt's latency as a point."""
+    import html
+
+    parts = [_HTML_HEAD, "<h1>failoverd audit</h1>",
+             f"<p class=note>{html.escape(', '.join(report.get('files', [])))}: "
+             f"{report['rows']:,} rows" + (f" since {html.escape(report['since'])}"
+                                          if report["since"] else "") +
+             f"; generated {html.escape(local_time(utc_timestamp()))}.</p>",
+             "<p class=note>Latency is on a log scale, so one second and the cliff fit one "
+             "picture. Watch the distance between the top of the cloud and the dashed lines: "
+             "the cliff approaching shows as p99 and max rising towards total_timeout_s "
+             "while every call still returns 200. Red points are attempts abandoned at a "
+             "deadline; their height is how long they held the request. "
+             "* marks a margin that rests on assumed values.</p>"]
+    for route in report["routes"]:
+        parts.append(f"<h2>route {html.escape(route['route'])}</h2>")
+        heading = _route_heading(route, report).split(": ", 1)[1].replace("\n ", ";")
+        parts.append(f"<p>{html.escape(heading)}</p>")
+        parts.append(_html_summary(route))
+        parts.append(_trend_chart(route, report))
+        for model in route["models"]:
+            parts.append(_model_chart(route, model, report,
+                                      points.get((route["route"], model["model"]), [])))
+    parts.append(f"<p class=note>{html.escape(_audit_notes(report))}</p></body></html>\n")
+    return "\n".join(parts)
+
+
+# logrotate's names for a rotated ledger: ledger.jsonl.1, ledger.jsonl.2.gz,
+# ledger.jsonl-20260102 (dateext), each maybe compressed.
+ROTATED_SUFFIX = re.compile(r"^(?:\.\d+|-\d{8,10})(?:\.gz)?$")
+SINCE_UNITS = {
+    "s": 1, "sec": 1, "secs": 1, "second": 1, "seconds": 1,
+    "m": 60, "min": 60, "mins": 60, "minute": 60, "minutes": 60,
+    "h": 3600, "hr": 3600, "hrs": 3600, "hour": 3600, "hours": 3600,
+    "d": 86400, "day": 86400, "days": 86400,
+    "w": 604800, "wk": 604800, "week": 604800, "weeks": 604800,
+}
+_SINCE_PART = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([a-z]+)\s*")
+
+
+def parse_since(text: str, now: float) -> float:
+    """--since as Unix time: a duration back from `now` (30m, 24h, 1w, "24 hours",
+    "1h 30m") or an ISO date or time (local unless it names its zone)."""
+    spec = text.strip().lower()
+    pos, seconds = 0, 0.0
+    while pos < len(spec) and (m := _SINCE_PART.match(spec, pos)) and m.group(2) in SINCE_UNITS:
+        seconds += float(m.group(1)) * SINCE_UNITS[m.group(2)]
+        pos = m.end()
+    if spec and pos == len(spec):
+        return now - seconds
+    try:
+        return _dt.datetime.fromisoformat(text.strip()).astimezone().timestamp()
+    except ValueError:
+        raise ValueError(f"--since {text!r}: expected a duration such as 30m, 24h, 1w or "
+                         "'24 hours', or a date or time such as 2026-01-02 or "
+                         "2026-01-02T15:00+01:00") from None
+
+
+def ledger_files(path: str) -> list[str]:
+    """The ledger and its rotated siblings that exist, oldest first."""
+    directory, name = os.path.split(path)
+    try:
+        siblings = [os.path.join(directory, f) for f in os.listdir(directory or ".")
+                    if f.startswith(name) and ROTATED_SUFFIX.match(f[len(name):])]
+    except OSError:
+        siblings = []
+    return _oldest_first([*siblings, *([path] if os.path.exists(path) else [])])
+
+
+def _oldest_first(paths: Iterable[str]) -> list[str]:
+    return sorted(dict.fromkeys(paths), key=lambda p: os.stat(p).st_mtime)
+
+
+def read_rows(path: str, problems: list[str]) -> Iterator[LedgerRow | None]:
+    """The rows of a ledger file, plain or gzip-compressed (None for a line that is
+    not a row); a compressed file cut short gives what it has and a problem note."""
+    import gzip
+
+    decoder = msgspec.json.Decoder(LedgerRow)
+    with open(path, "rb") as raw:
+        compressed = raw.read(2) == b"\x1f\x8b"
+        raw.seek(0)
+        f: Any = gzip.GzipFile(fileobj=raw) if compressed else raw
+        try:
+            for line in f:
+                if line.strip():
+                    decoded = _decoded(line, decoder)
+                    yield None if decoded is None else decoded[1]
+        except (EOFError, OSError) as e:  # truncated or corrupt gzip
+            problems.append(f"{path}: {e}; read up to there")
+
+
+def _audit_paths(ledgers: tuple[str, ...], config_path: str | None) -> list[str]:
+    if ledgers:
+        missing = [p for p in ledgers if not os.path.isfile(p)]
+        if missing:
+            raise click.UsageError(f"no ledger file at {', '.join(missing)}")
+        return _oldest_first(ledgers)
+    try:
+        path = load_config(_config_path(config_path)).daemon.ledger
+    except ConfigError:
+        path = DaemonConfig().ledger
+    found = ledger_files(path)
+    if not found:
+        raise click.UsageError(f"no ledger at {path} (nor rotated ones beside it); pass the "
+                               "ledger files, or --config with daemon.ledger")
+    return found
 
 
 @cli.command("audit")
-@click.argument("ledger", required=False)
-@click.option("--since", help="Only rows newer than this: 90s, 30m, 6h, 2d.")
-@click.option("--config", "config_path", help="Config for the ledger path and client_cliff_s.")
-@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
+@click.argument("ledgers", nargs=-1, metavar="[LEDGER]...")
+@click.option("--since", help="Only rows since then: 30m, 24h, 1w, '24 hours', or an ISO date "
+              "or time (local unless it gives its zone).")
+@click.option("--by", type=click.Choice(["hour", "day"]), help="Add the trend per route: "
+              "requests, latency and margins per hour or day (local time).")
+@click.option("--hang-threshold", default=120.0, show_default=True, type=click.FloatRange(min=0),
+              metavar="SECONDS", help="Count attempts that went this long without output.")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+@click.option("--html", "html_path", metavar="FILE", help="Also write a self-contained page "
+              "with the latency plots (needs failoverd[report]).")
+@click.option("--width", type=click.IntRange(min=40), help="Table width [default: the "
+              "terminal's].")
+@click.option("--assume-total", default=ASSUMED_TOTAL_S, show_default=True, metavar="SECONDS",
+              type=click.FloatRange(min=0, min_open=True),
+              help="total_timeout_s for request rows that predate the field (marked *).")
+@click.option("--assume-cliff", default=ASSUMED_CLIFF_S, show_default=True, metavar="SECONDS",
+              type=click.FloatRange(min=0, min_open=True),
+              help="client_cliff_s for request rows that predate the field (marked *).")
+@click.option("--config", "config_path", help="Config to find the ledger in (when none is "
+              "named); the figures need no config.")
 @click.option("--shadows", "shadows_only", is_flag=True,
-              help="Only the shadow report: each shadow beside its primary.")
-def audit_cmd(ledger: str | None, since: str | None, config_path: str | None,
-              as_json: bool, shadows_only: bool) -> None:
-    """Per-model table: n, success %, latency and TTFT p50/p90/p99/max, hangs, failovers,
-    cost, and the margin to the client's cancel cliff."""
+              help="Only the shadow report: each shadow model beside its primary.")
+def audit_cmd(ledgers: tuple[str, ...], since: str | None, by: str | None,
+              hang_threshold: float, as_json: bool, html_path: str | None, width: int | None,
+              assume_total: float, assume_cliff: float, config_path: str | None,
+              shadows_only: bool) -> None:
+    """Per route, models in chain order: attempts, success, hangs, failovers, time and
+    money failed attempts cost, latency and first-token percentiles with their sample
+    counts, and how close the slowest requests came to total_timeout_s and the cliff.
+    Reads rotated and .gz ledgers too (by default: the ledger and its rotated siblings)."""
+    if html_path is not None:
+        _require_report_extra()
+    paths = _audit_paths(ledgers, config_path)
     try:
-        cfg = load_config(_config_path(config_path))
-    except ConfigError:
-        cfg = Config()
-    path = ledger or cfg.daemon.ledger
-    since_epoch = None
-    if since is not None:
-        seconds = parse_duration(since)
-        if seconds is None:
-            click.echo(f"failoverd: --since {since!r}: expected a duration like 30m, 6h or 2d",
-                       err=True)
-            sys.exit(2)
-        since_epoch = time.time() - seconds
-    try:
-        rows = [row for _, row in read_ledger(path) if row is not None]
-    except FileNotFoundError:
-        click.echo(f"failoverd: no ledger at {path}; pass its path or check daemon.ledger",
-                   err=True)
-        sys.exit(1)
-    table = audit(rows, cfg.daemon.client_cliff_s, since_epoch)
-    shadows = shadow_report(rows, since_epoch)
-    if as_json:
-        click.echo(msgspec.json.encode(shadows if shadows_only else table).decode())
-        return
-    for line in ([] if shadows_only else format_audit(table)) + (
-            format_shadow_report(shadows) if shadows else []):
-        click.echo(line)
+        since_ts = None if since is None else utc_timestamp(parse_since(since, time.time()))
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--since") from None
+    audit = Audit(since_ts=since_ts, hang_threshold_s=hang_threshold,
+                  by=by or ("hour" if html_path else None), assume_total_s=assume_total,
+                  assume_cliff_s=assume_cliff, points=html_path is not None)
+    problems: list[str] = []
+    for path in paths:
+        for row in read_rows(path, problems):
+            audit.add(row)
+    report = audit.report()
+    report["files"] = paths
+    for problem in problems:
+        click.echo(f"failoverd: {problem}", err=True)
+    if html_path is not None:
+        _write_html(html_path, audit_html(report, audit.points()))
+    if shadows_only:
+        click.echo(msgspec.json.encode(report["shadows"]).decode() if as_json else
+                   "\n".join(format_shadow_report(report["shadows"], width)))
+    elif as_json:
+        click.echo(msgspec.json.encode(report).decode())
+    else:
+        click.echo(render_audit(report, width, trend=by is not None), nl=False)
 
 
 @cli.command("demo")

@@ -88,7 +88,8 @@ class _ScriptStream(httpx.AsyncByteStream):
 
 class MockUpstreams:
     """Scripts keyed by "provider/model". A value is one script, a list of scripts (one
-    per call, the last repeating), or a function of the trio time returning a script."""
+    per call, the last repeating), a function of the trio time returning a script, or a
+    `failoverd.ContinuingModel` (which reads the request body)."""
 
     def __init__(self, scripts: dict[str, Any] | None = None) -> None:
         self.scripts: dict[str, Any] = dict(scripts or {})
@@ -100,10 +101,13 @@ class MockUpstreams:
     def keys_called(self) -> list[str]:
         return [key for _, key in self.calls]
 
-    def _script(self, key: str) -> fo.Script:
+    def _script(self, key: str, body: dict[str, Any]) -> fo.Script:
         entry = self.scripts.get(key)
         if entry is None:
             raise AssertionError(f"no script for {key}")
+        if isinstance(entry, fo.ContinuingModel):
+            n = sum(1 for _, k in self.calls if k == key) - 1  # this call is in already
+            return entry(str(body.get("model")), body, n)
         if callable(entry):
             return entry(trio.current_time())
         if entry and isinstance(entry[0], list):  # one script per call
@@ -117,7 +121,7 @@ class MockUpstreams:
         key = f"{provider}/{body['model']}"
         self.calls.append((trio.current_time(), key))
         self.requests.append(request)
-        steps = list(self._script(key))
+        steps = list(self._script(key, body))
         while steps and steps[0][0] in ("sleep", "hang", "refuse", "connect_timeout"):
             step = steps.pop(0)
             if step[0] == "refuse":

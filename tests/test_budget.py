@@ -220,11 +220,26 @@ async def test_status_shows_the_spend_against_the_budgets(harness, autojump_cloc
          "exhausted": True},
         {"model": "b/m2", "spent_usd": CALL_USD, "budget_usd_per_day": 1.0, "left_usd": 0.984,
          "exhausted": False}]
-    text = fo.format_status(h.d.status())
-    assert "spend today (2025-06-15 UTC; budgets reset 2025-06-16T00:00:00.000Z):" in text
-    assert any(line.split() == ["a/m1", "$0.0160", "of", "$0.01", "EXHAUSTED"] for line in text)
-    assert any(line.split() == ["b/m2", "$0.0160", "of", "$1", "(left", "$0.9840)"]
-               for line in text)
+    text = fo.format_status(h.d.status(), width=100)
+    assert "spend today (2025-06-15 UTC; budgets reset 2025-06-16T00:00:00.000Z)" in text
+    assert ["a/m1", "0.0160", "0.01", "0.0000", "spent"] in [line.split() for line in text]
+    assert ["b/m2", "0.0160", "1", "0.9840"] in [line.split() for line in text]
+
+
+async def test_the_route_view_knows_a_spent_model_never_answers(harness, autojump_clock):
+    h = harness({"a/m1": ok_script("from a"), "b/m2": ok_script("from b")}, models=budgeted())
+    h.d.wall_clock = lambda: NOON
+    await h.chat()
+    [r] = fo.route_view(h.d, trio.current_time())
+    assert (r["answers"], r["how"]) == ("b/m2", "ok")
+    assert r["slots"][0] == {"slot": "a/m1", "state": "budget", "left_s": 43200.0,
+                             "breaker": None, "reason": "budget_usd_per_day = 0.01 spent"}
+    await h.chat()
+    [r] = fo.route_view(h.d, trio.current_time())
+    assert (r["answers"], r["how"]) == (None, "budget_exhausted")
+    text = fo.format_status(h.d.status(), width=120)
+    assert any("out of budget, 12 h to UTC midnight (budget_usd_per_day = 0.01 spent)"
+               in line for line in text)
 
 
 def test_a_budget_needs_prices():

@@ -208,7 +208,8 @@ async def test_failed_ledger_reopen_keeps_the_daemon_writing(tmp_path, caplog):
                                                                         b'"client_pid":null,'
                                                                         b'"client_uid":null,'
                                                                         b'"total_timeout_s":null,'
-                                                                        b'"client_cliff_s":null}\n')
+                                                                        b'"client_cliff_s":null,'
+                                                                        b'"continued":false}\n')
 
 
 class RecordingReply(fo.Reply):
@@ -300,7 +301,7 @@ async def test_overloaded_daemon_sheds_its_share_of_new_requests_at_once(
     assert r.t_first == 0.0  # refused at once,
     assert len(h.upstreams.calls) == calls  # no upstream touched
     assert "shed (overloaded now: refusing 95% of new requests, 50% of new streams)" in \
-        "\n".join(fo.format_status(h.d.status()))
+        "\n".join(fo.format_status(h.d.status(), width=200))
     h.d.shed_share = 0.0
     assert (await h.chat()).text == "a"
 
@@ -484,7 +485,7 @@ async def test_a_client_gone_while_its_fallback_waits_leaves_the_queue(harness, 
     assert len(h.d.fallbacks) == 1
     status = h.d.status()
     assert status["fallbacks_waiting"] == 1
-    assert "1 next attempt(s) waiting their turn" in "\n".join(fo.format_status(status))
+    assert "1 next attempt(s) waiting their turn" in "\n".join(fo.format_status(status, width=200))
     await client.aclose()
     await trio.sleep(0.1)
     assert len(h.d.fallbacks) == 0

@@ -460,9 +460,9 @@ async def test_status_shows_the_shadows(shadowed, autojump_clock):
     h = shadowed({"a/m1": ok_script("x y"), "c/m3": HUNG}, max_in_flight=1, sample=1.0)
     await h.chat()
     await h.chat()
-    text = "\n".join(fo.format_status(h.d.status()))
-    assert "shadows: on, 1/1 in flight, 1 started; dropped: max_in_flight 1" in text
-    assert "route r -> c/m3, sample 100%: $0.0250 of $1  (left $0.9750)" in text  # reserved
+    text = fo.format_status(h.d.status(), width=120)
+    assert "shadows: on, 1/1 in flight, 1 started, dropped: max_in_flight 1" in text
+    assert ["r", "c/m3", "100%", "0.0250", "1", "0.9750"] in [line.split() for line in text]
 
 
 def attempt(request_id: str, model: str, outcome: str = "ok", **kw: Any) -> fo.AttemptRow:
@@ -502,36 +502,50 @@ def test_the_shadow_report_sets_each_shadow_beside_its_primary():
     assert known == {
         "route": "r", "shadow_model": "c/m3", "primary_model": "a/m1",
         "skipped": {"budget": 1},
-        "shadow": {"n": 3, "ok": 2, "latency_p50_ms": 1000.0, "latency_p90_ms": 3000.0,
-                   "latency_p99_ms": 3000.0, "ttft_p50_ms": 100.0, "ttft_p90_ms": 600.0,
-                   "ttft_p99_ms": 600.0, "tokens_in": 30, "tokens_out": 15,
-                   "cost_usd": 0.006},
-        "primary": {"n": 3, "ok": 3, "latency_p50_ms": 1000.0, "latency_p90_ms": 2000.0,
-                    "latency_p99_ms": 2000.0, "ttft_p50_ms": 300.0, "ttft_p90_ms": 400.0,
-                    "ttft_p99_ms": 400.0, "tokens_in": 35, "tokens_out": 15,
-                    "cost_usd": 0.04},
+        "shadow": {"n": 3, "ok": 2,
+                   "latency_s": {"n": 2, "p50": 1.0, "p90": 3.0, "p99": 3.0, "max": 3.0},
+                   "ttft_s": {"n": 2, "p50": 0.1, "p90": 0.6, "p99": 0.6, "max": 0.6},
+                   "tokens_in": 30, "tokens_out": 15, "cost_usd": 0.006},
+        "primary": {"n": 3, "ok": 3,
+                    "latency_s": {"n": 3, "p50": 1.0, "p90": 2.0, "p99": 2.0, "max": 2.0},
+                    "ttft_s": {"n": 3, "p50": 0.3, "p90": 0.4, "p99": 0.4, "max": 0.4},
+                    "tokens_in": 35, "tokens_out": 15, "cost_usd": 0.04},
         "compared": 2, "exact_match_pct": 50.0, "length_ratio": 1.25,  # 250 chars for 200
         "tool_turns": 1, "same_tools_pct": 0.0,
     }
     assert (unknown["primary_model"], unknown["shadow"]["n"], unknown["compared"]) == ("?", 1, 0)
-    text = "\n".join(fo.format_shadow_report([known]))
-    assert "route r: shadow c/m3 vs primary a/m1; skipped: budget 1" in text
-    assert "agreement over 2 answered pair(s): exact match 50.0%, length 1.25x the " \
-           "primary's, same tools 0.0% of 1 tool-call turn(s)" in text
-    assert fo.audit(REPORT_ROWS, 660.0)[0]["model"] == "a/m1"  # shadows stay out of the table
-    assert len(fo.audit(REPORT_ROWS, 660.0)) == 1
+    text = fo.format_shadow_report([known], width=120)
+    assert "route r: shadow c/m3 beside primary a/m1 (skipped: budget 1)" in text
+    rows = [line.split() for line in text]
+    assert ["primary", "3", "3", "35/15", "0.0400", "answer", "3", "1.00", "2.00", "2.00",
+            "2.00"] in rows
+    assert ["first", "token", "2", "0.10", "0.60", "0.60", "0.60"] in rows
+    assert "  agreement over 2 answered pairs: exact match 50.0%, length 1.25x the " \
+           "primary's, same tools 0.0% of 1 tool-call turns" in text
+    audit = fo.Audit()
+    for row in REPORT_ROWS:
+        audit.add(row)
+    report = audit.report()
+    [route] = report["routes"]
+    assert [m["model"] for m in route["models"]] == ["a/m1"]  # shadows stay out of the table
+    assert report["shadows"] == [known, unknown]
 
 
 def test_audit_prints_the_shadow_section_when_there_are_shadows(tmp_path):
     ledger = tmp_path / "ledger.jsonl"
     ledger.write_bytes(b"".join(msgspec.json.encode(r) + b"\n" for r in REPORT_ROWS))
-    out = CliRunner().invoke(fo.cli, ["audit", str(ledger)])
+    out = CliRunner().invoke(fo.cli, ["audit", str(ledger), "--width", "120"])
     assert out.exit_code == 0, out.output
-    lines = out.output.splitlines()
-    assert lines[0].startswith("model")
-    assert "shadows (each beside the primary that answered the same requests):" in lines
+    assert out.output.startswith("route r:")
+    assert "shadows: each beside the primary that answered the same requests" in out.output
     only = CliRunner().invoke(fo.cli, ["audit", str(ledger), "--shadows", "--json"])
     assert [r["primary_model"] for r in msgspec.json.decode(only.output)] == ["a/m1", "?"]
+    whole = msgspec.json.decode(CliRunner().invoke(fo.cli, ["audit", str(ledger),
+                                                            "--json"]).output)
+    assert whole["shadows"] == msgspec.json.decode(only.output)
+    text = CliRunner().invoke(fo.cli, ["audit", str(ledger), "--shadows", "--width", "120"])
+    assert text.output.splitlines()[0] == "shadows: each beside the primary that answered " \
+                                          "the same requests"
     ledger.write_bytes(msgspec.json.encode(REPORT_ROWS[-1]) + b"\n")
     plain = CliRunner().invoke(fo.cli, ["audit", str(ledger)])
     assert "shadows" not in plain.output
