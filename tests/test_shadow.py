@@ -223,8 +223,8 @@ async def test_a_failing_shadow_never_fails_over(shadowed, autojump_clock):
 
 async def test_a_failed_shadow_takes_no_turn_from_the_live_fallbacks(shadowed, autojump_clock):
     h = shadowed({"a/m1": ok_script("x y"), "c/m3": respond(503)})
-    await h.chat()
     h.d.late = 0.05  # a failover storm: live fallbacks wait their turn (FALLBACK_LAG_S)
+    await h.chat()  # answered at once: a first attempt never waits its turn
     await trio.sleep(1.0)
     assert [r["outcome"] for r in shadow_rows(h)] == ["http_error"]
     assert (len(h.d.fallbacks), h.d.shadows.running) == (0, set())
