@@ -4465,8 +4465,9 @@ class Request:
         self.d.charge(a.slot.key, usd, a.model_cfg.budget_usd_per_day)
 
     def answer_fields(self, a: Attempt) -> dict[str, Any]:
-        """The fingerprint of an answer to be compared with its shadow, for its row."""
-        if not self.compares or a.failure is not None:
+        """The fingerprint of an answer to be compared with its shadow, for its row (not
+        of a continuation: it holds only the end of the answer the client got)."""
+        if not self.compares or a.failure is not None or a.continues is not None:
             return {}
         st = a.st
         return answer_fingerprint(st.record if st.record is not None

@@ -57,11 +57,13 @@ def shadowed(tmp_path, nursery):
     def make(scripts: dict[str, Any], *, routes: dict[str, list[str]] | None = None,
              breakers: fo.BreakerConfig | None = None, daemon: dict[str, Any] | None = None,
              upstreams: MockUpstreams | None = None,
-             providers: dict[str, fo.ProviderConfig] | None = None, **kw: Any) -> Harness:
+             providers: dict[str, fo.ProviderConfig] | None = None,
+             models: dict[str, fo.ModelConfig] | None = None, **kw: Any) -> Harness:
         shadow = {k: kw.pop(k) for k in ("model", "sample", "budget", "enabled",
                                          "max_in_flight") if k in kw}
         ledger = str(tmp_path / "ledger.jsonl")
-        cfg = make_config(routes or {"r": ["a/m1", "b/m2"]}, ledger=ledger, models=MODELS, **kw)
+        cfg = make_config(routes or {"r": ["a/m1", "b/m2"]}, ledger=ledger,
+                          models={**MODELS, **(models or {})}, **kw)
         cfg = shadow_config(cfg, **shadow)
         cfg = msgspec.structs.replace(
             cfg, breakers=breakers or cfg.breakers,
@@ -182,6 +184,26 @@ async def test_an_anthropic_answer_streamed_live_matches_the_same_text(shadowed,
     await trio.sleep(1.0)
     [answer], [row] = live_rows(h), shadow_rows(h)
     assert answer["answer_digest"] == row["answer_digest"]
+
+
+async def test_a_continued_answer_is_shadowed_but_not_compared(shadowed, autojump_clock):
+    """The continuing attempt holds only the end of the answer (SPEC section 11): its
+    digest could never match, so it carries none and the pair is not compared."""
+    from test_continuation import PARTS
+
+    h = shadowed({"a/m1": fo.ContinuingModel(PARTS, cut_after=4),
+                  "b/m2": fo.ContinuingModel(PARTS), "c/m3": fo.ContinuingModel(PARTS)},
+                 models={"b/m2": fo.ModelConfig(prefill="trailing", **PRICED)},
+                 continuation=True)
+    r = await h.chat(stream=True)
+    assert r.text == "".join(PARTS)
+    await trio.sleep(20.0)
+    cut, rest = live_rows(h)
+    assert (cut["outcome"], rest["continued"], rest["answer_digest"]) == ("truncated", True, None)
+    [row] = shadow_rows(h)
+    assert (row["outcome"], row["answer_chars"]) == ("ok", len("".join(PARTS)))
+    [report] = fo.shadow_report(row for _, row in fo.read_ledger(h.ledger_path))
+    assert (report["primary_model"], report["compared"]) == ("?", 0)
 
 
 # -- it never touches the client's request --------------------------------------------
