@@ -6310,10 +6310,12 @@ class _Trend:
 
 
 class _RouteAudit:
-    __slots__ = ("requests", "ok", "latency", "margins", "slots", "trend", "total_s", "cliff_s")
+    __slots__ = ("requests", "ok", "latency", "margins", "slots", "trend", "total_s", "cliff_s",
+                 "continued", "rescued")
 
     def __init__(self) -> None:
         self.requests = self.ok = 0
+        self.continued = self.rescued = 0  # answers that broke and were continued (and ok)
         self.latency: list[float] = []
         self.margins = _Margins()
         self.slots: dict[str, _SlotAudit] = {}
@@ -6435,6 +6437,8 @@ class Audit:
         ok = row.outcome == "ok"
         route.requests += 1
         route.ok += ok
+        route.continued += row.continued
+        route.rescued += row.continued and ok
         if row.total_timeout_s is not None:
             route.total_s = row.total_timeout_s
         if row.client_cliff_s is not None:
@@ -6464,6 +6468,7 @@ class Audit:
                 "success_pct": round(100 * r.ok / r.requests, 1) if r.requests else None,
                 "latency_s": distribution(r.latency), **r.margins.report(),
                 "total_timeout_s": r.total_s, "client_cliff_s": r.cliff_s,
+                "continued": r.continued, "rescued": r.rescued,
                 "models": [s.report(key) for key, s in slots],
                 "trend": [b.report(label) for label, b in sorted(r.trend.items())],
             })
@@ -6569,7 +6574,9 @@ def _route_heading(route: dict[str, Any], report: dict[str, Any]) -> str:
         limits += (f" (assumed {assumed['total_timeout_s']:g} s and "
                    f"{assumed['client_cliff_s']:g} s)")
     ok = "-" if route["success_pct"] is None else f"{route['success_pct']:.1f}% ok"
-    return f"route {route['route']}: {route['requests']:,} requests, {ok}\n  {limits}"
+    rescued = (f", {route['rescued']:,} of {route['continued']:,} broken answers rescued by "
+               "continuation" if route.get("continued") else "")
+    return f"route {route['route']}: {route['requests']:,} requests, {ok}{rescued}\n  {limits}"
 
 
 def render_audit(report: dict[str, Any], width: int | None, *, trend: bool = True) -> str:

@@ -468,3 +468,16 @@ def test_a_lost_hedge_is_neither_a_failure_nor_a_failover():
     assert (a["n"], a["hedges_lost"], a["success_pct"], a["failovers"], a["failed_held_s"]) \
         == (1, 1, None, 0, 0.0)
     assert (a["cost_usd"], a["failed_cost_usd"]) == (0.1, 0.1)  # the loser may be billed
+
+
+async def test_audit_counts_answers_rescued_by_continuation(harness, autojump_clock):
+    parts = ["The", " answer", " is", " here", "."]
+    h = harness({"a/m1": fo.ContinuingModel(parts, cut_after=2), "b/m2": fo.ContinuingModel(parts)},
+                models={"b/m2": fo.ModelConfig(prefill="trailing")}, continuation=True)
+    await h.chat(stream=True)  # broken, continued, ok
+    h.upstreams.scripts["b/m2"] = fo.ContinuingModel(parts, rejects=True)
+    await h.chat(stream=True)  # broken, continuation refused: an in-band error
+    rows = [row for _, row in fo.read_ledger(h.ledger_path) if row is not None]
+    [route] = report(rows)["routes"]
+    assert (route["continued"], route["rescued"]) == (2, 1)
+    assert "1 of 2 broken answers rescued by continuation" in fo.render_audit(report(rows), 120)
