@@ -1552,6 +1552,17 @@ class PromMetrics:
         self.breaker_changes = prom.Counter(
             "failoverd_breaker_transitions", "Breaker state changes, by the state entered.",
             ["scope", "key", "to"], registry=reg)
+        # Shadow calls have families of their own: a candidate that is also a live slot
+        # must not mix its shadow figures into the live ones.
+        self.shadow_attempts = prom.Counter(
+            "failoverd_shadow_attempts", "Shadow attempts by route, shadow model and outcome "
+            "(skipped ones included).", ["route", "model", "outcome"], registry=reg)
+        self.shadow_cost = prom.Counter(
+            "failoverd_shadow_cost_usd", "Billed cost of shadow calls.", ["route", "model"],
+            registry=reg)
+        self.shadow_first_token = prom.Histogram(
+            "failoverd_shadow_first_token_seconds", "First-token time of shadow calls.",
+            ["route", "model"], buckets=buckets, registry=reg)
         self._children: dict[tuple[Any, ...], Any] = {}
         reg.register(self)
         prom.ProcessCollector(registry=reg)
@@ -1576,6 +1587,8 @@ class PromMetrics:
 
     def _attempt(self, row: AttemptRow) -> None:
         provider, model, outcome = row.provider, row.model, row.outcome
+        if row.shadow:
+            return self._shadow(row)
         self._child(self.attempts, provider, model, outcome).inc()
         if outcome == "skipped":
             return
@@ -1589,6 +1602,15 @@ class PromMetrics:
                 row.first_token_deadline_s)
         if row.stall_deadline_s is not None:
             self._child(self.deadline, provider, model, "stall").set(row.stall_deadline_s)
+
+    def _shadow(self, row: AttemptRow) -> None:
+        key = f"{row.provider}/{row.model}"
+        self._child(self.shadow_attempts, row.route, key, row.outcome).inc()
+        if row.outcome == "skipped":
+            return
+        self._child(self.shadow_cost, row.route, key).inc(row.cost_usd or 0.0)
+        if row.ttft_ms is not None:
+            self._child(self.shadow_first_token, row.route, key).observe(row.ttft_ms / 1000)
 
     def describe(self) -> list[Any]:
         return []  # read at scrape time only; nothing to check at registration
@@ -1618,6 +1640,33 @@ class PromMetrics:
         for (scope, key), b in sorted(d.health.breakers.items()):
             states.add_metric([scope, key], BREAKER_STATE_VALUES[breaker_state_at(b, now)[0]])
         yield states
+        yield from self._budgets()
+
+    def _budgets(self) -> Iterator[Any]:
+        """Today's spend (UTC day) against the budgets, live per model and shadows per
+        route, and the shadow calls under way and dropped (SPEC section 13)."""
+        gauge, budgets = self._gauge, self.d.budgets()
+        spent = gauge("failoverd_spend_usd_today", "Live spend today (UTC), failed attempts "
+                      "with output included.", labels=["model"])
+        limit = gauge("failoverd_budget_usd_per_day", "Live budgets (models.P/M."
+                      "budget_usd_per_day).", labels=["model"])
+        for m in budgets["models"]:
+            spent.add_metric([m["model"]], m["spent_usd"])
+            if m["budget_usd_per_day"] is not None:
+                limit.add_metric([m["model"]], m["budget_usd_per_day"])
+        shadow = gauge("failoverd_shadow_spend_usd_today", "Shadow spend today (UTC), by route "
+                       "and shadow model.", labels=["route", "model"])
+        for s in budgets["shadows"]:
+            shadow.add_metric([s["route"], s["model"]], s["spent_usd"])
+        yield from (spent, limit, shadow)
+        shadows = self.d.shadows.status()
+        yield gauge("failoverd_shadow_in_flight", "Shadow calls under way.",
+                    value=shadows["in_flight"])
+        dropped = self._counter("failoverd_shadows_dropped", "Sampled shadow calls not made, "
+                                "by reason.", labels=["reason"])
+        for reason, n in sorted(shadows["dropped"].items()):
+            dropped.add_metric([reason], n)
+        yield dropped
 
     def exposition(self) -> bytes:
         return self._prom.generate_latest(self.registry)

@@ -595,3 +595,33 @@ def test_shadow_config_errors_name_the_key(shadow, error):
     with pytest.raises(fo.ConfigError) as e:
         fo.parse_config(text)
     assert error in str(e.value)
+
+
+async def test_shadow_calls_have_metrics_of_their_own(shadowed, autojump_clock):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    h = shadowed({"a/m1": ok_script("two words"), "c/m3": ok_script("two words")},
+                 routes={"r": ["a/m1"], "r2": ["c/m3"]},
+                 models={"a/m1": fo.ModelConfig(**PRICED, budget_usd_per_day=5.0)})
+    await h.chat()
+    await trio.sleep(1.0)  # the shadow ran after the reply
+    await h.chat("r2")  # c/m3 is also a live slot of another route
+    await trio.sleep(1.0)
+    r = await h.send(http_request(b"", path="/metrics", method="GET"))
+    fam = {f.name: f for f in text_string_to_metric_families(r.body.decode())}
+
+    def values(name: str, sample: str | None = None) -> dict[tuple, float]:
+        return {tuple(sorted(s.labels.items())): s.value for s in fam[name].samples
+                if s.name == (sample or name)}
+
+    live = values("failoverd_attempts", "failoverd_attempts_total")
+    assert live[(("model", "m3"), ("outcome", "ok"), ("provider", "c"))] == 1.0  # r2 only
+    shadow = values("failoverd_shadow_attempts", "failoverd_shadow_attempts_total")
+    assert shadow == {(("model", "c/m3"), ("outcome", "ok"), ("route", "r")): 1.0}
+    assert values("failoverd_shadow_cost_usd", "failoverd_shadow_cost_usd_total") == {
+        (("model", "c/m3"), ("route", "r")): pytest.approx(CALL_USD)}
+    assert values("failoverd_spend_usd_today")[(("model", "a/m1"),)] == pytest.approx(CALL_USD)
+    assert values("failoverd_budget_usd_per_day") == {(("model", "a/m1"),): 5.0}
+    assert values("failoverd_shadow_spend_usd_today") == {
+        (("model", "c/m3"), ("route", "r")): pytest.approx(CALL_USD)}
+    assert values("failoverd_shadow_in_flight") == {(): 0.0}
