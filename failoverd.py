@@ -2099,6 +2099,10 @@ class Daemon:
         self.no_inflight.set()
         self.shutdown = trio.Event()
         self.idle_scopes: set[trio.CancelScope] = set()
+        self.first_waits: set[trio.CancelScope] = set()  # new connections, no request yet
+        self.connections = 0  # open client connections; a drain waits for them to close
+        self.no_connections = trio.Event()
+        self.no_connections.set()
         self.draining = False
         self.loop_lag = 0.0  # seconds the event loop runs late (see watch_lag)
         self.shed = 0  # requests refused while overloaded
@@ -2269,6 +2273,16 @@ class Daemon:
         self.inflight.pop(ex.request_id, None)
         if not self.inflight:
             self.no_inflight.set()
+
+    def connection_opened(self) -> None:
+        if not self.connections:
+            self.no_connections = trio.Event()
+        self.connections += 1
+
+    def connection_closed(self) -> None:
+        self.connections -= 1
+        if not self.connections:
+            self.no_connections.set()
 
     def status(self) -> dict[str, Any]:
         now = trio.current_time()
@@ -3104,21 +3118,24 @@ async def handle_connection(d: Daemon, stream: trio.abc.Stream, peer: Peer) -> N
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
     dc = d.cfg.daemon
     reply = H11Reply(conn, stream, dc.client_write_timeout_s)
+    d.connection_opened()
+    first = True
     try:
         while True:
             if not conn.trailing_data[0]:
                 # Keep-alive idle: wait for the next request's first byte.
                 idle_until = trio.current_time() + dc.keepalive_timeout_s
+                waits = d.first_waits if first else d.idle_scopes
                 with trio.CancelScope(deadline=idle_until) as idle:
-                    d.idle_scopes.add(idle)
+                    waits.add(idle)
                     if d.draining:
-                        idle.cancel()
+                        end_wait(idle, first)
                     try:
                         data = await stream.receive_some(RECV_SIZE)
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         data = b""
                     conn.receive_data(data)
-                d.idle_scopes.discard(idle)
+                waits.discard(idle)
                 if idle.cancelled_caught:
                     return
             with trio.move_on_after(dc.head_timeout_s) as head_scope:
@@ -3140,6 +3157,7 @@ async def handle_connection(d: Daemon, stream: trio.abc.Stream, peer: Peer) -> N
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                 return  # MUST_CLOSE, an error, or a reply cut short: not reusable
             conn.start_next_cycle()
+            first = False
     except Exception:
         log.exception("connection handler failed; the connection is closed, the daemon goes on")
         if conn.our_state is h11.SEND_RESPONSE:
@@ -3148,6 +3166,21 @@ async def handle_connection(d: Daemon, stream: trio.abc.Stream, peer: Peer) -> N
     finally:
         with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
             await stream.aclose()
+        d.connection_closed()
+
+
+# While draining, a connection accepted before the listener closed still has its first
+# request served: its client sent it without knowing of the restart, and sends it right
+# after connecting. A new connection that sends nothing within this is closed.
+DRAIN_FIRST_REQUEST_S = 1.0
+
+
+def end_wait(scope: trio.CancelScope, first: bool) -> None:
+    """Draining: close a keep-alive connection now; give a new one its first request."""
+    if first:
+        scope.deadline = min(scope.deadline, trio.current_time() + DRAIN_FIRST_REQUEST_S)
+    else:
+        scope.cancel()
 
 
 async def _read_body(
@@ -3249,10 +3282,6 @@ async def _chat(
             f"{', '.join(sorted(d.routes)) or '(none)'}, or PROVIDER/MODEL with a declared "
             f"provider ({', '.join(sorted(d.cfg.providers)) or 'none'})",
             code="model_not_found", param="model")
-        return
-    if d.draining:
-        await _client_error(reply, 503, "failoverd is shutting down; retry shortly",
-                            code="shutting_down", close=True)
         return
     if d.should_shed(body.get("stream") is True):
         await _shed(d, reply, route, body, peer)
@@ -3385,8 +3414,9 @@ def activated_listeners() -> list[trio.SocketListener]:
             for i in range(count)]
 
 
-async def open_listeners(cfg: Config) -> list[trio.SocketListener]:
-    listeners = activated_listeners()
+async def open_listeners(cfg: Config, inherited: list[trio.SocketListener] | None = None
+                         ) -> list[trio.SocketListener]:
+    listeners = activated_listeners() if inherited is None else list(inherited)
     if not listeners:
         try:
             listeners.append(await open_unix_listener(cfg.daemon.socket, cfg.daemon.socket_mode))
@@ -3437,9 +3467,12 @@ async def serve(
         for listener in listeners:
             await listener.aclose()
         for scope in list(d.idle_scopes):
-            scope.cancel()
+            end_wait(scope, first=False)
+        for scope in list(d.first_waits):
+            end_wait(scope, first=True)
         with trio.move_on_after(d.cfg.daemon.shutdown_grace_s):
             await d.no_inflight.wait()
+            await d.no_connections.wait()  # each closes after the request it is serving
         for ex in d.inflight.values():
             ex.cancel_reason = "shutdown"
         d.save_state()
@@ -3539,7 +3572,11 @@ async def run_daemon(cfg: Config, config_path: str | None) -> None:
         raise StartupError(f"cannot open daemon.ledger = {cfg.daemon.ledger}: {e.strerror}; "
                            "create the directory or fix its permissions") from None
     d = Daemon(cfg, ledger=ledger, keys=keys)
-    listeners = await open_listeners(cfg)
+    inherited = activated_listeners()
+    listeners = await open_listeners(cfg, inherited)
+    # The socket file is ours to remove only if we bound it: an inherited one belongs to
+    # failoverd.socket, which keeps listening (and queueing clients) across restarts.
+    own_socket = None if inherited else _file_id(cfg.daemon.socket)
     tune_gc()
     try:
         async with trio.open_nursery() as nursery:
@@ -3549,15 +3586,32 @@ async def run_daemon(cfg: Config, config_path: str | None) -> None:
             await nursery.start(_serve_then_stop, d, listeners, nursery.cancel_scope)
             sd_notify("READY=1")
             log.info("failoverd %s serving %d route(s) on %s%s; ledger %s", __version__,
-                     len(d.routes), cfg.daemon.socket,
-                     f" and tcp {cfg.daemon.tcp}" if cfg.daemon.tcp else "", cfg.daemon.ledger)
+                     len(d.routes), ", ".join(map(_listener_name, listeners)),
+                     " (socket activation)" if inherited else "", cfg.daemon.ledger)
     finally:
         with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
             await d.aclose()
         ledger.close()
-        with contextlib.suppress(OSError):
-            if stat.S_ISSOCK(os.lstat(cfg.daemon.socket).st_mode):
+        if own_socket is not None and _file_id(cfg.daemon.socket) == own_socket:
+            with contextlib.suppress(OSError):
                 os.unlink(cfg.daemon.socket)
+
+
+def _file_id(path: str) -> tuple[int, int] | None:
+    """Which socket file is at `path` (device, inode), so that a daemon removes only the
+    one it bound, never one inherited or since replaced by another daemon."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISSOCK(st.st_mode) else None
+
+
+def _listener_name(listener: trio.SocketListener) -> str:
+    name = listener.socket.getsockname()
+    if isinstance(name, tuple):
+        return f"tcp {name[0]}:{name[1]}"
+    return os.fsdecode(name) or "an unnamed socket"
 
 
 # ---------------------------------------------------------------------------
