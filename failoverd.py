@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 import collections
 import contextlib
 import datetime as _dt
+import difflib
 import email.utils
 import errno
 import gc
@@ -222,13 +223,6 @@ def resolve_route(cfg: Config, name: str, rc: RouteConfig) -> Route:
     return Route(name, slots, timing)
 
 
-_SECTION_TYPES: dict[str, type] = {
-    "providers": ProviderConfig,
-    "models": ModelConfig,
-    "routes": RouteConfig,
-}
-
-
 _ENUMS = {"kind": "'openai' or 'anthropic'"}
 
 
@@ -238,12 +232,83 @@ def _expected(text: str) -> str:
     return f"{text}; expected {_ENUMS[m.group(1)]}" if m and m.group(1) in _ENUMS else text
 
 
-def _entry_error(section: str, key: str, err: msgspec.ValidationError) -> str:
-    # msgspec reports dict entries as `$.routes[...]`; name the entry instead.
+def _entry_error(where: str, err: msgspec.ValidationError) -> str:
+    # msgspec's paths start at the value converted (`$.chain[0]`); name the section instead.
     text = str(err)
-    where = f"{section}.{key}"
-    text = re.sub(r"`\$", f"`{where}", text) if "`$" in text else f"{text} - at `{where}`"
+    if where:
+        text = re.sub(r"`\$", f"`{where}", text) if "`$" in text else f"{text} - at `{where}`"
     return _expected(text)
+
+
+def _unknown(where: str, key: str, known: Iterable[str]) -> str:
+    """An unknown key or section, with the one it most likely meant."""
+    known = sorted(known)
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"expected one of {', '.join(known)}"
+    if not where:
+        return f"[{key}]: unknown section; {hint}"
+    return f"{where}.{key}: unknown key; {hint}"
+
+
+def _nested(t: msgspec.inspect.Type) -> tuple[type | None, bool]:
+    """The Struct a field holds, and whether it holds a table of them ([routes.NAME])."""
+    if isinstance(t, msgspec.inspect.UnionType):  # `X | None`
+        inner = [u for u in t.types if not isinstance(u, msgspec.inspect.NoneType)]
+        t = inner[0] if len(inner) == 1 else t
+    if isinstance(t, msgspec.inspect.StructType):
+        return t.cls, False
+    if isinstance(t, msgspec.inspect.DictType) and isinstance(t.value_type,
+                                                             msgspec.inspect.StructType):
+        return t.value_type.cls, True
+    return None, False
+
+
+def _struct_errors(value: Any, typ: type, where: str) -> tuple[list[str], Any]:
+    """Every error in one table: unknown keys (with a suggestion), then each bad value,
+    nested tables included; and what is left of the table that converts (None: nothing).
+    msgspec stops at its first error, so each failing key is set aside and tried again."""
+    if not isinstance(value, dict):
+        try:
+            msgspec.convert(value, typ)
+        except msgspec.ValidationError as e:
+            return [_entry_error(where, e)], None
+    fields = {f.encode_name: f for f in msgspec.inspect.type_info(typ).fields}
+    errors: list[str] = []
+    kept: dict[str, Any] = {}
+    for key, item in value.items():
+        path = f"{where}.{key}" if where else key
+        if key not in fields:
+            errors.append(_unknown(where, key, fields))
+            continue
+        cls, table = _nested(fields[key].type)
+        if cls is not None and table and isinstance(item, dict):
+            entries = {}
+            for name, entry in item.items():
+                errs, entries[name] = _struct_errors(entry, cls, f"{path}.{name}")
+                errors += errs
+            item = {name: entry for name, entry in entries.items() if entry is not None}
+        elif cls is not None and item is not None and not table:
+            errs, item = _struct_errors(item, cls, path)
+            errors += errs
+            if item is None:
+                continue
+        kept[key] = item
+    set_aside: set[str] = set()
+    while True:
+        try:
+            msgspec.convert(kept, typ)
+            return errors, kept
+        except msgspec.ValidationError as e:
+            text = str(e)
+            missing = re.match(r"Object missing required field `(\w+)`", text)
+            if missing and missing.group(1) in set_aside:
+                return errors, None  # already reported as a bad value
+            errors.append(_entry_error(where, e))
+            failed = re.search(r"- at `\$\.(\w+)", text)
+            if failed is None or failed.group(1) not in kept:
+                return errors, None  # a check across the table's keys: the table is out
+            set_aside.add(failed.group(1))
+            del kept[failed.group(1)]
 
 
 def config_errors(cfg: Config) -> list[str]:
@@ -283,28 +348,31 @@ def config_errors(cfg: Config) -> list[str]:
     return errors
 
 
+# When [daemon] client_cliff_s is set below the default total deadline and [defaults]
+# does not set total_timeout_s, the default total follows the cliff, this share below
+# it: the client's clock started before failoverd's (its queue, connecting, sending the
+# body) and the failure report must still reach it before it gives up. 10 % keeps the
+# shipped defaults' shape (300 s total well below a 660 s cliff) for short cliffs too.
+CLIFF_MARGIN = 0.1
+
+
 def parse_config(text: str, source: str = "config") -> Config:
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: not valid TOML: {e}") from None
-    errors = []
-    for section, typ in _SECTION_TYPES.items():
-        entries = raw.get(section)
-        if not isinstance(entries, dict):
-            continue
-        for key, value in entries.items():
-            try:
-                msgspec.convert(value, typ)
-            except msgspec.ValidationError as e:
-                errors.append(_entry_error(section, key, e))
-    if not errors:
-        try:
-            cfg = msgspec.convert(raw, Config)
-        except msgspec.ValidationError as e:
-            errors.append(_expected(str(e)))
-        else:
-            errors = config_errors(cfg)
+    errors, kept = _struct_errors(raw, Config, "")
+    cfg = msgspec.convert(kept or {}, Config)
+    defaults, providers = (t if isinstance(t, dict) else {}
+                           for t in (raw.get("defaults"), raw.get("providers")))
+    if "total_timeout_s" not in defaults \
+            and cfg.defaults.total_timeout_s >= cfg.daemon.client_cliff_s:
+        total = cfg.daemon.client_cliff_s * (1 - CLIFF_MARGIN)
+        cfg = msgspec.structs.replace(
+            cfg, defaults=msgspec.structs.replace(cfg.defaults, total_timeout_s=total))
+    # A provider set aside above is not "undeclared": say nothing more about it.
+    rejected = [f"'{name}" for name in providers if name not in cfg.providers]
+    errors += [e for e in config_errors(cfg) if not any(r in e for r in rejected)]
     if errors:
         raise ConfigError(f"{source}: " + "\n  ".join(["invalid config:", *errors]))
     return cfg
@@ -2196,14 +2264,14 @@ class Daemon:
             for transport in shards.pools:
                 await transport.aclose()
 
-    def reload(self, config_path: str) -> bool:
-        """SIGHUP: take a new config and keys; keep the old ones if the new are bad."""
+    def reload(self, config_path: str) -> str | None:
+        """SIGHUP: take a new config and keys; keep the old ones if the new are bad.
+        None when the new config took, else why it was rejected (the caller logs it)."""
         try:
             cfg = load_config(config_path)
             keys = resolve_keys(cfg, os.environ)
         except ConfigError as e:
-            log.error("reload failed, still serving the previous config: %s", e)
-            return False
+            return str(e)
         changed = [n for n, p in cfg.providers.items()
                    if self.cfg.providers.get(n) != p or self.keys.get(n) != keys.get(n)]
         self.cfg, self.keys = cfg, keys
@@ -2214,7 +2282,7 @@ class Daemon:
             self.transports[name] = self._transport(cfg.providers[name])
         log.warning("config reloaded from %s: %d route(s), %d provider(s) changed",
                     config_path, len(self.routes), len(changed))
-        return True
+        return None
 
     def route_for(self, model: str) -> Route | None:
         route = self.routes.get(model)
@@ -3534,14 +3602,33 @@ async def _watch_signals(d: Daemon, config_path: str | None) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             if signum == signal.SIGHUP:
-                d.ledger.reopen()
-                if config_path is not None:
-                    d.reload(config_path)
+                reload_and_tell(d, config_path)
                 continue
             log.warning("%s: stopping; in-flight requests get %g s to finish",
                         signal.Signals(signum).name, d.cfg.daemon.shutdown_grace_s)
             sd_notify("STOPPING=1")
             d.shutdown.set()
+
+
+def reload_and_tell(d: Daemon, config_path: str | None) -> None:
+    """SIGHUP (`systemctl reload`): reopen the ledger, take the new config or keep the
+    old one, and tell systemd. Under Type=notify-reload, `systemctl reload` waits from
+    RELOADING=1 to READY=1; STATUS= (shown by `systemctl status`) says whether it took."""
+    usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    sd_notify(f"RELOADING=1\nMONOTONIC_USEC={usec}")
+    d.ledger.reopen()
+    error = d.reload(config_path) if config_path is not None else None
+    if error is None:
+        sd_notify(f"READY=1\nSTATUS={serving_status(d)}")
+        return
+    log.error("reload failed, still serving the previous config: %s", error)
+    # STATUS= is one line: "PATH: invalid config: ERROR; ERROR"
+    reason = re.sub(r"(:?)\n\s*", lambda m: ": " if m.group(1) else "; ", error)
+    sd_notify(f"READY=1\nSTATUS=reload rejected, still serving the previous config: {reason}")
+
+
+def serving_status(d: Daemon) -> str:
+    return f"serving {len(d.routes)} route(s), {len(d.cfg.providers)} provider(s)"
 
 
 async def _watchdog(interval: float) -> None:
@@ -3584,7 +3671,7 @@ async def run_daemon(cfg: Config, config_path: str | None) -> None:
             if (usec := os.environ.get("WATCHDOG_USEC", "")).isdigit():
                 nursery.start_soon(_watchdog, int(usec) / 2e6)
             await nursery.start(_serve_then_stop, d, listeners, nursery.cancel_scope)
-            sd_notify("READY=1")
+            sd_notify(f"READY=1\nSTATUS={serving_status(d)}")
             log.info("failoverd %s serving %d route(s) on %s%s; ledger %s", __version__,
                      len(d.routes), ", ".join(map(_listener_name, listeners)),
                      " (socket activation)" if inherited else "", cfg.daemon.ledger)

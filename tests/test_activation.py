@@ -14,9 +14,11 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 import trio
+import trio.testing
 from conftest import ClientResult, http_request, read_response
 
 import failoverd as fo
@@ -126,3 +128,98 @@ async def test_restarts_behind_an_inherited_socket_refuse_no_connection(sock_dir
                 if isinstance(row, fo.RequestRow)]
     assert len(requests) == len(results)  # every request answered, each by one daemon
     assert {r.status for r in requests} == {200}
+
+
+# -- what systemd is told ---------------------------------------------------------------
+
+
+@pytest.fixture
+def notify_socket(sock_dir, monkeypatch):
+    """A fake NOTIFY_SOCKET: the datagram socket systemd listens on."""
+    path = os.path.join(sock_dir, "notify")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    monkeypatch.setenv("NOTIFY_SOCKET", path)
+    yield sock
+    sock.close()
+
+
+def parsed(message: bytes) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in message.decode().split("\n"))
+
+
+async def notifications(sock: socket.socket, n: int) -> list[dict[str, str]]:
+    tsock = trio.socket.from_stdlib_socket(sock.dup())
+    with tsock, trio.fail_after(30):
+        return [parsed(await tsock.recv(65536)) for _ in range(n)]
+
+
+def monotonic_usec() -> int:
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+
+
+GOOD_RELOAD = ('[providers.a]\nbase_url = "http://a.test/v1"\n'
+               '[routes.r]\nchain = ["a/m1"]\n[routes.s]\nchain = ["a/m1"]\n')
+
+
+async def test_reload_tells_systemd_reloading_then_ready(notify_socket, tmp_path, nursery):
+    sock = notify_socket
+    config = tmp_path / "failoverd.toml"
+    config.write_text(GOOD_RELOAD)
+    d = fo.Daemon(fo.parse_config(GOOD_RELOAD.split("[routes.s]")[0]),
+                  ledger=fo.Ledger(str(tmp_path / "ledger.jsonl")))
+    nursery.start_soon(fo._watch_signals, d, str(config))
+    await trio.testing.wait_all_tasks_blocked()
+    before = monotonic_usec()
+    os.kill(os.getpid(), signal.SIGHUP)  # systemctl reload
+    reloading, ready = await notifications(sock, 2)
+    assert reloading.keys() == {"RELOADING", "MONOTONIC_USEC"}
+    assert reloading["RELOADING"] == "1"
+    assert before <= int(reloading["MONOTONIC_USEC"]) <= monotonic_usec()
+    assert ready == {"READY": "1", "STATUS": "serving 2 route(s), 1 provider(s)"}
+    assert sorted(d.routes) == ["r", "s"]
+
+
+async def test_a_rejected_reload_is_reported_in_status_and_logged(
+        notify_socket, tmp_path, nursery, caplog):
+    sock = notify_socket
+    config = tmp_path / "failoverd.toml"
+    config.write_text(GOOD_RELOAD.replace('chain = ["a/m1"]\n[routes.s]', 'chain = ["x/m"]\n'
+                                          '[routes.s]\nchain_ = 1'))
+    d = fo.Daemon(fo.parse_config(GOOD_RELOAD), ledger=fo.Ledger(str(tmp_path / "ledger.jsonl")))
+    nursery.start_soon(fo._watch_signals, d, str(config))
+    await trio.testing.wait_all_tasks_blocked()
+    os.kill(os.getpid(), signal.SIGHUP)
+    reloading, ready = await notifications(sock, 2)
+    assert reloading["RELOADING"] == "1"
+    assert ready["READY"] == "1"
+    status = ready["STATUS"]
+    assert status.startswith(f"reload rejected, still serving the previous config: {config}: ")
+    assert "routes.r.chain[0] = 'x/m'" in status
+    assert "routes.s.chain_" in status  # every error, on one line
+    [record] = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert "reload failed, still serving the previous config" in record.getMessage()
+    assert "routes.r.chain[0]" in record.getMessage()
+    assert sorted(d.routes) == ["r", "s"]  # the previous config still serves
+
+
+def test_serve_tells_systemd_ready_reloading_and_stopping(notify_socket, sock_dir, tmp_path):
+    """The real `failoverd serve`: READY=1 once it listens, RELOADING=1 / READY=1 around a
+    SIGHUP, STOPPING=1 on SIGTERM."""
+    sock = notify_socket
+    sock.settimeout(30)
+    config = write_config(sock_dir, "http://127.0.0.1:9/v1", os.path.join(sock_dir, "fo.sock"))
+    proc = subprocess.Popen([sys.executable, "-m", "failoverd", "serve", "--config", config,
+                             "--quiet"], stderr=subprocess.PIPE)
+    try:
+        seen = [parsed(sock.recv(65536))]
+        proc.send_signal(signal.SIGHUP)
+        seen += [parsed(sock.recv(65536)) for _ in range(2)]
+        proc.send_signal(signal.SIGTERM)
+        seen.append(parsed(sock.recv(65536)))
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+        stderr = proc.communicate()[1].decode()
+    assert [next(iter(m)) for m in seen] == ["READY", "RELOADING", "READY", "STOPPING"], stderr
+    assert seen[0]["STATUS"] == seen[2]["STATUS"] == "serving 1 route(s), 1 provider(s)"
