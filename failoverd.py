@@ -265,8 +265,7 @@ def _nested(t: msgspec.inspect.Type) -> tuple[type | None, bool]:
 
 def _struct_errors(value: Any, typ: type, where: str) -> tuple[list[str], Any]:
     """Every error in one table: unknown keys (with a suggestion), then each bad value,
-    nested tables included; and what is left of the table that converts (None: nothing).
-    msgspec stops at its first error, so each failing key is set aside and tried again."""
+    nested tables included; and what is left of the table that converts (None: nothing)."""
     if not isinstance(value, dict):
         try:
             msgspec.convert(value, typ)
@@ -276,23 +275,35 @@ def _struct_errors(value: Any, typ: type, where: str) -> tuple[list[str], Any]:
     errors: list[str] = []
     kept: dict[str, Any] = {}
     for key, item in value.items():
-        path = f"{where}.{key}" if where else key
         if key not in fields:
             errors.append(_unknown(where, key, fields))
             continue
-        cls, table = _nested(fields[key].type)
-        if cls is not None and table and isinstance(item, dict):
-            entries = {}
-            for name, entry in item.items():
-                errs, entries[name] = _struct_errors(entry, cls, f"{path}.{name}")
-                errors += errs
-            item = {name: entry for name, entry in entries.items() if entry is not None}
-        elif cls is not None and item is not None and not table:
-            errs, item = _struct_errors(item, cls, path)
-            errors += errs
-            if item is None:
-                continue
-        kept[key] = item
+        errs, item = _field_errors(item, fields[key].type, f"{where}.{key}" if where else key)
+        errors += errs
+        if item is not None or errs == []:
+            kept[key] = item
+    return _converted_rest(kept, typ, where, errors)
+
+
+def _field_errors(item: Any, t: msgspec.inspect.Type, path: str) -> tuple[list[str], Any]:
+    """The errors nested in one key's value (a table, or a table of tables)."""
+    cls, table = _nested(t)
+    if cls is None or item is None:
+        return [], item
+    if not table:
+        return _struct_errors(item, cls, path)
+    if not isinstance(item, dict):
+        return [], item  # msgspec says what it expected
+    errors, entries = [], {}
+    for name, entry in item.items():
+        errs, entries[name] = _struct_errors(entry, cls, f"{path}.{name}")
+        errors += errs
+    return errors, {name: entry for name, entry in entries.items() if entry is not None}
+
+
+def _converted_rest(kept: dict[str, Any], typ: type, where: str,
+                    errors: list[str]) -> tuple[list[str], Any]:
+    """msgspec stops at its first error: set each failing key aside and try again."""
     set_aside: set[str] = set()
     while True:
         try:
