@@ -324,7 +324,7 @@ def _converted_rest(kept: dict[str, Any], typ: type, where: str,
 
 def config_errors(cfg: Config) -> list[str]:
     """Cross-section checks msgspec cannot express, each naming its key path."""
-    errors = []
+    errors = _daemon_errors(cfg.daemon)
     declared = ", ".join(sorted(cfg.providers)) or "none"
     cliff = cfg.daemon.client_cliff_s
     if cfg.defaults.total_timeout_s >= cliff:
@@ -365,6 +365,55 @@ def config_errors(cfg: Config) -> list[str]:
 # body) and the failure report must still reach it before it gives up. 10 % keeps the
 # shipped defaults' shape (300 s total well below a 660 s cliff) for short cliffs too.
 CLIFF_MARGIN = 0.1
+
+
+# A Unix socket's path fits in sockaddr_un's 108 bytes with the terminating NUL.
+MAX_SOCKET_PATH = 107
+# The directories systemd makes for the unit (RuntimeDirectory=failoverd,
+# StateDirectory=failoverd): the only ones failoverd creates itself when run without it.
+SYSTEMD_DIRECTORIES = ("/run/failoverd", "/var/lib/failoverd")
+
+
+def _daemon_errors(dc: DaemonConfig) -> list[str]:
+    errors = []
+    size = len(os.fsencode(dc.socket))
+    if not os.path.isabs(dc.socket):
+        errors.append(f"daemon.socket = {dc.socket!r}: expected an absolute path (a relative "
+                      "one depends on the directory failoverd happens to start in)")
+    elif size > MAX_SOCKET_PATH:
+        errors.append(f"daemon.socket = {dc.socket!r}: {size} bytes, over the "
+                      f"{MAX_SOCKET_PATH} a Unix socket path can have; use a shorter one "
+                      "such as /run/failoverd/failoverd.sock")
+    return errors
+
+
+def host_errors(cfg: Config, *, socket: bool = True) -> list[str]:
+    """What this host lacks for the config: the socket's and the ledger's directories
+    (`socket=False` when the socket comes from systemd's failoverd.socket)."""
+    dc = cfg.daemon
+    paths = [("daemon.socket", dc.socket)] if socket else []
+    paths.append(("daemon.ledger", dc.ledger))
+    if dc.state_file:
+        paths.append(("daemon.state_file", dc.state_file))
+    errors = []
+    for key, path in paths:
+        directory = os.path.dirname(path)
+        if not directory or os.path.isdir(directory):
+            continue
+        if directory in SYSTEMD_DIRECTORIES and os.path.isdir(os.path.dirname(directory)):
+            continue  # systemd makes it for the unit, failoverd when run by hand
+        errors.append(f"{key} = {path!r}: directory {directory} does not exist; create it "
+                      "or fix the path (failoverd creates only "
+                      f"{' and '.join(SYSTEMD_DIRECTORIES)}, as its systemd unit does)")
+    return errors
+
+
+def make_systemd_directory(directory: str) -> None:
+    """Create `directory` if it is one of SYSTEMD_DIRECTORIES (as the unit would);
+    any other missing directory stays missing, and opening a file in it fails."""
+    if directory in SYSTEMD_DIRECTORIES and not os.path.isdir(directory):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(directory, 0o755)
 
 
 def parse_config(text: str, source: str = "config") -> Config:
@@ -1062,9 +1111,7 @@ class Ledger:
 
     def open(self) -> None:
         assert self.path is not None
-        directory = os.path.dirname(self.path)
-        if directory:
-            os.makedirs(directory, exist_ok=True)
+        make_systemd_directory(os.path.dirname(self.path))
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         # A crash can leave a torn last line; start ours on a fresh one so the
         # torn line stays one bad line instead of corrupting the next row too.
@@ -3463,9 +3510,7 @@ def _clear_socket_path(path: str) -> None:
                                "set daemon.socket to another path")
         finally:
             probe.close()
-    directory = os.path.dirname(path)
-    if directory:
-        os.makedirs(directory, exist_ok=True)
+    make_systemd_directory(os.path.dirname(path))
 
 
 async def open_unix_listener(path: str, mode: str) -> trio.SocketListener:
@@ -3661,6 +3706,10 @@ def resolve_keys(cfg: Config, env: Mapping[str, str]) -> dict[str, str | None]:
 
 
 async def run_daemon(cfg: Config, config_path: str | None) -> None:
+    inherited = activated_listeners()
+    problems = host_errors(cfg, socket=not inherited)
+    if problems:
+        raise StartupError("\n  ".join(["cannot start:", *problems]))
     try:
         keys = resolve_keys(cfg, os.environ)
         ledger = Ledger(cfg.daemon.ledger)
@@ -3670,7 +3719,6 @@ async def run_daemon(cfg: Config, config_path: str | None) -> None:
         raise StartupError(f"cannot open daemon.ledger = {cfg.daemon.ledger}: {e.strerror}; "
                            "create the directory or fix its permissions") from None
     d = Daemon(cfg, ledger=ledger, keys=keys)
-    inherited = activated_listeners()
     listeners = await open_listeners(cfg, inherited)
     # The socket file is ours to remove only if we bound it: an inherited one belongs to
     # failoverd.socket, which keeps listening (and queueing clients) across restarts.
@@ -4076,7 +4124,7 @@ def check_cmd(config_path: str | None, no_keys: bool) -> None:
     path = _config_path(config_path)
     cfg = _load_or_exit(path)
     lines, warnings = check_report(cfg)
-    problems = []
+    problems = host_errors(cfg)
     for name, p in cfg.providers.items() if not no_keys else ():
         try:
             resolve_api_key(name, p, os.environ)
@@ -4089,6 +4137,12 @@ def check_cmd(config_path: str | None, no_keys: bool) -> None:
         click.echo(f"warning: {w}")
     for p in problems:
         click.echo(f"error: {p}")
+    if not no_keys and not os.environ.get("CREDENTIALS_DIRECTORY") and any(
+            p.credential for p in cfg.providers.values()):
+        click.echo("hint: $CREDENTIALS_DIRECTORY exists only inside the service (systemd's "
+                   "LoadCredential=): run `failoverd check --no-keys` to check the rest, or, as "
+                   "root, `CREDENTIALS_DIRECTORY=/etc/failoverd/keys failoverd check` to read "
+                   "the key files themselves")
     if problems:
         sys.exit(1)
     click.echo("config OK")

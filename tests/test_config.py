@@ -468,3 +468,63 @@ def test_an_explicit_default_total_over_the_cliff_is_still_an_error():
     message = config_error("[daemon]\nclient_cliff_s = 200\n[defaults]\ntotal_timeout_s = 250\n")
 
     assert "defaults.total_timeout_s = 250: must be below daemon.client_cliff_s = 200" in message
+
+
+# -- the host: socket path and directories ------------------------------------------------
+
+
+def test_a_relative_socket_path_is_an_error():
+    message = config_error('[daemon]\nsocket = "run/failoverd.sock"\n')
+
+    assert "daemon.socket = 'run/failoverd.sock': expected an absolute path" in message
+
+
+def test_a_socket_path_over_107_bytes_is_an_error_naming_its_length():
+    long = "/run/" + "x" * 122 + ".sock"  # 132 bytes: bind() would fail with no errno
+    assert len(long) == 132
+
+    message = config_error(f'[daemon]\nsocket = "{long}"\n')
+
+    assert "132 bytes, over the 107 a Unix socket path can have" in message
+    assert fo.parse_config(f'[daemon]\nsocket = "/{"x" * 106}"\n')  # 107 bytes: fine
+
+
+def host_config(tmp_path, **daemon: str) -> fo.Config:
+    paths = {"socket": str(tmp_path / "fo.sock"), "ledger": str(tmp_path / "ledger.jsonl"),
+             **daemon}
+    return fo.Config(daemon=fo.DaemonConfig(**paths))
+
+
+def test_host_check_passes_when_the_directories_exist(tmp_path):
+    assert fo.host_errors(host_config(tmp_path)) == []
+
+
+def test_host_check_names_a_missing_socket_and_ledger_directory(tmp_path):
+    cfg = host_config(tmp_path, socket=str(tmp_path / "nope" / "fo.sock"),
+                      ledger=str(tmp_path / "failoverdd" / "ledger.jsonl"))
+
+    errors = fo.host_errors(cfg)
+
+    assert [e.split(":")[0] for e in errors] == [
+        f"daemon.socket = '{tmp_path}/nope/fo.sock'",
+        f"daemon.ledger = '{tmp_path}/failoverdd/ledger.jsonl'"]
+    assert f"directory {tmp_path}/failoverdd does not exist; create it or fix the path" in errors[1]
+    assert fo.host_errors(cfg, socket=False) == errors[1:]  # socket activation: not ours
+
+
+def test_the_units_own_directories_may_be_missing(tmp_path, monkeypatch):
+    monkeypatch.setattr(fo, "SYSTEMD_DIRECTORIES", (str(tmp_path / "run"), str(tmp_path / "lib")))
+    cfg = host_config(tmp_path, socket=str(tmp_path / "run" / "fo.sock"),
+                      ledger=str(tmp_path / "lib" / "ledger.jsonl"))
+
+    assert fo.host_errors(cfg) == []
+    ledger = fo.Ledger(cfg.daemon.ledger)  # made as StateDirectory= would have
+    ledger.close()
+    assert (tmp_path / "lib").is_dir()
+
+
+def test_the_ledger_never_creates_a_mistyped_directory(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        fo.Ledger(str(tmp_path / "failoverdd" / "ledger.jsonl"))
+
+    assert not (tmp_path / "failoverdd").exists()
