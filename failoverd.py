@@ -93,6 +93,11 @@ class DaemonConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     # Breaker state and token divisors survive restarts here; default: state.json
     # beside the ledger. "" turns persistence off.
     state_file: str | None = None
+    # Who may call, besides what the socket file's mode lets in: when either is set, a
+    # Unix-socket peer (SO_PEERCRED) whose uid is in allow_uids, or whose primary or
+    # supplementary group is in allow_gids. Anyone else gets 403. Numeric ids.
+    allow_uids: list[int] | None = None
+    allow_gids: list[int] | None = None
 
     def __post_init__(self) -> None:
         if self.tcp is not None:
@@ -376,6 +381,10 @@ SYSTEMD_DIRECTORIES = ("/run/failoverd", "/var/lib/failoverd")
 
 def _daemon_errors(dc: DaemonConfig) -> list[str]:
     errors = []
+    if dc.tcp is not None and (dc.allow_uids is not None or dc.allow_gids is not None):
+        errors.append(f"daemon.tcp = {dc.tcp!r}: cannot be combined with daemon.allow_uids / "
+                      "allow_gids: a TCP peer has no credentials to check, so any local user "
+                      "could call; remove tcp or the allow lists")
     size = len(os.fsencode(dc.socket))
     if not os.path.isabs(dc.socket):
         errors.append(f"daemon.socket = {dc.socket!r}: expected an absolute path (a relative "
@@ -622,6 +631,8 @@ class Peer(msgspec.Struct, frozen=True):
 
     pid: int | None = None
     uid: int | None = None
+    gid: int | None = None
+    groups: tuple[int, ...] = ()  # supplementary groups, read only when allow_gids is set
 
 
 class Failure(Exception):
@@ -925,6 +936,16 @@ def smoothed_lag(previous: float, observed: float) -> float:
     """Event-loop lag with a fast attack and a slow decay: one late wake-up counts at
     once, and the estimate halves per calm probe instead of dropping to zero."""
     return max(observed, previous / 2)
+
+
+def peer_allowed(dc: DaemonConfig, peer: Peer) -> bool:
+    """daemon.allow_uids / allow_gids: unset lets everyone in who can open the socket."""
+    if dc.allow_uids is None and dc.allow_gids is None:
+        return True
+    if peer.uid is not None and peer.uid in (dc.allow_uids or ()):
+        return True
+    gids = dc.allow_gids or ()
+    return any(g in gids for g in (peer.gid, *peer.groups) if g is not None)
 
 
 def is_timeout(failure: Failure) -> bool:
@@ -2229,6 +2250,7 @@ class Daemon:
         self.connections = 0  # open client connections; a drain waits for them to close
         self.no_connections = trio.Event()
         self.no_connections.set()
+        self.refusals: dict[int | None, tuple[float, int]] = {}  # uid: (last logged, since)
         self.draining = False
         self.loop_lag = 0.0  # seconds the event loop runs late (see watch_lag)
         self.shed = 0  # requests refused while overloaded
@@ -3348,6 +3370,9 @@ async def _handle_request(
     d: Daemon, conn: h11.Connection, stream: trio.abc.Stream, reply: H11Reply,
     request: h11.Request, peer: Peer,
 ) -> None:
+    if not peer_allowed(d.cfg.daemon, peer):
+        await _refuse_peer(d, reply, peer)
+        return  # the body is never read; the connection closes
     path = request.target.split(b"?", 1)[0]
     method = request.method
     try:
@@ -3376,6 +3401,33 @@ async def _handle_request(
         await _client_error(reply, 404, f"no such endpoint {path.decode('latin-1')}; failoverd "
                             "serves POST /v1/chat/completions, GET /v1/models, /healthz, /status",
                             code="not_found")
+
+
+# A refused peer is logged at most this often per uid (a loop of refusals would flood
+# journald); every refusal has its ledger row.
+REFUSAL_LOG_EVERY_S = 60.0
+
+
+async def _refuse_peer(d: Daemon, reply: H11Reply, peer: Peer) -> None:
+    """A peer outside daemon.allow_uids / allow_gids: 403, one ledger row that says who
+    (never what it asked), a log line; nothing reaches an upstream."""
+    d.ledger.write(RequestRow(
+        ts=utc_timestamp(), request_id=_secrets.token_hex(8), route="", outcome="error",
+        served_by=None, attempts=0, total_ms=0.0, ttft_ms=None, status=403,
+        client_pid=peer.pid, client_uid=peer.uid))
+    now = time.monotonic()
+    last, count = d.refusals.get(peer.uid, (-math.inf, 0))
+    if now - last >= REFUSAL_LOG_EVERY_S:
+        log.warning("refused a request from pid %s uid %s gid %s: not in daemon.allow_uids / "
+                    "allow_gids (%d more from this uid since the last such line)",
+                    peer.pid, peer.uid, peer.gid, count)
+        last, count = now, -1
+    d.refusals[peer.uid] = (last, count + 1)
+    who = f"uid {peer.uid}, gid {peer.gid}" if peer.uid is not None else "an unknown peer"
+    await _simple(reply, 403, error_body(
+        f"{who} may not call this failoverd: its daemon.allow_uids / allow_gids do not "
+        "include it; ask the operator of this host", type_="permission_error",
+        code="peer_not_allowed"), [("connection", "close")])
 
 
 async def _chat(
@@ -3482,7 +3534,8 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLD)
 
 
-def peer_credentials(stream: trio.abc.Stream) -> Peer:
+def peer_credentials(stream: trio.abc.Stream, groups: bool = False) -> Peer:
+    """The peer's pid, uid and gid; with `groups`, its supplementary groups too."""
     sock = getattr(stream, "socket", None)
     if sock is None or sock.family != _socket.AF_UNIX:
         return Peer()
@@ -3490,8 +3543,27 @@ def peer_credentials(stream: trio.abc.Stream) -> Peer:
         raw = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, struct.calcsize("3i"))
     except OSError:
         return Peer()
-    pid, uid, _gid = struct.unpack("3i", raw)
-    return Peer(pid, uid)
+    pid, uid, gid = struct.unpack("3i", raw)
+    return Peer(pid, uid, gid, peer_groups(sock) if groups else ())
+
+
+# SO_PEERGROUPS (Linux 4.13): the peer's supplementary groups as of connect(2), an array
+# of gid_t. Python does not name it; the value is the same on every Linux architecture.
+SO_PEERGROUPS = getattr(_socket, "SO_PEERGROUPS", 59)
+NGROUPS_MAX = 65536
+
+
+def peer_groups(sock: trio.socket.SocketType) -> tuple[int, ...]:
+    size = 64  # enough for nearly everyone; ERANGE means more: ask again with room for all
+    while True:
+        try:
+            raw = sock.getsockopt(_socket.SOL_SOCKET, SO_PEERGROUPS, size * 4)
+        except OSError as e:
+            if e.errno == errno.ERANGE and size < NGROUPS_MAX:
+                size = NGROUPS_MAX
+                continue
+            return ()  # an older kernel: primary groups only
+        return struct.unpack(f"{len(raw) // 4}I", raw)
 
 
 def _clear_socket_path(path: str) -> None:
@@ -3575,7 +3647,8 @@ async def serve(
     """Accept until `d.shutdown` is set, then drain in-flight requests within the grace."""
 
     async def handler(stream: trio.abc.Stream) -> None:
-        await handle_connection(d, stream, peer_credentials(stream))
+        groups = d.cfg.daemon.allow_gids is not None
+        await handle_connection(d, stream, peer_credentials(stream, groups))
 
     async with trio.open_nursery() as connections:
         d.background = connections

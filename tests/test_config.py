@@ -418,7 +418,8 @@ def test_a_misspelt_section_suggests_the_section_meant():
 def test_an_unknown_key_with_no_near_match_lists_the_keys():
     message = config_error(edited("client_cliff_s = 660", "client_cliff_s = 660\nzzz = 1"))
 
-    assert "daemon.zzz: unknown key; expected one of body_timeout_s, client_cliff_s," in message
+    assert "daemon.zzz: unknown key; expected one of " in message
+    assert ", client_cliff_s, " in message
 
 
 def test_every_bad_value_of_one_table_is_reported():
