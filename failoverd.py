@@ -3618,7 +3618,7 @@ async def open_listeners(cfg: Config, inherited: list[trio.SocketListener] | Non
             listeners.append(await open_unix_listener(cfg.daemon.socket, cfg.daemon.socket_mode))
         except OSError as e:
             raise StartupError(f"cannot listen on daemon.socket = {cfg.daemon.socket}: "
-                               f"{e.strerror}") from None
+                               f"{e.strerror or e}") from None
     if cfg.daemon.tcp:
         host, _, port = cfg.daemon.tcp.rpartition(":")
         try:
