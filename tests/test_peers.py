@@ -146,10 +146,14 @@ async def post(sock: str) -> httpx.Response:
 
 async def test_the_unix_socket_checks_the_callers_real_credentials(sock_dir, nursery):
     d = await serve_guarded(sock_dir, nursery, allow_uids=[os.getuid() + 1])
+    config = os.path.join(sock_dir, "failoverd.toml")
+    with open(config, "w") as f:  # noqa: ASYNC230 -- test setup
+        f.write(f'[daemon]\nsocket = "{d.cfg.daemon.socket}"\nledger = "{d.cfg.daemon.ledger}"\n'
+                f'allow_gids = [{os.getgid()}]\n[providers.up]\n'
+                f'base_url = "{d.cfg.providers["up"].base_url}"\n[routes.r]\nchain = ["up/m"]\n')
     with trio.fail_after(10):
         refused = await post(d.cfg.daemon.socket)
-        d.cfg = msgspec.structs.replace(d.cfg, daemon=msgspec.structs.replace(
-            d.cfg.daemon, allow_gids=[os.getgid()]))  # as a reload would
+        assert d.reload(config) is None  # SIGHUP: the new lists apply to the next request
         served = await post(d.cfg.daemon.socket)
     assert refused.status_code == 403
     assert f"uid {os.getuid()}, gid {os.getgid()} may not" in refused.json()["error"]["message"]
