@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 import collections
 import contextlib
 import datetime as _dt
+import difflib
 import email.utils
 import errno
 import gc
@@ -94,6 +95,11 @@ class DaemonConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     # Breaker state and token divisors survive restarts here; default: state.json
     # beside the ledger. "" turns persistence off.
     state_file: str | None = None
+    # Who may call, besides what the socket file's mode lets in: when either is set, a
+    # Unix-socket peer (SO_PEERCRED) whose uid is in allow_uids, or whose primary or
+    # supplementary group is in allow_gids. Anyone else gets 403. Numeric ids.
+    allow_uids: list[int] | None = None
+    allow_gids: list[int] | None = None
 
     def __post_init__(self) -> None:
         if self.tcp is not None:
@@ -276,13 +282,6 @@ def resolve_route(cfg: Config, name: str, rc: RouteConfig) -> Route:
     return Route(name, slots, timing, rc.shadow)
 
 
-_SECTION_TYPES: dict[str, type] = {
-    "providers": ProviderConfig,
-    "models": ModelConfig,
-    "routes": RouteConfig,
-}
-
-
 _ENUMS = {"kind": "'openai' or 'anthropic'",
           "prefill": "'none', 'trailing', 'prefix' or 'vllm'"}
 
@@ -293,17 +292,99 @@ def _expected(text: str) -> str:
     return f"{text}; expected {_ENUMS[m.group(1)]}" if m and m.group(1) in _ENUMS else text
 
 
-def _entry_error(section: str, key: str, err: msgspec.ValidationError) -> str:
-    # msgspec reports dict entries as `$.routes[...]`; name the entry instead.
+def _entry_error(where: str, err: msgspec.ValidationError) -> str:
+    # msgspec's paths start at the value converted (`$.chain[0]`); name the section instead.
     text = str(err)
-    where = f"{section}.{key}"
-    text = re.sub(r"`\$", f"`{where}", text) if "`$" in text else f"{text} - at `{where}`"
+    if where:
+        text = re.sub(r"`\$", f"`{where}", text) if "`$" in text else f"{text} - at `{where}`"
     return _expected(text)
+
+
+def _unknown(where: str, key: str, known: Iterable[str]) -> str:
+    """An unknown key or section, with the one it most likely meant."""
+    known = sorted(known)
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"expected one of {', '.join(known)}"
+    if not where:
+        return f"[{key}]: unknown section; {hint}"
+    return f"{where}.{key}: unknown key; {hint}"
+
+
+def _nested(t: msgspec.inspect.Type) -> tuple[type | None, bool]:
+    """The Struct a field holds, and whether it holds a table of them ([routes.NAME])."""
+    if isinstance(t, msgspec.inspect.UnionType):  # `X | None`
+        inner = [u for u in t.types if not isinstance(u, msgspec.inspect.NoneType)]
+        t = inner[0] if len(inner) == 1 else t
+    if isinstance(t, msgspec.inspect.StructType):
+        return t.cls, False
+    if isinstance(t, msgspec.inspect.DictType) and isinstance(t.value_type,
+                                                             msgspec.inspect.StructType):
+        return t.value_type.cls, True
+    return None, False
+
+
+def _struct_errors(value: Any, typ: type, where: str) -> tuple[list[str], Any]:
+    """Every error in one table: unknown keys (with a suggestion), then each bad value,
+    nested tables included; and what is left of the table that converts (None: nothing)."""
+    if not isinstance(value, dict):
+        try:
+            msgspec.convert(value, typ)
+        except msgspec.ValidationError as e:
+            return [_entry_error(where, e)], None
+    fields = {f.encode_name: f for f in msgspec.inspect.type_info(typ).fields}
+    errors: list[str] = []
+    kept: dict[str, Any] = {}
+    for key, item in value.items():
+        if key not in fields:
+            errors.append(_unknown(where, key, fields))
+            continue
+        errs, item = _field_errors(item, fields[key].type, f"{where}.{key}" if where else key)
+        errors += errs
+        if item is not None or errs == []:
+            kept[key] = item
+    return _converted_rest(kept, typ, where, errors)
+
+
+def _field_errors(item: Any, t: msgspec.inspect.Type, path: str) -> tuple[list[str], Any]:
+    """The errors nested in one key's value (a table, or a table of tables)."""
+    cls, table = _nested(t)
+    if cls is None or item is None:
+        return [], item
+    if not table:
+        return _struct_errors(item, cls, path)
+    if not isinstance(item, dict):
+        return [], item  # msgspec says what it expected
+    errors, entries = [], {}
+    for name, entry in item.items():
+        errs, entries[name] = _struct_errors(entry, cls, f"{path}.{name}")
+        errors += errs
+    return errors, {name: entry for name, entry in entries.items() if entry is not None}
+
+
+def _converted_rest(kept: dict[str, Any], typ: type, where: str,
+                    errors: list[str]) -> tuple[list[str], Any]:
+    """msgspec stops at its first error: set each failing key aside and try again."""
+    set_aside: set[str] = set()
+    while True:
+        try:
+            msgspec.convert(kept, typ)
+            return errors, kept
+        except msgspec.ValidationError as e:
+            text = str(e)
+            missing = re.match(r"Object missing required field `(\w+)`", text)
+            if missing and missing.group(1) in set_aside:
+                return errors, None  # already reported as a bad value
+            errors.append(_entry_error(where, e))
+            failed = re.search(r"- at `\$\.(\w+)", text)
+            if failed is None or failed.group(1) not in kept:
+                return errors, None  # a check across the table's keys: the table is out
+            set_aside.add(failed.group(1))
+            del kept[failed.group(1)]
 
 
 def config_errors(cfg: Config) -> list[str]:
     """Cross-section checks msgspec cannot express, each naming its key path."""
-    errors = []
+    errors = _daemon_errors(cfg.daemon)
     declared = ", ".join(sorted(cfg.providers)) or "none"
     cliff = cfg.daemon.client_cliff_s
     if cfg.defaults.total_timeout_s >= cliff:
@@ -369,28 +450,84 @@ def _shadow_errors(cfg: Config, route: str, shadow: RouteShadow | None) -> list[
     return []
 
 
+# When [daemon] client_cliff_s is set below the default total deadline and [defaults]
+# does not set total_timeout_s, the default total follows the cliff, this share below
+# it: the client's clock started before failoverd's (its queue, connecting, sending the
+# body) and the failure report must still reach it before it gives up. 10 % keeps the
+# shipped defaults' shape (300 s total well below a 660 s cliff) for short cliffs too.
+CLIFF_MARGIN = 0.1
+
+
+# A Unix socket's path fits in sockaddr_un's 108 bytes with the terminating NUL.
+MAX_SOCKET_PATH = 107
+# The directories systemd makes for the unit (RuntimeDirectory=failoverd,
+# StateDirectory=failoverd): the only ones failoverd creates itself when run without it.
+SYSTEMD_DIRECTORIES = ("/run/failoverd", "/var/lib/failoverd")
+
+
+def _daemon_errors(dc: DaemonConfig) -> list[str]:
+    errors = []
+    if dc.tcp is not None and (dc.allow_uids is not None or dc.allow_gids is not None):
+        errors.append(f"daemon.tcp = {dc.tcp!r}: cannot be combined with daemon.allow_uids / "
+                      "allow_gids: a TCP peer has no credentials to check, so any local user "
+                      "could call; remove tcp or the allow lists")
+    size = len(os.fsencode(dc.socket))
+    if not os.path.isabs(dc.socket):
+        errors.append(f"daemon.socket = {dc.socket!r}: expected an absolute path (a relative "
+                      "one depends on the directory failoverd happens to start in)")
+    elif size > MAX_SOCKET_PATH:
+        errors.append(f"daemon.socket = {dc.socket!r}: {size} bytes, over the "
+                      f"{MAX_SOCKET_PATH} a Unix socket path can have; use a shorter one "
+                      "such as /run/failoverd/failoverd.sock")
+    return errors
+
+
+def host_errors(cfg: Config, *, socket: bool = True) -> list[str]:
+    """What this host lacks for the config: the socket's and the ledger's directories
+    (`socket=False` when the socket comes from systemd's failoverd.socket)."""
+    dc = cfg.daemon
+    paths = [("daemon.socket", dc.socket)] if socket else []
+    paths.append(("daemon.ledger", dc.ledger))
+    if dc.state_file:
+        paths.append(("daemon.state_file", dc.state_file))
+    errors = []
+    for key, path in paths:
+        directory = os.path.dirname(path)
+        if not directory or os.path.isdir(directory):
+            continue
+        if directory in SYSTEMD_DIRECTORIES and os.path.isdir(os.path.dirname(directory)):
+            continue  # systemd makes it for the unit, failoverd when run by hand
+        errors.append(f"{key} = {path!r}: directory {directory} does not exist; create it "
+                      "or fix the path (failoverd creates only "
+                      f"{' and '.join(SYSTEMD_DIRECTORIES)}, as its systemd unit does)")
+    return errors
+
+
+def make_systemd_directory(directory: str) -> None:
+    """Create `directory` if it is one of SYSTEMD_DIRECTORIES (as the unit would);
+    any other missing directory stays missing, and opening a file in it fails."""
+    if directory in SYSTEMD_DIRECTORIES and not os.path.isdir(directory):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(directory, 0o755)
+
+
 def parse_config(text: str, source: str = "config") -> Config:
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: not valid TOML: {e}") from None
-    errors = []
-    for section, typ in _SECTION_TYPES.items():
-        entries = raw.get(section)
-        if not isinstance(entries, dict):
-            continue
-        for key, value in entries.items():
-            try:
-                msgspec.convert(value, typ)
-            except msgspec.ValidationError as e:
-                errors.append(_entry_error(section, key, e))
-    if not errors:
-        try:
-            cfg = msgspec.convert(raw, Config)
-        except msgspec.ValidationError as e:
-            errors.append(_expected(str(e)))
-        else:
-            errors = config_errors(cfg)
+    errors, kept = _struct_errors(raw, Config, "")
+    cfg = msgspec.convert(kept or {}, Config)
+    defaults, providers = (t if isinstance(t, dict) else {}
+                           for t in (raw.get("defaults"), raw.get("providers")))
+    if "total_timeout_s" not in defaults \
+            and cfg.defaults.total_timeout_s >= cfg.daemon.client_cliff_s:
+        total = cfg.daemon.client_cliff_s * (1 - CLIFF_MARGIN)
+        cfg = msgspec.structs.replace(
+            cfg, defaults=msgspec.structs.replace(cfg.defaults, total_timeout_s=total))
+    # A provider set aside above is not "undeclared": say nothing more about it.
+    rejected = [f"'{name}" for name in providers if name not in cfg.providers]
+    errors += [e for e in config_errors(cfg) if not any(r in e for r in rejected)]
     if errors:
         raise ConfigError(f"{source}: " + "\n  ".join(["invalid config:", *errors]))
     return cfg
@@ -608,6 +745,8 @@ class Peer(msgspec.Struct, frozen=True):
 
     pid: int | None = None
     uid: int | None = None
+    gid: int | None = None
+    groups: tuple[int, ...] = ()  # supplementary groups, read only when allow_gids is set
 
 
 class Failure(Exception):
@@ -1137,6 +1276,16 @@ def smoothed_lag(previous: float, observed: float) -> float:
     return max(observed, previous / 2)
 
 
+def peer_allowed(dc: DaemonConfig, peer: Peer) -> bool:
+    """daemon.allow_uids / allow_gids: unset lets everyone in who can open the socket."""
+    if dc.allow_uids is None and dc.allow_gids is None:
+        return True
+    if peer.uid is not None and peer.uid in (dc.allow_uids or ()):
+        return True
+    gids = dc.allow_gids or ()
+    return any(g in gids for g in (peer.gid, *peer.groups) if g is not None)
+
+
 def is_timeout(failure: Failure) -> bool:
     """A deadline fired (ours, or httpx's connect timeout): the provider is unresponsive."""
     return failure.timeout or failure.outcome in TIMEOUT_OUTCOMES
@@ -1399,9 +1548,7 @@ class Ledger:
 
     def open(self) -> None:
         assert self.path is not None
-        directory = os.path.dirname(self.path)
-        if directory:
-            os.makedirs(directory, exist_ok=True)
+        make_systemd_directory(os.path.dirname(self.path))
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
         # A crash can leave a torn last line; start ours on a fresh one so the
         # torn line stays one bad line instead of corrupting the next row too.
@@ -3093,6 +3240,11 @@ class Daemon:
         self.no_inflight.set()
         self.shutdown = trio.Event()
         self.idle_scopes: set[trio.CancelScope] = set()
+        self.first_waits: set[trio.CancelScope] = set()  # new connections, no request yet
+        self.connections = 0  # open client connections; a drain waits for them to close
+        self.no_connections = trio.Event()
+        self.no_connections.set()
+        self.refusals: dict[int | None, tuple[float, int]] = {}  # uid: (last logged, since)
         self.draining = False
         self.loop_lag = 0.0  # seconds the event loop runs late (see watch_lag)
         self.shed = 0  # requests refused while overloaded
@@ -3302,8 +3454,7 @@ class Daemon:
             cfg = load_config(config_path)
             keys = resolve_keys(cfg, os.environ)
         except ConfigError as e:
-            log.error("reload failed, still serving the previous config: %s", e)
-            return str(e)
+            return str(e)  # reload_and_tell logs it and puts it in systemd's STATUS=
         old = self.snap
         changed = [n for n, p in cfg.providers.items()
                    if old.cfg.providers.get(n) != p or old.keys.get(n) != keys.get(n)]
@@ -3399,6 +3550,16 @@ class Daemon:
         self.inflight.pop(req.request_id, None)
         if not self.inflight:
             self.no_inflight.set()
+
+    def connection_opened(self) -> None:
+        if not self.connections:
+            self.no_connections = trio.Event()
+        self.connections += 1
+
+    def connection_closed(self) -> None:
+        self.connections -= 1
+        if not self.connections:
+            self.no_connections.set()
 
     def status(self) -> dict[str, Any]:
         """What `GET /status` shows; a read with no side effects."""
@@ -4945,21 +5106,24 @@ async def handle_connection(d: Daemon, stream: trio.abc.Stream, peer: Peer) -> N
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
     dc = d.cfg.daemon
     reply = H11Reply(conn, stream, dc.client_write_timeout_s)
+    d.connection_opened()
+    first = True
     try:
         while True:
             if not conn.trailing_data[0]:
                 # Keep-alive idle: wait for the next request's first byte.
                 idle_until = trio.current_time() + dc.keepalive_timeout_s
+                waits = d.first_waits if first else d.idle_scopes
                 with trio.CancelScope(deadline=idle_until) as idle:
-                    d.idle_scopes.add(idle)
+                    waits.add(idle)
                     if d.draining:
-                        idle.cancel()
+                        end_wait(idle, first)
                     try:
                         data = await stream.receive_some(RECV_SIZE)
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         data = b""
                     conn.receive_data(data)
-                d.idle_scopes.discard(idle)
+                waits.discard(idle)
                 if idle.cancelled_caught:
                     return
             with trio.move_on_after(dc.head_timeout_s) as head_scope:
@@ -4981,6 +5145,7 @@ async def handle_connection(d: Daemon, stream: trio.abc.Stream, peer: Peer) -> N
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                 return  # MUST_CLOSE, an error, or a reply cut short: not reusable
             conn.start_next_cycle()
+            first = False
     except Exception:
         log.exception("connection handler failed; the connection is closed, the daemon goes on")
         if conn.our_state is h11.SEND_RESPONSE:
@@ -4989,6 +5154,21 @@ async def handle_connection(d: Daemon, stream: trio.abc.Stream, peer: Peer) -> N
     finally:
         with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
             await stream.aclose()
+        d.connection_closed()
+
+
+# While draining, a connection accepted before the listener closed still has its first
+# request served: its client sent it without knowing of the restart, and sends it right
+# after connecting. A new connection that sends nothing within this is closed.
+DRAIN_FIRST_REQUEST_S = 1.0
+
+
+def end_wait(scope: trio.CancelScope, first: bool) -> None:
+    """Draining: close a keep-alive connection now; give a new one its first request."""
+    if first:
+        scope.deadline = min(scope.deadline, trio.current_time() + DRAIN_FIRST_REQUEST_S)
+    else:
+        scope.cancel()
 
 
 async def _read_body(
@@ -5030,6 +5210,9 @@ async def _handle_request(
     d: Daemon, conn: h11.Connection, stream: trio.abc.Stream, reply: H11Reply,
     request: h11.Request, peer: Peer,
 ) -> None:
+    if not peer_allowed(d.cfg.daemon, peer):
+        await _refuse_peer(d, reply, peer)
+        return  # the body is never read; the connection closes
     path = request.target.split(b"?", 1)[0]
     method = request.method
     try:
@@ -5074,6 +5257,33 @@ async def _metrics(d: Daemon, reply: H11Reply) -> None:
                           d.metrics.exposition(), final=True)
 
 
+# A refused peer is logged at most this often per uid (a loop of refusals would flood
+# journald); every refusal has its ledger row.
+REFUSAL_LOG_EVERY_S = 60.0
+
+
+async def _refuse_peer(d: Daemon, reply: H11Reply, peer: Peer) -> None:
+    """A peer outside daemon.allow_uids / allow_gids: 403, one ledger row that says who
+    (never what it asked), a log line; nothing reaches an upstream."""
+    d.ledger.write(RequestRow(
+        ts=utc_timestamp(), request_id=_secrets.token_hex(8), route="", outcome="error",
+        served_by=None, attempts=0, total_ms=0.0, ttft_ms=None, status=403,
+        client_pid=peer.pid, client_uid=peer.uid))
+    now = time.monotonic()
+    last, count = d.refusals.get(peer.uid, (-math.inf, 0))
+    if now - last >= REFUSAL_LOG_EVERY_S:
+        log.warning("refused a request from pid %s uid %s gid %s: not in daemon.allow_uids / "
+                    "allow_gids (%d more from this uid since the last such line)",
+                    peer.pid, peer.uid, peer.gid, count)
+        last, count = now, -1
+    d.refusals[peer.uid] = (last, count + 1)
+    who = f"uid {peer.uid}, gid {peer.gid}" if peer.uid is not None else "an unknown peer"
+    await _simple(reply, 403, error_body(
+        f"{who} may not call this failoverd: its daemon.allow_uids / allow_gids do not "
+        "include it; ask the operator of this host", type_="permission_error",
+        code="peer_not_allowed"), [("connection", "close")])
+
+
 async def _chat(
     d: Daemon, conn: h11.Connection, stream: trio.abc.Stream, reply: H11Reply, raw: bytes,
     peer: Peer, *, marked: bool = False,
@@ -5104,10 +5314,6 @@ async def _chat(
             f"{', '.join(sorted(d.routes)) or '(none)'}, or PROVIDER/MODEL with a declared "
             f"provider ({', '.join(sorted(d.cfg.providers)) or 'none'})",
             code="model_not_found", param="model")
-        return
-    if d.draining:
-        await _client_error(reply, 503, "failoverd is shutting down; retry shortly",
-                            code="shutting_down", close=True)
         return
     if d.should_shed(body.get("stream") is True):
         await _shed(d, reply, route, body, peer)
@@ -5208,7 +5414,8 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLD)
 
 
-def peer_credentials(stream: trio.abc.Stream) -> Peer:
+def peer_credentials(stream: trio.abc.Stream, groups: bool = False) -> Peer:
+    """The peer's pid, uid and gid; with `groups`, its supplementary groups too."""
     sock = getattr(stream, "socket", None)
     if sock is None or sock.family != _socket.AF_UNIX:
         return Peer()
@@ -5216,8 +5423,27 @@ def peer_credentials(stream: trio.abc.Stream) -> Peer:
         raw = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, struct.calcsize("3i"))
     except OSError:
         return Peer()
-    pid, uid, _gid = struct.unpack("3i", raw)
-    return Peer(pid, uid)
+    pid, uid, gid = struct.unpack("3i", raw)
+    return Peer(pid, uid, gid, peer_groups(sock) if groups else ())
+
+
+# SO_PEERGROUPS (Linux 4.13): the peer's supplementary groups as of connect(2), an array
+# of gid_t. Python does not name it; the value is the same on every Linux architecture.
+SO_PEERGROUPS = getattr(_socket, "SO_PEERGROUPS", 59)
+NGROUPS_MAX = 65536
+
+
+def peer_groups(sock: trio.socket.SocketType) -> tuple[int, ...]:
+    size = 64  # enough for nearly everyone; ERANGE means more: ask again with room for all
+    while True:
+        try:
+            raw = sock.getsockopt(_socket.SOL_SOCKET, SO_PEERGROUPS, size * 4)
+        except OSError as e:
+            if e.errno == errno.ERANGE and size < NGROUPS_MAX:
+                size = NGROUPS_MAX
+                continue
+            return ()  # an older kernel: primary groups only
+        return struct.unpack(f"{len(raw) // 4}I", raw)
 
 
 def _clear_socket_path(path: str) -> None:
@@ -5236,9 +5462,7 @@ def _clear_socket_path(path: str) -> None:
                                "set daemon.socket to another path")
         finally:
             probe.close()
-    directory = os.path.dirname(path)
-    if directory:
-        os.makedirs(directory, exist_ok=True)
+    make_systemd_directory(os.path.dirname(path))
 
 
 async def open_unix_listener(path: str, mode: str) -> trio.SocketListener:
@@ -5266,14 +5490,15 @@ def activated_listeners() -> list[trio.SocketListener]:
             for i in range(count)]
 
 
-async def open_listeners(cfg: Config) -> list[trio.SocketListener]:
-    listeners = activated_listeners()
+async def open_listeners(cfg: Config, inherited: list[trio.SocketListener] | None = None
+                         ) -> list[trio.SocketListener]:
+    listeners = activated_listeners() if inherited is None else list(inherited)
     if not listeners:
         try:
             listeners.append(await open_unix_listener(cfg.daemon.socket, cfg.daemon.socket_mode))
         except OSError as e:
             raise StartupError(f"cannot listen on daemon.socket = {cfg.daemon.socket}: "
-                               f"{e.strerror}") from None
+                               f"{e.strerror or e}") from None
     if cfg.daemon.tcp:
         host, _, port = cfg.daemon.tcp.rpartition(":")
         try:
@@ -5302,7 +5527,8 @@ async def serve(
     """Accept until `d.shutdown` is set, then drain in-flight requests within the grace."""
 
     async def handler(stream: trio.abc.Stream) -> None:
-        await handle_connection(d, stream, peer_credentials(stream))
+        groups = d.cfg.daemon.allow_gids is not None
+        await handle_connection(d, stream, peer_credentials(stream, groups))
 
     async with trio.open_nursery() as connections:
         d.background = connections
@@ -5319,9 +5545,12 @@ async def serve(
         for listener in listeners:
             await listener.aclose()
         for scope in list(d.idle_scopes):
-            scope.cancel()
+            end_wait(scope, first=False)
+        for scope in list(d.first_waits):
+            end_wait(scope, first=True)
         with trio.move_on_after(d.cfg.daemon.shutdown_grace_s):
             await d.no_inflight.wait()
+            await d.no_connections.wait()  # each closes after the request it is serving
         for req in d.inflight.values():
             req.cancel_reason = "shutdown"
         d.save_state()
@@ -5383,14 +5612,33 @@ async def _watch_signals(d: Daemon, config_path: str | None) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
             if signum == signal.SIGHUP:
-                d.ledger.reopen()
-                if config_path is not None:
-                    d.reload(config_path)
+                reload_and_tell(d, config_path)
                 continue
             log.warning("%s: stopping; in-flight requests get %g s to finish",
                         signal.Signals(signum).name, d.cfg.daemon.shutdown_grace_s)
             sd_notify("STOPPING=1")
             d.shutdown.set()
+
+
+def reload_and_tell(d: Daemon, config_path: str | None) -> None:
+    """SIGHUP (`systemctl reload`): reopen the ledger, take the new config or keep the
+    old one, and tell systemd. Under Type=notify-reload, `systemctl reload` waits from
+    RELOADING=1 to READY=1; STATUS= (shown by `systemctl status`) says whether it took."""
+    usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    sd_notify(f"RELOADING=1\nMONOTONIC_USEC={usec}")
+    d.ledger.reopen()
+    error = d.reload(config_path) if config_path is not None else None
+    if error is None:
+        sd_notify(f"READY=1\nSTATUS={serving_status(d)}")
+        return
+    log.error("reload failed, still serving the previous config: %s", error)
+    # STATUS= is one line: "PATH: invalid config: ERROR; ERROR"
+    reason = re.sub(r"(:?)\n\s*", lambda m: ": " if m.group(1) else "; ", error)
+    sd_notify(f"READY=1\nSTATUS=reload rejected, still serving the previous config: {reason}")
+
+
+def serving_status(d: Daemon) -> str:
+    return f"serving {len(d.routes)} route(s), {len(d.cfg.providers)} provider(s)"
 
 
 async def _watchdog(interval: float) -> None:
@@ -5412,6 +5660,10 @@ def resolve_keys(cfg: Config, env: Mapping[str, str]) -> dict[str, str | None]:
 
 
 async def run_daemon(cfg: Config, config_path: str | None) -> None:
+    inherited = activated_listeners()
+    problems = host_errors(cfg, socket=not inherited)
+    if problems:
+        raise StartupError("\n  ".join(["cannot start:", *problems]))
     try:
         keys = resolve_keys(cfg, os.environ)
         ledger = Ledger(cfg.daemon.ledger)
@@ -5421,7 +5673,10 @@ async def run_daemon(cfg: Config, config_path: str | None) -> None:
         raise StartupError(f"cannot open daemon.ledger = {cfg.daemon.ledger}: {e.strerror}; "
                            "create the directory or fix its permissions") from None
     d = Daemon(cfg, ledger=ledger, keys=keys)
-    listeners = await open_listeners(cfg)
+    listeners = await open_listeners(cfg, inherited)
+    # The socket file is ours to remove only if we bound it: an inherited one belongs to
+    # failoverd.socket, which keeps listening (and queueing clients) across restarts.
+    own_socket = None if inherited else _file_id(cfg.daemon.socket)
     tune_gc()
     try:
         async with trio.open_nursery() as nursery:
@@ -5429,17 +5684,34 @@ async def run_daemon(cfg: Config, config_path: str | None) -> None:
             if (usec := os.environ.get("WATCHDOG_USEC", "")).isdigit():
                 nursery.start_soon(_watchdog, int(usec) / 2e6)
             await nursery.start(_serve_then_stop, d, listeners, nursery.cancel_scope)
-            sd_notify("READY=1")
+            sd_notify(f"READY=1\nSTATUS={serving_status(d)}")
             log.info("failoverd %s serving %d route(s) on %s%s; ledger %s", __version__,
-                     len(d.routes), cfg.daemon.socket,
-                     f" and tcp {cfg.daemon.tcp}" if cfg.daemon.tcp else "", cfg.daemon.ledger)
+                     len(d.routes), ", ".join(map(_listener_name, listeners)),
+                     " (socket activation)" if inherited else "", cfg.daemon.ledger)
     finally:
         with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
             await d.aclose()
         ledger.close()
-        with contextlib.suppress(OSError):
-            if stat.S_ISSOCK(os.lstat(cfg.daemon.socket).st_mode):
+        if own_socket is not None and _file_id(cfg.daemon.socket) == own_socket:
+            with contextlib.suppress(OSError):
                 os.unlink(cfg.daemon.socket)
+
+
+def _file_id(path: str) -> tuple[int, int] | None:
+    """Which socket file is at `path` (device, inode), so that a daemon removes only the
+    one it bound, never one inherited or since replaced by another daemon."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISSOCK(st.st_mode) else None
+
+
+def _listener_name(listener: trio.SocketListener) -> str:
+    name = listener.socket.getsockname()
+    if isinstance(name, tuple):
+        return f"tcp {name[0]}:{name[1]}"
+    return os.fsdecode(name) or "an unnamed socket"
 
 
 # ---------------------------------------------------------------------------
@@ -6018,7 +6290,7 @@ def check_cmd(config_path: str | None, no_keys: bool) -> None:
     path = _config_path(config_path)
     cfg = _load_or_exit(path)
     lines, warnings = check_report(cfg)
-    problems = []
+    problems = host_errors(cfg)
     for name, p in cfg.providers.items() if not no_keys else ():
         try:
             resolve_api_key(name, p, os.environ)
@@ -6031,6 +6303,12 @@ def check_cmd(config_path: str | None, no_keys: bool) -> None:
         click.echo(f"warning: {w}")
     for p in problems:
         click.echo(f"error: {p}")
+    if not no_keys and not os.environ.get("CREDENTIALS_DIRECTORY") and any(
+            p.credential for p in cfg.providers.values()):
+        click.echo("hint: $CREDENTIALS_DIRECTORY exists only inside the service (systemd's "
+                   "LoadCredential=): run `failoverd check --no-keys` to check the rest, or, as "
+                   "root, `CREDENTIALS_DIRECTORY=/etc/failoverd/keys failoverd check` to read "
+                   "the key files themselves")
     if problems:
         sys.exit(1)
     click.echo("config OK")

@@ -41,10 +41,11 @@ import loadgen as lg  # noqa: E402
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
-VENV_BIN = os.path.join(ROOT, ".venv", "bin")
-FAILOVERD = os.path.join(VENV_BIN, "failoverd")
-PYTHON = os.path.join(VENV_BIN, "python") if os.path.exists(
-    os.path.join(VENV_BIN, "python")) else sys.executable
+# The interpreter this script runs under (in the venv failoverd is installed in), and
+# the `failoverd` script next to it, or `python -m failoverd` where there is none.
+PYTHON = sys.executable
+_SCRIPT = os.path.join(os.path.dirname(PYTHON), "failoverd")
+FAILOVERD = [_SCRIPT] if os.access(_SCRIPT, os.X_OK) else [PYTHON, "-m", "failoverd"]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MS = 1_000_000  # ns per ms
 FIRST_TOKEN_S = 2.0
@@ -350,7 +351,7 @@ class Daemon:
         logf = open(self.log_path, "wb")  # noqa: SIM115 (the child holds it)
         t0 = time.perf_counter()
         self.proc = subprocess.Popen(
-            pinned(0, [FAILOVERD, "serve", "--config", self.config, "--quiet"]),
+            pinned(0, [*FAILOVERD, "serve", "--config", self.config, "--quiet"]),
             stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, preexec_fn=_die_with_parent,
             cwd=self.tmp, env=self.env)
         logf.close()
@@ -1215,8 +1216,10 @@ def main() -> int:
         os.sched_setaffinity(0, {1})
     else:
         print("warning: fewer than 2 CPUs or no taskset: nothing is pinned", file=sys.stderr)
-    if not os.path.exists(FAILOVERD):
-        print(f"error: {FAILOVERD} not found; run `pip install -e .` in {ROOT}", file=sys.stderr)
+    if subprocess.run([PYTHON, "-c", "import failoverd, h11, httpx, trio"],
+                      capture_output=True).returncode:
+        print(f"error: {PYTHON} cannot import failoverd; run the bench with the python of the "
+              f"venv failoverd is installed in (`pip install -e .` in {ROOT})", file=sys.stderr)
         return 2
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -1275,7 +1278,7 @@ def main() -> int:
         print()
         print(table)
         if args.markdown:
-            cmd = " ".join([".venv/bin/python", "bench/run.py", *sys.argv[1:]])
+            cmd = " ".join(["python", "bench/run.py", *sys.argv[1:]])
             with open(args.markdown, "w") as f:
                 f.write("# failoverd benchmark results\n\n## Machine\n\n```\n"
                         + "\n".join(info) + "\n```\n\n## Command\n\n```sh\n"

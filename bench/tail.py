@@ -2,7 +2,7 @@
 RSS of the whole command, next to the floor every `failoverd` command pays (starting
 Python and importing failoverd), and the tail's own work measured in this process.
 
-    .venv/bin/python bench/tail.py            # 7 rounds; --rounds N; --keep DIR keeps the files
+    python bench/tail.py            # 7 rounds; --rounds N; --keep DIR keeps the files
 
 Each figure is the median over rounds with the min .. max range. The ledgers are real
 ledger rows (the daemon's encoder), ~430 bytes each as the daemon writes them.
@@ -27,7 +27,8 @@ import msgspec  # noqa: E402
 
 import failoverd as fo  # noqa: E402
 
-FAILOVERD = os.path.join(ROOT, ".venv", "bin", "failoverd")
+# The failoverd installed next to the interpreter this runs under (its venv).
+FAILOVERD = os.path.join(os.path.dirname(sys.executable), "failoverd")
 SIZES = (10_000, 1_000_000)
 
 
@@ -93,7 +94,8 @@ def main() -> int:
     ap.add_argument("--keep", metavar="DIR", help="build the ledgers in DIR and keep them")
     args = ap.parse_args()
     if not os.path.exists(FAILOVERD):
-        print(f"error: {FAILOVERD} not found; run `pip install -e .` in {ROOT}", file=sys.stderr)
+        print(f"error: {FAILOVERD} not found; run this with the python of the venv failoverd is "
+              f"installed in (`pip install -e .` in {ROOT})", file=sys.stderr)
         return 1
     workdir = args.keep or tempfile.mkdtemp(prefix="failoverd-tail-")
     os.makedirs(workdir, exist_ok=True)

@@ -123,13 +123,11 @@ async def test_reload_with_a_new_key_clears_the_credential_isolation(
 
 
 async def test_reload_with_a_bad_config_keeps_serving_the_old_one(harness, autojump_clock,
-                                                                  tmp_path, caplog):
+                                                                  tmp_path):
     h = harness({"a/m1": ok_script("a")})
     config = tmp_path / "failoverd.toml"
     config.write_text("[routes.r]\nchain = ['nope/m']\n")
     assert "routes.r.chain[0]" in h.d.reload(str(config))  # why it was rejected
-    assert "reload failed, still serving the previous config" in caplog.text
-    assert "routes.r.chain[0]" in caplog.text
     assert (await h.chat()).text == "a"
 
 

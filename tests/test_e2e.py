@@ -353,3 +353,26 @@ async def test_demo_command_runs_and_shows_failover():
     assert result.returncode == 0, out + result.stderr.decode()
     assert "first_token_timeout" in out
     assert "good/healthy" in out
+
+
+async def test_the_example_client_talks_to_failoverd_with_the_installed_openai(tmp_path):
+    """examples/openai_client.py, as a user runs it: the transport it builds is the one
+    the installed SDK uses (httpx2 under openai 3.x, httpx under 1.x and 2.x)."""
+    upstream = fo.FakeUpstream(lambda model, body, n: fo.token_script(["one", " two"]))
+    sock = os.path.join(tempfile.mkdtemp(dir="/tmp"), "fo.sock")
+    example = os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples",
+                           "openai_client.py")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(upstream.serve)
+        cfg = fo.Config(daemon=fo.DaemonConfig(socket=sock, ledger=str(tmp_path / "l.jsonl")),
+                        providers={"up": fo.ProviderConfig(base_url=upstream.base_url)},
+                        routes={"desk": fo.RouteConfig(chain=["up/m"])})
+        d = fo.Daemon(cfg, ledger=fo.Ledger(cfg.daemon.ledger))
+        await nursery.start(fo.serve, d, [await fo.open_unix_listener(sock, "0600")])
+        with trio.fail_after(60):
+            done = await trio.run_process([sys.executable, example, sock, "desk"],
+                                          capture_stdout=True, capture_stderr=True, check=False)
+        nursery.cancel_scope.cancel()
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.decode().splitlines() == [
+        "sim-1 (served by up/m, 1 attempt(s)): one two", "one two"]

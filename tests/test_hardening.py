@@ -194,6 +194,7 @@ def test_keys_that_cannot_go_into_a_header_are_rejected_at_load(key, tmp_path):
 
 async def test_failed_ledger_reopen_keeps_the_daemon_writing(tmp_path, caplog):
     path = tmp_path / "logs" / "ledger.jsonl"
+    path.parent.mkdir()  # failoverd creates no directory but its own (SYSTEMD_DIRECTORIES)
     cfg = make_config({"r": ["a/m1"]}, ledger=str(path))
     d = fo.Daemon(cfg, ledger=fo.Ledger(str(path)))
     (tmp_path / "logs").rename(tmp_path / "logs.1")  # rotated away ...

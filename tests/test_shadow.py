@@ -586,7 +586,7 @@ def test_audit_prints_the_shadow_section_when_there_are_shadows(tmp_path):
     ('model = "a/m1"\nsample = 1.5\nbudget_usd_per_day = 5\n',
      "Expected `float` <= 1.0 - at `routes.r.shadow.sample`"),
     ('model = "a/m1"\nsample = 0.1\nbudget_usd_per_day = 5\nsampel = 1\n',
-     "Object contains unknown field `sampel` - at `routes.r.shadow`"),
+     "routes.r.shadow.sampel: unknown key; did you mean 'sample'?"),
 ])
 def test_shadow_config_errors_name_the_key(shadow, error):
     text = ('[providers.a]\nbase_url = "http://a.test/v1"\n'
