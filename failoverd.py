@@ -978,6 +978,10 @@ class Ledger:
         self._last_warning = -math.inf
         self._encoder = msgspec.json.Encoder()
         self._buf = bytearray(1024)
+        # Where a row cut short by a full disk began: the file is cut back to it before
+        # the next row, so that row does not continue the torn one (one bad line and one
+        # lost row). None while every line in the file is whole.
+        self._torn_at: int | None = None
         if path is not None:
             self.open()
 
@@ -1009,7 +1013,36 @@ class Ledger:
                       self.path, e.strerror)
             return
         if old is not None:
+            self._cut_torn(old)
+            self._torn_at = None  # the new file has no torn row of ours
             os.close(old)
+
+    def _cut_torn(self, fd: int) -> bool:
+        """Cut a torn row off the end of the file; False if it is still there."""
+        if self._torn_at is None:
+            return True
+        try:
+            os.ftruncate(fd, self._torn_at)
+        except OSError:
+            return False
+        self._torn_at = None
+        return True
+
+    def _append(self, fd: int, buf: bytearray) -> None:
+        """One row in one write(2). If the kernel takes only part of it (a full disk, a
+        signal), the rest is tried; a row that stays torn is cut off again."""
+        n = os.write(fd, buf)
+        if n == len(buf):
+            return
+        start = os.fstat(fd).st_size - n  # O_APPEND and one writer: the row began here
+        try:
+            with memoryview(buf) as view:
+                while n < len(buf):
+                    n += os.write(fd, view[n:])
+        except OSError:
+            self._torn_at = start
+            self._cut_torn(fd)
+            raise
 
     def write(self, row: LedgerRow) -> None:
         if self.fd is None:
@@ -1020,9 +1053,9 @@ class Ledger:
         self._encoder.encode_into(row, buf)
         buf.extend(b"\n")
         try:
-            if os.write(self.fd, buf) < len(buf):  # the disk filled mid-row
-                os.write(self.fd, b"\n")  # end the torn line so the next row is whole
-                raise OSError(errno.ENOSPC, "short write: row torn")
+            if not self._cut_torn(self.fd):
+                raise OSError(errno.ENOSPC, "a torn row could not be cut off")
+            self._append(self.fd, buf)
         except OSError as e:
             self.dropped += 1
             now = time.monotonic()
@@ -1036,6 +1069,7 @@ class Ledger:
 
     def close(self) -> None:
         if self.fd is not None:
+            self._cut_torn(self.fd)
             os.close(self.fd)
             self.fd = None
 

@@ -4,6 +4,7 @@ a full disk costs rows but never a request, and API keys never reach the file.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 
@@ -137,6 +138,92 @@ async def test_full_disk_does_not_stop_requests(tmp_path, nursery, failoverd_log
     assert h.ledger.dropped == 4  # an attempt and a request row each
     assert status.json["ledger"]["dropped_rows"] == 4
     assert len([r for r in failoverd_log.records if r.levelno == logging.ERROR]) == 1
+
+
+class FillingDisk:
+    """os.write for one descriptor as a disk with `free` bytes left: a write takes what
+    fits (a short write), then ENOSPC. Space comes back when `free` is raised."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, fd: int, free: int) -> None:
+        self.fd, self.free = fd, free
+        self._write = os.write
+        monkeypatch.setattr(fo.os, "write", self.write)
+
+    def write(self, fd: int, data) -> int:
+        if fd != self.fd:
+            return self._write(fd, data)
+        if self.free <= 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        n = self._write(fd, bytes(data)[:self.free])
+        self.free -= n
+        return n
+
+
+def test_a_row_torn_by_a_full_disk_is_cut_off_before_the_next_row(path, monkeypatch):
+    """The disk fills mid-row, then space comes back: the torn row is gone, not glued
+    to the next one, so every line of the file is a whole row."""
+    ledger = fo.Ledger(path)
+    ledger.write(ROWS[0])
+    disk = FillingDisk(monkeypatch, ledger.fd, free=25)
+    ledger.write(ROWS[1])  # 25 bytes of it reach the file, then the disk is full
+    # A reader (tail -f, jq) sees only whole rows meanwhile.
+    assert [row for _, row in fo.read_ledger(path)] == [ROWS[0]]
+    ledger.write(ROWS[2])  # nothing fits
+    disk.free = 10**9  # space is freed
+    ledger.write(ROWS[3])
+    ledger.close()
+
+    assert [row for _, row in fo.read_ledger(path)] == [ROWS[0], ROWS[3]]
+    with open(path, "rb") as f:
+        assert f.read().endswith(b"}\n")
+    assert ledger.dropped == 2
+
+
+def test_a_short_write_that_completes_loses_nothing(path, monkeypatch):
+    """A write cut short by a signal, not a full disk: the rest follows, the row is whole."""
+    ledger = fo.Ledger(path)
+    disk = FillingDisk(monkeypatch, ledger.fd, free=25)
+    real = disk.write
+
+    def short_once(fd, data):
+        n = real(fd, data)
+        disk.free = 10**9
+        return n
+
+    monkeypatch.setattr(fo.os, "write", short_once)
+    ledger.write(ROWS[0])
+    ledger.write(ROWS[1])
+    ledger.close()
+
+    assert [row for _, row in fo.read_ledger(path)] == ROWS[:2]
+    assert ledger.dropped == 0
+
+
+def test_a_row_stays_dropped_until_the_torn_one_can_be_cut_then_rotation_cuts_it(
+        path, monkeypatch):
+    """If even the cut fails (an I/O error), no row is appended to the torn one; the
+    cut is retried before each row, and on the rotated file when the ledger reopens."""
+    ledger = fo.Ledger(path)
+    ledger.write(ROWS[0])
+    real_ftruncate = os.ftruncate
+
+    def broken_ftruncate(fd, length):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(fo.os, "ftruncate", broken_ftruncate)
+    disk = FillingDisk(monkeypatch, ledger.fd, free=25)
+    ledger.write(ROWS[1])  # torn, and the cut fails
+    disk.free = 10**9
+    ledger.write(ROWS[2])  # not glued to the torn row: dropped
+    monkeypatch.setattr(fo.os, "ftruncate", real_ftruncate)
+    os.rename(path, path + ".1")
+    ledger.reopen()
+    ledger.write(ROWS[3])
+    ledger.close()
+
+    assert [row for _, row in fo.read_ledger(path + ".1")] == ROWS[:1]
+    assert [row for _, row in fo.read_ledger(path)] == ROWS[3:]
+    assert ledger.dropped == 2
 
 
 def error_json(text: str) -> bytes:
