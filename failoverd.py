@@ -558,26 +558,28 @@ class _ErrorBody(msgspec.Struct):
     message: Any = None
 
 
-def error_summary(body: bytes) -> tuple[str, str]:
-    """(message, code) from an OpenAI/Anthropic-style error body, else its first bytes."""
+def error_summary(body: bytes, known: Iterable[str] = ()) -> tuple[str, str]:
+    """(message, code) from an OpenAI/Anthropic-style error body, else its first bytes;
+    the message is scrubbed of `known` secrets before it is cut short."""
     try:
         parsed = msgspec.json.decode(body, type=_ErrorBody)
-    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
-        text = body[:200].decode("utf-8", "replace").strip()
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError):
+        text = scrubbed_prefix(body.decode("utf-8", "replace"), 200, known).strip()
         return text or "empty body", ""
     err = parsed.error
     if isinstance(err, _ErrorDetail):
         code = next((c for c in (err.code, err.type) if isinstance(c, str)), "")
         msg = err.message if isinstance(err.message, str) else code
-        return (msg or "no message")[:300], code
+        return scrubbed_prefix(msg or "no message", 300, known), code
     if isinstance(err, str):
-        return err[:300], ""
-    return str(parsed.message or body[:200].decode("utf-8", "replace"))[:300], ""
+        return scrubbed_prefix(err, 300, known), ""
+    text = str(parsed.message or body.decode("utf-8", "replace"))
+    return scrubbed_prefix(text, 300, known), ""
 
 
-def classify_status(status: int, body: bytes) -> tuple[str, str]:
+def classify_status(status: int, body: bytes, known: Iterable[str] = ()) -> tuple[str, str]:
     """SPEC section 5's table for a non-2xx reply: (outcome, short error)."""
-    message, code = error_summary(body)
+    message, code = error_summary(body, known)
     error = f"HTTP {status}: {message}"
     if status == 429:
         return "rate_limited", error
@@ -938,14 +940,52 @@ _SECRET_PATTERNS = re.compile(
 )
 
 
+# A run of this many characters or more that occurs in a known key is removed wherever
+# it appears: what a cut at a length limit leaves of a key (its start at the end of a
+# text, its end at the start of one), and the partial keys some upstreams print.
+KEY_FRAGMENT = 8
+
+
+def _without_fragments(text: str, secret: str) -> str:
+    """`text` with every run made of `KEY_FRAGMENT`-character pieces of `secret` removed."""
+    n = KEY_FRAGMENT
+    if len(secret) < n or len(text) < n:
+        return text
+    pieces = {secret[i:i + n] for i in range(len(secret) - n + 1)}
+    spans: list[list[int]] = []
+    for i in range(len(text) - n + 1):
+        if text[i:i + n] in pieces:
+            if spans and i <= spans[-1][1]:
+                spans[-1][1] = i + n
+            else:
+                spans.append([i, i + n])
+    if not spans:
+        return text
+    out, last = [], 0
+    for start, end in spans:
+        out += [text[last:start], "[redacted]"]
+        last = end
+    return "".join([*out, text[last:]])
+
+
 def scrub(text: str, known: Iterable[str] = ()) -> str:
-    """Remove API keys from text bound for the ledger or a log line."""
+    """Remove API keys, and fragments of known keys, from text bound for the ledger, a
+    log line, a status page or a client."""
     for secret in known:
         if secret and len(secret) >= 6:
-            text = text.replace(secret, "[redacted]")
+            text = _without_fragments(text.replace(secret, "[redacted]"), secret)
     return _SECRET_PATTERNS.sub(
         lambda m: (m.group(1) or m.group(2) or m.group(3) or "") + "[redacted]", text
     )
+
+
+def scrubbed_prefix(text: str, limit: int, known: Iterable[str] = ()) -> str:
+    """At most `limit` characters of `text`, scrubbed before the cut: a key that the
+    cut would halve is removed whole instead of leaving its first characters behind."""
+    known = tuple(known)
+    # Past the cut: the longest known key, and room for one of a known shape (sk-...).
+    margin = max((len(k) for k in known), default=0) + 256
+    return scrub(text[:limit + margin], known)[:limit]
 
 
 def cost_usd(model: ModelConfig, tokens_in: int | None, tokens_out: int | None) -> float | None:
@@ -2699,7 +2739,7 @@ class Exchange:
         status = resp.status_code
         if status != 200:
             body = await _read_limited(resp, ERROR_BODY_LIMIT)
-            outcome, error = classify_status(status, body)
+            outcome, error = classify_status(status, body, self.d.secrets)
             retry_after = (parse_retry_after(resp.headers, time.time())
                            if outcome == "rate_limited" else None)
             raise Failure(outcome, error, status=status, body=body, retry_after=retry_after)

@@ -280,6 +280,14 @@ SCRUB = [
      "HTTP 500: upstream overloaded, retry later"),
     ("words that merely contain sk-", "risk-assessment and task-management", (),
      "risk-assessment and task-management"),
+    ("the start of a known key, cut off at the end", "bad key Zq9dk2LmPa0s",
+     ("Zq9dk2LmPa0sXw8QQr7T",), "bad key [redacted]"),
+    ("the end of a known key, cut off at the start", "Xw8QQr7T was refused",
+     ("Zq9dk2LmPa0sXw8QQr7T",), "[redacted] was refused"),
+    ("a piece from the middle of a known key", "key ...dk2LmPa0sXw... revoked",
+     ("Zq9dk2LmPa0sXw8QQr7T",), "key ...[redacted]... revoked"),
+    ("a piece shorter than 8 characters stays", "id Zq9dk2L", ("Zq9dk2LmPa0sXw8QQr7T",),
+     "id Zq9dk2L"),
 ]
 
 
@@ -287,3 +295,37 @@ SCRUB = [
                          [pytest.param(*case[1:], id=case[0]) for case in SCRUB])
 def test_scrub(text, known, scrubbed):
     assert fo.scrub(text, known) == scrubbed
+
+
+CANARY = "Zq9dk2LmPa0sXw8QQr7TtYu3VvBn1MmC"  # a key of no known shape: only `known` finds it
+
+
+def fragments(secret: str, n: int = 8) -> list[str]:
+    return [secret[i:i + n] for i in range(len(secret) - n + 1)]
+
+
+@pytest.mark.parametrize("before_cut", [5, 8, 20, len(CANARY) - 1, len(CANARY) + 10])
+async def test_no_fragment_of_a_key_at_the_cut_reaches_anyone(
+        harness, autojump_clock, failoverd_log, tmp_path, before_cut):
+    """The upstream echoes the key so that the 300-character cut of its message falls
+    inside it: no 8-character piece of it reaches the ledger, the log, /status,
+    state.json or the client."""
+    message = "x" * (300 - before_cut) + CANARY + " is not a valid key"
+    h = harness({"a/m1": [("respond", 401, {}, error_json(message))]}, routes={"r": ["a/m1"]})
+    h.d.keys = {"a": CANARY}
+    h.d.secrets = [CANARY]
+
+    reply = await h.chat()
+    status = await h.send(b"GET /status HTTP/1.1\r\nhost: x\r\n\r\n")
+
+    assert reply.status == 502
+    assert h.rows("breaker")[0]["reason"].startswith("credential isolated: HTTP 401: xxx")
+    places = {"ledger": read_text(h.ledger_path), "log": failoverd_log.text,
+              "client": reply.body.decode(), "status": status.body.decode(),
+              "state.json": (tmp_path / "state.json").read_text()}
+    assert all("xxxx" in text for text in places.values())  # the message got there
+    leaks = {where: piece for where, text in places.items() for piece in fragments(CANARY)
+             if piece in text}
+    assert leaks == {}
+    # Scrubbed before the cut: not even a shorter piece is left at the end of the message.
+    assert not [where for where, text in places.items() if CANARY[:5] in text]
