@@ -1926,6 +1926,19 @@ class SavedState(msgspec.Struct, kw_only=True):
     divisors: dict[str, float] = {}
 
 
+def alert_environment(d: Daemon, environ: Mapping[str, str]) -> dict[str, str]:
+    """All the alert command gets besides the event on stdin: PATH and LANG, and facts
+    about the daemon. Never its environment, where provider keys live (api_key_env)."""
+    return {
+        "PATH": environ.get("PATH") or os.defpath,
+        "LANG": environ.get("LANG") or "C.UTF-8",
+        "FAILOVERD_VERSION": __version__,
+        "FAILOVERD_PID": str(os.getpid()),
+        "FAILOVERD_SOCKET": d.cfg.daemon.socket,
+        "FAILOVERD_LEDGER": d.ledger.path or "",
+    }
+
+
 class Health:
     """Breakers per credential, provider and model, and their I/O: ledger rows,
     warnings on stderr, the alert command and the state file."""
@@ -2057,13 +2070,15 @@ class Health:
         try:
             with trio.move_on_after(timeout) as scope:
                 done = await trio.run_process(cmd, stdin=event, capture_stdout=True,
-                                              capture_stderr=True, check=False)
+                                              capture_stderr=True, check=False,
+                                              env=alert_environment(self.d, os.environ))
             if scope.cancelled_caught:
                 log.error("alert_command %s did not finish within %g s and was killed",
                           cmd[0], timeout)
             elif done.returncode:
                 log.error("alert_command %s exited %d: %s", cmd[0], done.returncode,
-                          done.stderr[:300].decode("utf-8", "replace").strip())
+                          scrubbed_prefix(done.stderr.decode("utf-8", "replace"), 300,
+                                          self.d.secrets).strip())
         except OSError as e:
             log.error("alert_command %s could not run: %s", cmd[0], e.strerror or e)
         finally:
