@@ -1448,6 +1448,217 @@ class OpenAIAdapter:
         })
 
 
+# -- the client's request, as far as failoverd reads it ----------------------------
+# The front end checks every request against these Structs before any attempt (a 400
+# naming the field), so building an upstream request from it cannot fail. Roles, part
+# types and tool types are open sets on the wire (vLLM's video_url, custom roles): a
+# value failoverd does not know is the upstream's to judge. Fields failoverd does not
+# read are not checked and go to OpenAI-compatible upstreams as they are.
+
+NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class ImageURL(msgspec.Struct, kw_only=True):
+    url: str
+    detail: str | None = None
+
+
+# A part of a known type must carry the field its type names.
+_PART_FIELDS = {"text": "text", "image_url": "image_url", "refusal": "refusal"}
+
+
+class ContentPart(msgspec.Struct, kw_only=True):
+    type: str
+    text: str | None = None
+    image_url: ImageURL | None = None
+    refusal: str | None = None
+
+    def __post_init__(self) -> None:
+        field = _PART_FIELDS.get(self.type)
+        if field is not None and getattr(self, field) is None:
+            raise ValueError(f"a part of type {self.type!r} needs {field!r}")
+
+
+Content = str | list[ContentPart] | None
+
+
+class FunctionCall(msgspec.Struct, kw_only=True):
+    name: str | None = None
+    arguments: str | dict[str, Any] | None = None
+
+
+class ToolCall(msgspec.Struct, kw_only=True):
+    id: str | None = None
+    type: str = "function"
+    function: FunctionCall | None = None
+
+
+class Message(msgspec.Struct, kw_only=True):
+    role: str
+    content: Content = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+
+class FunctionDef(msgspec.Struct, kw_only=True):
+    name: str | None = None
+    description: str | None = ""
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(msgspec.Struct, kw_only=True):
+    type: str = "function"
+    function: FunctionDef | None = None
+
+
+class ToolChoiceFunction(msgspec.Struct, kw_only=True):
+    name: str | None = None
+
+
+class ToolChoice(msgspec.Struct, kw_only=True):
+    type: str = "function"
+    function: ToolChoiceFunction | None = None
+
+
+class StreamOptions(msgspec.Struct, kw_only=True):
+    include_usage: bool | None = None
+
+
+class ChatRequest(msgspec.Struct, kw_only=True):
+    messages: list[Message]
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    max_tokens: NonNegativeInt | None = None
+    max_completion_tokens: NonNegativeInt | None = None
+    stop: str | list[str] | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    tools: list[Tool] | None = None
+    tool_choice: str | ToolChoice | None = None
+
+
+# -- OpenAI request -> Anthropic Messages request ---------------------------------
+
+def _anthropic_part(part: ContentPart) -> dict[str, Any] | None:
+    if part.type == "text":
+        return {"type": "text", "text": part.text or ""}
+    if part.type == "image_url" and part.image_url is not None:
+        url = part.image_url.url
+        m = re.match(r"data:([^;]+);base64,(.*)", url, re.S)
+        source = ({"type": "base64", "media_type": m.group(1), "data": m.group(2)}
+                  if m else {"type": "url", "url": url})
+        return {"type": "image", "source": source}
+    return None  # a part Anthropic has no counterpart for
+
+
+def _anthropic_content(content: Content) -> str | list[dict[str, Any]]:
+    if content is None or isinstance(content, str):
+        return content or ""
+    return [block for part in content if (block := _anthropic_part(part)) is not None]
+
+
+def _tool_input(arguments: str | dict[str, Any] | None) -> Any:
+    if isinstance(arguments, dict):
+        return arguments
+    try:
+        return msgspec.json.decode(arguments or "{}")
+    except (msgspec.DecodeError, RecursionError):
+        return {}
+
+
+def _tool_use(call: ToolCall) -> dict[str, Any]:
+    fn = call.function or FunctionCall()
+    return {"type": "tool_use", "id": call.id, "name": fn.name, "input": _tool_input(fn.arguments)}
+
+
+# Each role's message joins the translation in its own way: (message, system texts,
+# Anthropic messages so far).
+Translate = Callable[[Message, list[str], list[dict[str, Any]]], None]
+
+
+def _system_message(m: Message, system: list[str], messages: list[dict[str, Any]]) -> None:
+    c = m.content
+    system.append(c if isinstance(c, str) else " ".join(p.text or "" for p in c or ()))
+
+
+def _tool_message(m: Message, system: list[str], messages: list[dict[str, Any]]) -> None:
+    block = {"type": "tool_result", "tool_use_id": m.tool_call_id,
+             "content": _anthropic_content(m.content)}
+    last = messages[-1] if messages else None
+    if last is not None and last["role"] == "user" and isinstance(last["content"], list):
+        last["content"].append(block)  # Anthropic wants one user turn of tool results
+    else:
+        messages.append({"role": "user", "content": [block]})
+
+
+def _other_message(m: Message, system: list[str], messages: list[dict[str, Any]]) -> None:
+    messages.append({"role": m.role, "content": _anthropic_content(m.content)})
+
+
+def _assistant_message(m: Message, system: list[str], messages: list[dict[str, Any]]) -> None:
+    if not m.tool_calls:
+        return _other_message(m, system, messages)
+    content = _anthropic_content(m.content)
+    blocks = content if isinstance(content, list) else (
+        [{"type": "text", "text": content}] if content else [])
+    messages.append({"role": "assistant",
+                     "content": [*blocks, *(_tool_use(tc) for tc in m.tool_calls)]})
+    return None
+
+
+_ANTHROPIC_ROLES: dict[str, Translate] = {
+    "system": _system_message, "developer": _system_message, "tool": _tool_message,
+    "assistant": _assistant_message,
+}
+
+
+def _anthropic_tool(fn: FunctionDef) -> dict[str, Any]:
+    return {"name": fn.name, "description": fn.description,
+            "input_schema": fn.parameters or {"type": "object"}}
+
+
+def _anthropic_tool_choice(choice: str | ToolChoice | None) -> dict[str, Any] | None:
+    if choice == "required":
+        return {"type": "any"}
+    if choice in ("auto", "none"):
+        return {"type": choice}
+    if isinstance(choice, ToolChoice) and choice.function is not None:
+        return {"type": "tool", "name": choice.function.name}
+    return None
+
+
+def anthropic_body(model: str, body: dict[str, Any], model_cfg: ModelConfig) -> dict[str, Any]:
+    """An OpenAI chat request as an Anthropic Messages request (streamed). Total over any
+    body that passed the front end's checks (`decode_body`, `request_problem`)."""
+    req = msgspec.convert(body, ChatRequest)
+    system: list[str] = []
+    messages: list[dict[str, Any]] = []
+    for m in req.messages:
+        _ANTHROPIC_ROLES.get(m.role, _other_message)(m, system, messages)
+    out: dict[str, Any] = {
+        "model": model, "messages": messages, "stream": True,
+        "max_tokens": req.max_completion_tokens or req.max_tokens or model_cfg.max_output_tokens,
+    }
+    if system:
+        out["system"] = "\n\n".join(system)
+    for name in ("temperature", "top_p"):
+        if body.get(name) is not None:
+            out[name] = body[name]
+    if req.stop:
+        out["stop_sequences"] = [req.stop] if isinstance(req.stop, str) else req.stop
+    if req.tools:
+        out["tools"] = [_anthropic_tool(t.function) for t in req.tools if t.function is not None]
+    choice = _anthropic_tool_choice(req.tool_choice)
+    if choice is not None:
+        out["tool_choice"] = choice
+    return out
+
+
+# -- Anthropic Messages SSE events -> OpenAI chunks ---------------------------------
+# A tagged union on `type`; an event type added later, or an `event: error` whose data
+# has no known type, is told apart by a lenient second look (`_EventHead`).
+
 # Anthropic's stop reasons in OpenAI's vocabulary.
 _ANTHROPIC_FINISH = {
     "end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
@@ -1455,102 +1666,180 @@ _ANTHROPIC_FINISH = {
 }
 
 
-class _AnthropicEvent(msgspec.Struct):
-    type: str = ""
-    index: int | None = None
-    delta: dict[str, Any] | None = None
-    content_block: dict[str, Any] | None = None
-    message: dict[str, Any] | None = None
+class _Event(msgspec.Struct, tag_field="type"):
+    """An Anthropic SSE event; each kind is a subclass tagged with its `type`."""
+
+
+class _StartedMessage(msgspec.Struct):
+    id: str | None = None
+    model: str | None = None
     usage: dict[str, Any] | None = None
+
+
+class _MessageStart(_Event, tag="message_start"):
+    message: _StartedMessage | None = None
+
+
+class _Block(msgspec.Struct):
+    type: str | None = None
+    id: str | None = None
+    name: str | None = None
+
+
+class _BlockStart(_Event, tag="content_block_start"):
+    index: int | None = None
+    content_block: _Block | None = None
+
+
+class _BlockDelta(msgspec.Struct):
+    type: str | None = None
+    text: str | None = None
+    thinking: str | None = None
+    partial_json: str | None = None
+
+
+class _BlockDeltaEvent(_Event, tag="content_block_delta"):
+    index: int | None = None
+    delta: _BlockDelta | None = None
+
+
+class _StopReason(msgspec.Struct):
+    stop_reason: str | None = None
+
+
+class _MessageDelta(_Event, tag="message_delta"):
+    delta: _StopReason | None = None
+    usage: dict[str, Any] | None = None
+
+
+class _MessageStop(_Event, tag="message_stop"):
+    pass
+
+
+class _BlockStop(_Event, tag="content_block_stop"):
+    index: int | None = None
+
+
+class _Ping(_Event, tag="ping"):
+    pass
+
+
+class _ErrorEvent(_Event, tag="error"):
     error: Any = None
 
 
-_anthropic_decoder = msgspec.json.Decoder(_AnthropicEvent)
+class _EventHead(msgspec.Struct):
+    type: str = ""
+    error: Any = None
 
 
-def _anthropic_content(content: Any) -> Any:
-    if not isinstance(content, list):
-        return content if content is not None else ""
-    blocks = []
-    for part in content:
-        if not isinstance(part, dict):
-            continue
-        if part.get("type") == "text":
-            blocks.append({"type": "text", "text": part.get("text", "")})
-        elif part.get("type") == "image_url":
-            url = (part.get("image_url") or {}).get("url", "")
-            m = re.match(r"data:([^;]+);base64,(.*)", url, re.S)
-            source = (
-                {"type": "base64", "media_type": m.group(1), "data": m.group(2)}
-                if m else {"type": "url", "url": url}
-            )
-            blocks.append({"type": "image", "source": source})
-    return blocks
+def _relay(st: StreamState, acc: ChoiceAcc | None, delta: dict[str, Any]) -> bytes | None:
+    """Meaningful output: progress, then assembled or relayed as an OpenAI chunk."""
+    st.progress = True
+    st.out_chars += len(delta.get("content") or delta.get("reasoning_content") or "")
+    if acc is not None:
+        acc.add(msgspec.convert(delta, _Delta))
+        return None
+    return AnthropicAdapter._chunk(st, delta)
 
 
-def anthropic_body(model: str, body: dict[str, Any], model_cfg: ModelConfig) -> dict[str, Any]:
-    """An OpenAI chat request as an Anthropic Messages request (streamed)."""
-    system: list[str] = []
-    messages: list[dict[str, Any]] = []
-    for m in body.get("messages") or ():
-        if not isinstance(m, dict):
-            continue
-        role = m.get("role")
-        if role in ("system", "developer"):
-            c = m.get("content")
-            system.append(c if isinstance(c, str) else " ".join(
-                p.get("text", "") for p in c or () if isinstance(p, dict)))
-        elif role == "tool":
-            block = {"type": "tool_result", "tool_use_id": m.get("tool_call_id"),
-                     "content": _anthropic_content(m.get("content"))}
-            if messages and messages[-1]["role"] == "user" and isinstance(
-                    messages[-1]["content"], list):
-                messages[-1]["content"].append(block)
-            else:
-                messages.append({"role": "user", "content": [block]})
-        elif role == "assistant" and m.get("tool_calls"):
-            content = _anthropic_content(m.get("content"))
-            blocks = [{"type": "text", "text": content}] if isinstance(content, str) and content \
-                else (content if isinstance(content, list) else [])
-            for tc in m["tool_calls"]:
-                fn = tc.get("function") or {}
-                try:
-                    args = msgspec.json.decode(fn.get("arguments") or "{}")
-                except msgspec.DecodeError:
-                    args = {}
-                blocks.append({"type": "tool_use", "id": tc.get("id"), "name": fn.get("name"),
-                               "input": args})
-            messages.append({"role": "assistant", "content": blocks})
-        else:
-            messages.append({"role": role, "content": _anthropic_content(m.get("content"))})
-    out: dict[str, Any] = {
-        "model": model,
-        "messages": messages,
-        "max_tokens": body.get("max_completion_tokens") or body.get("max_tokens")
-        or model_cfg.max_output_tokens,
-        "stream": True,
-    }
-    if system:
-        out["system"] = "\n\n".join(system)
-    for name in ("temperature", "top_p"):
-        if body.get(name) is not None:
-            out[name] = body[name]
-    if body.get("stop"):
-        out["stop_sequences"] = [body["stop"]] if isinstance(body["stop"], str) else body["stop"]
-    if body.get("tools"):
-        out["tools"] = [
-            {"name": t["function"].get("name"), "description": t["function"].get("description", ""),
-             "input_schema": t["function"].get("parameters") or {"type": "object"}}
-            for t in body["tools"] if isinstance(t, dict) and isinstance(t.get("function"), dict)
-        ]
-    choice = body.get("tool_choice")
-    if choice == "required":
-        out["tool_choice"] = {"type": "any"}
-    elif choice in ("auto", "none"):
-        out["tool_choice"] = {"type": choice}
-    elif isinstance(choice, dict) and isinstance(choice.get("function"), dict):
-        out["tool_choice"] = {"type": "tool", "name": choice["function"].get("name")}
-    return out
+def _on_message_start(ev: _MessageStart, st: StreamState, acc: ChoiceAcc | None) -> bytes | None:
+    msg = ev.message or _StartedMessage()
+    st.id, st.model, st.created = msg.id, msg.model, int(time.time())
+    usage = msg.usage or {}
+    st.anthropic_usage["in"] = sum(_count(usage.get(k)) or 0 for k in (
+        "input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens"))
+    if acc is not None:
+        return None
+    return AnthropicAdapter._chunk(st, {"role": "assistant", "content": ""})
+
+
+def _on_block_start(ev: _BlockStart, st: StreamState, acc: ChoiceAcc | None) -> bytes | None:
+    block = ev.content_block
+    if block is None or block.type != "tool_use":
+        return None
+    st.tool_index += 1
+    return _relay(st, acc, {"tool_calls": [{
+        "index": st.tool_index, "id": block.id, "type": "function",
+        "function": {"name": block.name, "arguments": ""}}]})
+
+
+def _on_block_delta(ev: _BlockDeltaEvent, st: StreamState, acc: ChoiceAcc | None) -> bytes | None:
+    d = ev.delta or _BlockDelta()
+    if d.type == "text_delta" and d.text:
+        return _relay(st, acc, {"content": d.text})
+    if d.type == "thinking_delta" and d.thinking:
+        return _relay(st, acc, {"reasoning_content": d.thinking})
+    if d.type == "input_json_delta" and d.partial_json:
+        return _relay(st, acc, {"tool_calls": [{"index": st.tool_index,
+                                                "function": {"arguments": d.partial_json}}]})
+    return None  # an empty delta, or a kind that carries no output (signature_delta)
+
+
+def _on_message_delta(ev: _MessageDelta, st: StreamState, acc: ChoiceAcc | None) -> bytes | None:
+    out = _count((ev.usage or {}).get("output_tokens"))
+    if out is not None:
+        st.anthropic_usage["out"] = out
+    reason = ev.delta.stop_reason if ev.delta is not None else None
+    if not reason:
+        return None
+    st.finish_reason = _ANTHROPIC_FINISH.get(reason, "stop")
+    st.progress = True
+    if acc is not None:
+        acc.finish_reason = st.finish_reason
+        return None
+    return AnthropicAdapter._chunk(st, {}, st.finish_reason)
+
+
+def _on_message_stop(ev: _MessageStop, st: StreamState, acc: ChoiceAcc | None) -> bytes | None:
+    tin, tout = st.anthropic_usage.get("in", 0), st.anthropic_usage.get("out", 0)
+    st.usage = {"prompt_tokens": tin, "completion_tokens": tout, "total_tokens": tin + tout}
+    st.done = True
+    st.progress = True
+    if acc is not None or not st.want_usage:
+        return None
+    return AnthropicAdapter._chunk(st, None, usage=st.usage)
+
+
+def _on_error(ev: _ErrorEvent, st: StreamState, acc: ChoiceAcc | None) -> bytes | None:
+    raise Failure("upstream_error_event", _error_event_text(ev.error))
+
+
+def _no_output(ev: Any, st: StreamState, acc: ChoiceAcc | None) -> bytes | None:
+    return None  # ping (a heartbeat), content_block_stop
+
+
+_ANTHROPIC_EVENTS: dict[type, Callable[[Any, StreamState, ChoiceAcc | None], bytes | None]] = {
+    _MessageStart: _on_message_start, _BlockStart: _on_block_start,
+    _BlockDeltaEvent: _on_block_delta, _MessageDelta: _on_message_delta,
+    _MessageStop: _on_message_stop, _ErrorEvent: _on_error, _Ping: _no_output,
+    _BlockStop: _no_output,
+}
+
+AnthropicEvent = (_MessageStart | _BlockStart | _BlockDeltaEvent | _MessageDelta | _MessageStop
+                  | _BlockStop | _Ping | _ErrorEvent)
+_anthropic_decoder = msgspec.json.Decoder(AnthropicEvent)
+_event_head_decoder = msgspec.json.Decoder(_EventHead)
+_ANTHROPIC_EVENT_TYPES = frozenset(t.__struct_config__.tag for t in _ANTHROPIC_EVENTS)
+
+
+def _anthropic_event(event: bytes | None, data: bytes) -> AnthropicEvent | None:
+    """The event, or None for one of a type failoverd does not know (ignored)."""
+    try:
+        return _anthropic_decoder.decode(data)
+    except msgspec.ValidationError as e:  # before DecodeError, its base class
+        invalid = e
+    except (msgspec.DecodeError, UnicodeDecodeError) as e:
+        raise Failure("protocol_error", f"unparseable SSE data line: {e}") from None
+    try:
+        head = _event_head_decoder.decode(data)
+    except msgspec.ValidationError:
+        head = None
+    if head is None or head.type in _ANTHROPIC_EVENT_TYPES:
+        raise Failure("protocol_error", f"unparseable SSE data line: {invalid}") from None
+    if event == b"error":
+        raise Failure("upstream_error_event", _error_event_text(head.error))
+    return None
 
 
 class AnthropicAdapter:
@@ -1586,78 +1875,9 @@ class AnthropicAdapter:
 
     @staticmethod
     def on_event(event: bytes | None, data: bytes, st: StreamState) -> bytes | None:
-        try:
-            ev = _anthropic_decoder.decode(data)
-        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as e:
-            raise Failure("protocol_error", f"unparseable SSE data line: {e}") from None
-        kind = ev.type
+        ev = _anthropic_event(event, data)
         acc = st.choices.setdefault(0, ChoiceAcc()) if st.choices is not None else None
-        if kind == "content_block_delta":
-            d = ev.delta or {}
-            dtype = d.get("type")
-            if dtype == "text_delta" and d.get("text"):
-                delta: dict[str, Any] = {"content": d["text"]}
-            elif dtype == "thinking_delta" and d.get("thinking"):
-                delta = {"reasoning_content": d["thinking"]}
-            elif dtype == "input_json_delta" and d.get("partial_json"):
-                delta = {"tool_calls": [{"index": st.tool_index,
-                                         "function": {"arguments": d["partial_json"]}}]}
-            else:
-                return None
-        elif kind == "ping":
-            return None
-        elif kind == "message_start":
-            msg = ev.message or {}
-            st.id = msg.get("id")
-            st.model = msg.get("model")
-            st.created = int(time.time())
-            usage = msg.get("usage") or {}
-            st.anthropic_usage["in"] = sum(_count(usage.get(k)) or 0 for k in (
-                "input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens"))
-            delta = {"role": "assistant", "content": ""}
-            if acc is not None:
-                return None
-            return AnthropicAdapter._chunk(st, delta)
-        elif kind == "content_block_start":
-            block = ev.content_block or {}
-            if block.get("type") != "tool_use":
-                return None
-            st.tool_index += 1
-            delta = {"tool_calls": [{"index": st.tool_index, "id": block.get("id"),
-                                     "type": "function",
-                                     "function": {"name": block.get("name"), "arguments": ""}}]}
-        elif kind == "message_delta":
-            usage = ev.usage or {}
-            if _count(usage.get("output_tokens")) is not None:
-                st.anthropic_usage["out"] = _count(usage["output_tokens"]) or 0
-            reason = (ev.delta or {}).get("stop_reason")
-            if not reason:
-                return None
-            st.finish_reason = _ANTHROPIC_FINISH.get(reason, "stop")
-            st.progress = True
-            if acc is not None:
-                acc.finish_reason = st.finish_reason
-                return None
-            return AnthropicAdapter._chunk(st, {}, st.finish_reason)
-        elif kind == "message_stop":
-            tin, tout = st.anthropic_usage.get("in", 0), st.anthropic_usage.get("out", 0)
-            st.usage = {"prompt_tokens": tin, "completion_tokens": tout,
-                        "total_tokens": tin + tout}
-            st.done = True
-            st.progress = True
-            if acc is not None or not st.want_usage:
-                return None
-            return AnthropicAdapter._chunk(st, None, usage=st.usage)
-        elif kind == "error" or event == b"error":
-            raise Failure("upstream_error_event", _error_event_text(ev.error))
-        else:  # content_block_stop and event types added later
-            return None
-        st.progress = True
-        st.out_chars += len(delta.get("content") or delta.get("reasoning_content") or "")
-        if acc is not None:
-            acc.add(msgspec.convert(delta, _Delta))
-            return None
-        return AnthropicAdapter._chunk(st, delta)
+        return None if ev is None else _ANTHROPIC_EVENTS[type(ev)](ev, st, acc)
 
     @staticmethod
     def whole_body(body: bytes, st: StreamState) -> bytes | None:
@@ -3308,14 +3528,57 @@ async def _handle_request(
                             code="not_found")
 
 
+# msgspec recurses, and on Python 3.11 its depth shares the interpreter's frame budget
+# (sys.getrecursionlimit(), 1,000): a body that decoded here near the limit (about 950
+# levels) could not be encoded again deeper in the stack, where the upstream request is
+# built, and that failed every slot as the upstream's protocol_error. The front end
+# decodes with this many frames of the budget held back (a body deeper than about 700
+# levels is the client's 400), which leaves room for any engine. From Python 3.12 the
+# limit does not depend on the Python stack, and holding frames back changes nothing.
+JSON_HEADROOM_FRAMES = 256
+_TOO_DEEP = ("request body nests JSON too deeply to be decoded with room to spare; a few "
+             "hundred levels is the most failoverd accepts")
+# Where a msgspec validation error points: "... - at `$.messages[2].content`".
+_ERROR_PATH = re.compile(r" - at `\$\.?(.*)`$")
+
+
+def decode_body(raw: bytes) -> Any:
+    """msgspec.json.decode, raising RecursionError with JSON_HEADROOM_FRAMES to spare. No
+    other code runs meanwhile: msgspec holds the GIL, and the trio loop waits for it."""
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(limit - JSON_HEADROOM_FRAMES)
+    try:
+        return msgspec.json.decode(raw)
+    finally:
+        sys.setrecursionlimit(limit)
+
+
+def request_problem(body: dict[str, Any]) -> tuple[str, str | None] | None:
+    """What makes a chat request (decoded by `decode_body`) unusable, as (message, OpenAI's
+    `param` naming the field), or None. A request that passes cannot make building an
+    upstream request fail."""
+    try:
+        msgspec.convert(body, ChatRequest)
+    except msgspec.ValidationError as e:
+        text = str(e)
+        at = _ERROR_PATH.search(text)
+        if at is None or not at.group(1):
+            return f"invalid request: {text}", None
+        return f"invalid request: '{at.group(1)}': {text[:at.start()]}", at.group(1)
+    return None
+
+
 async def _chat(
     d: Daemon, conn: h11.Connection, stream: trio.abc.Stream, reply: H11Reply, raw: bytes,
     peer: Peer,
 ) -> None:
     try:
-        body = msgspec.json.decode(raw)
+        body = decode_body(raw)
     except (msgspec.DecodeError, UnicodeDecodeError) as e:
         await _client_error(reply, 400, f"request body is not valid JSON: {e}", code="invalid_json")
+        return
+    except RecursionError:
+        await _client_error(reply, 400, _TOO_DEEP, code="json_too_deep")
         return
     if not isinstance(body, dict):
         await _client_error(reply, 400, "request body must be a JSON object", code="invalid_json")
@@ -3325,9 +3588,10 @@ async def _chat(
         await _client_error(reply, 400, "'messages' must be a non-empty array of messages",
                             code="missing_messages", param="messages")
         return
-    if not isinstance(body.get("stream_options") or {}, dict):
-        await _client_error(reply, 400, "'stream_options' must be an object",
-                            code="invalid_value", param="stream_options")
+    problem = request_problem(body)
+    if problem is not None:
+        message, param = problem
+        await _client_error(reply, 400, message, code="invalid_value", param=param)
         return
     model = body.get("model")
     route = d.route_for(model) if isinstance(model, str) else None

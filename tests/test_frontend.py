@@ -154,6 +154,35 @@ BAD_REQUESTS = [
      "method_not_allowed", None, ["GET", "/v1/chat/completions"]),
     ("bad chunked framing", CHAT_HEAD + b"transfer-encoding: chunked\r\n\r\nzz\r\n", 400,
      "bad_http", None, ["malformed HTTP request"]),
+    # Wrong types anywhere failoverd reads: a 400 naming the field, no upstream called.
+    ("stream as a string", http_request({**GOOD, "stream": "true"}), 400, "invalid_value",
+     "stream", ["'stream'", "bool", "str"]),
+    ("content a number", http_request({**GOOD, "messages": [
+        {"role": "system", "content": "hi"}, {"role": "user", "content": 5}]}), 400,
+     "invalid_value", "messages[1].content", ["'messages[1].content'", "got `int`"]),
+    ("tool_calls of numbers", http_request({**GOOD, "messages": [
+        {"role": "assistant", "content": None, "tool_calls": [1]}]}), 400, "invalid_value",
+     "messages[0].tool_calls[0]", ["object"]),
+    ("image_url a string", http_request({**GOOD, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": "x"}]}]}), 400, "invalid_value",
+     "messages[0].content[0].image_url", ["object"]),
+    ("a text part without text", http_request({**GOOD, "messages": [{"role": "user", "content": [
+        {"type": "text"}]}]}), 400, "invalid_value", "messages[0].content[0]", ["'text'"]),
+    ("a part without a type", http_request({**GOOD, "messages": [{"role": "user", "content": [
+        {"text": "hi"}]}]}), 400, "invalid_value", "messages[0].content[0]", ["`type`"]),
+    ("role a number", http_request({**GOOD, "messages": [{"role": 3, "content": "x"}]}), 400,
+     "invalid_value", "messages[0].role", ["str"]),
+    ("a message that is not an object", http_request({**GOOD, "messages": ["hello"]}), 400,
+     "invalid_value", "messages[0]", ["object"]),
+    ("max_tokens a string", http_request({**GOOD, "max_tokens": "10"}), 400, "invalid_value",
+     "max_tokens", ["int"]),
+    ("max_tokens negative", http_request({**GOOD, "max_tokens": -1}), 400, "invalid_value",
+     "max_tokens", [">= 0"]),
+    ("stop a number", http_request({**GOOD, "stop": 5}), 400, "invalid_value", "stop", []),
+    ("tools not objects", http_request({**GOOD, "tools": ["f"]}), 400, "invalid_value",
+     "tools[0]", []),
+    ("stream_options not an object", http_request({**GOOD, "stream_options": True}), 400,
+     "invalid_value", "stream_options", []),
 ]
 
 
