@@ -3494,12 +3494,57 @@ async def _read_body(
     return None
 
 
+# The TCP listener has no peer identity: any local process can connect, and so can a
+# web page in a local browser, with a "simple" cross-origin POST (text/plain or a form,
+# no preflight) that the page cannot read the answer of but that still spends the keys.
+# Browsers always say where such a request comes from (Origin); local clients never do.
+_LOOPBACK_ORIGIN = re.compile(rb"https?://(localhost|127(\.\d{1,3}){3}|\[::1\])(:\d{1,5})?",
+                              re.IGNORECASE)
+
+
+def _over_tcp(stream: trio.abc.Stream) -> bool:
+    sock = getattr(stream, "socket", None)
+    return sock is not None and sock.family in (_socket.AF_INET, _socket.AF_INET6)
+
+
+def _is_json(content_type: bytes | None) -> bool:
+    media = (content_type or b"").split(b";", 1)[0].strip().lower()
+    return media == b"application/json" or media.endswith(b"+json")
+
+
+def request_refusal(request: h11.Request, *, tcp: bool) -> tuple[int, str, str] | None:
+    """(status, code, message) for a request refused before its body is read."""
+    fields = dict(request.headers)
+    if b"content-length" in fields and b"transfer-encoding" in fields:
+        return 400, "bad_http", ("a request with both Content-Length and Transfer-Encoding is "
+                                 "refused (RFC 9112 section 6.3); send one of them")
+    if not tcp:
+        return None
+    origin = fields.get(b"origin")
+    if origin is not None and not _LOOPBACK_ORIGIN.fullmatch(origin):
+        return 403, "cross_origin", (
+            f"daemon.tcp refuses requests from web pages (Origin: "
+            f"{origin.decode('latin-1')!r} is not a loopback origin); local clients send no "
+            "Origin header")
+    if request.method == b"POST" and not _is_json(fields.get(b"content-type")):
+        ctype = fields.get(b"content-type", b"none").decode("latin-1")
+        return 415, "unsupported_media_type", (
+            f"daemon.tcp takes only JSON request bodies (content-type: application/json); "
+            f"got content-type {ctype!r}")
+    return None
+
+
 async def _handle_request(
     d: Daemon, conn: h11.Connection, stream: trio.abc.Stream, reply: H11Reply,
     request: h11.Request, peer: Peer,
 ) -> None:
     path = request.target.split(b"?", 1)[0]
     method = request.method
+    refusal = request_refusal(request, tcp=_over_tcp(stream))
+    if refusal is not None:
+        status, code, message = refusal
+        await _client_error(reply, status, message, code=code, close=True)
+        return
     try:
         body = await _read_body(d, conn, stream, reply, request)
     except h11.RemoteProtocolError as e:

@@ -5,9 +5,13 @@ against an upstream, and what an upstream sends never grows the daemon without b
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 
+import httpx
 import msgspec
 import pytest
+import trio
 from conftest import http_request, ok_script
 from test_engine import ANTHROPIC_OK
 
@@ -142,3 +146,81 @@ async def test_every_shape_the_api_allows_goes_to_an_openai_upstream_unchanged(
     sent = msgspec.json.decode(h.upstreams.requests[0].content)
     assert {k: v for k, v in sent.items() if k not in ("model", "stream", "stream_options")} \
         == {k: v for k, v in body.items() if k not in ("model", "stream")}
+
+
+# -- the TCP listener: no peer identity, so no web page may use it ---------------------
+
+async def serve_tcp(nursery: trio.Nursery, tmp: str) -> tuple[fo.Daemon, fo.FakeUpstream, int]:
+    upstream = fo.FakeUpstream(lambda model, body, n: fo.token_script(["hi"]))
+    await nursery.start(upstream.serve)
+    cfg = fo.Config(daemon=fo.DaemonConfig(socket=os.path.join(tmp, "fo.sock"),
+                                           tcp="127.0.0.1:0", ledger=os.path.join(tmp, "l.jsonl")),
+                    providers={"a": fo.ProviderConfig(base_url=upstream.base_url)},
+                    routes={"r": fo.RouteConfig(chain=["a/m"])})
+    listeners = await fo.open_listeners(cfg)
+    d = fo.Daemon(cfg, ledger=fo.Ledger(cfg.daemon.ledger))
+    await nursery.start(fo.serve, d, listeners)
+    return d, upstream, listeners[1].socket.getsockname()[1]
+
+
+CHAT = msgspec.json.encode({"model": "r", "messages": HELLO})
+
+
+async def test_a_web_pages_cross_origin_post_on_the_tcp_listener_spends_nothing(nursery):
+    """A page in a local browser can send a "simple" POST (text/plain, no preflight) to
+    127.0.0.1: it is refused before its body is read, and no upstream is called."""
+    d, upstream, port = await serve_tcp(nursery, tempfile.mkdtemp(dir="/tmp"))
+    with trio.fail_after(10):
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            simple = await client.post("/v1/chat/completions", content=CHAT, headers={
+                "origin": "https://evil.example", "content-type": "text/plain;charset=UTF-8"})
+            as_json = await client.post("/v1/chat/completions", content=CHAT, headers={
+                "origin": "null", "content-type": "application/json"})
+            no_origin = await client.post("/v1/chat/completions", content=CHAT,
+                                          headers={"content-type": "text/plain"})
+            status = await client.get("/status", headers={"origin": "http://evil.example"})
+            assert upstream.requests == []
+            local_page = await client.post("/v1/chat/completions", content=CHAT, headers={
+                "origin": "http://localhost:3000", "content-type": "application/json"})
+            agent = await client.post("/v1/chat/completions", json={"model": "r",
+                                                                    "messages": HELLO})
+    for refused, code in ((simple, 403), (as_json, 403), (no_origin, 415), (status, 403)):
+        assert refused.status_code == code
+        assert refused.headers["connection"] == "close"
+        assert refused.json()["error"]["type"] == "invalid_request_error"
+    assert "Origin" in simple.json()["error"]["message"]
+    assert simple.json()["error"]["code"] == "cross_origin"
+    assert no_origin.json()["error"]["code"] == "unsupported_media_type"
+    assert (local_page.status_code, agent.status_code) == (200, 200)
+    assert len(upstream.requests) == 2
+    d.shutdown.set()
+
+
+async def test_the_unix_socket_is_not_held_to_the_browser_rules(nursery):
+    """A browser cannot reach a Unix socket; its clients are told apart by SO_PEERCRED."""
+    tmp = tempfile.mkdtemp(dir="/tmp")
+    d, upstream, _ = await serve_tcp(nursery, tmp)
+    transport = httpx.AsyncHTTPTransport(uds=os.path.join(tmp, "fo.sock"))
+    with trio.fail_after(10):
+        async with httpx.AsyncClient(transport=transport, base_url="http://failoverd") as client:
+            r = await client.post("/v1/chat/completions", content=CHAT,
+                                  headers={"content-type": "text/plain"})
+    assert r.status_code == 200
+    d.shutdown.set()
+
+
+async def test_content_length_with_chunked_encoding_is_refused(harness, autojump_clock):
+    """RFC 9112 section 6.3: a server that would read the body either way is open to
+    request smuggling behind a proxy that reads it the other way."""
+    h = harness({"a/m1": ok_script()})
+    body = b'{"model": "r", "messages": [{"role": "user", "content": "hi"}]}'
+    raw = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+           b"content-length: 5\r\ntransfer-encoding: chunked\r\n\r\n"
+           + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+
+    r = await h.send(raw)
+
+    assert (r.status, r.json["error"]["code"]) == (400, "bad_http")
+    assert "RFC 9112" in r.json["error"]["message"]
+    assert r.headers["connection"] == "close"
+    assert h.upstreams.calls == []
