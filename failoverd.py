@@ -2474,7 +2474,11 @@ class Daemon:
                            divisors=self.divisors())
         tmp = self.state_path + ".tmp"
         try:
-            with open(tmp, "wb") as f:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)  # one left by a crash keeps its mode: make a fresh one
+            # Open breakers and their reasons are the ledger's business: 0640 like it.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+            with open(fd, "wb") as f:
                 f.write(msgspec.json.encode(state))
             os.replace(tmp, self.state_path)
         except OSError as e:
@@ -3284,7 +3288,8 @@ async def _read_limited(resp: httpx.Response, limit: int) -> bytes:
 # to the OpenAI endpoints, and the Reply the engine writes through.
 # ---------------------------------------------------------------------------
 
-# Request heads are small; 64 KiB is h11's own default bound.
+# Request heads are small (an SDK's is well under 2 KiB); 64 KiB, four times h11's
+# default, leaves room for long tokens in headers. A longer head gets 431.
 MAX_HEAD_BYTES = 64 * 1024
 RECV_SIZE = 64 * 1024
 SERVER_HEADER = ("server", f"failoverd/{__version__}")
@@ -3381,15 +3386,24 @@ class H11Reply(Reply):
             raise ClientGone
 
 
-async def _next_event(conn: h11.Connection, stream: trio.abc.Stream) -> Any:
+async def _next_event(conn: h11.Connection, stream: trio.abc.Stream,
+                      buffered: int | None = None) -> Any:
+    """The next h11 event, reading as needed. While a request head is read, `buffered`
+    counts its bytes so far and no read takes more than MAX_HEAD_BYTES of them: h11
+    checks its size limit only on a head still incomplete, so a head that one read
+    both completed and took past the limit would pass (up to ~128 KiB)."""
     while True:
         event = conn.next_event()
         if event is not h11.NEED_DATA:
             return event
+        size = RECV_SIZE if buffered is None else max(1, min(RECV_SIZE,
+                                                              MAX_HEAD_BYTES - buffered))
         try:
-            data = await stream.receive_some(RECV_SIZE)
+            data = await stream.receive_some(size)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             data = b""
+        if buffered is not None:
+            buffered += len(data)
         conn.receive_data(data)
 
 
@@ -3410,12 +3424,15 @@ async def _client_error(reply: H11Reply, status: int, message: str, *, code: str
 
 async def handle_connection(d: Daemon, stream: trio.abc.Stream, peer: Peer) -> None:
     """Serve HTTP/1.1 requests on one client connection until it closes."""
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+    # A head of MAX_HEAD_BYTES is whole or refused at that size: h11 refuses a head
+    # still incomplete with more than this buffered, and _next_event reads no further.
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES - 1)
     dc = d.cfg.daemon
     reply = H11Reply(conn, stream, dc.client_write_timeout_s)
     try:
         while True:
-            if not conn.trailing_data[0]:
+            buffered = len(conn.trailing_data[0])
+            if not buffered:
                 # Keep-alive idle: wait for the next request's first byte.
                 idle_until = trio.current_time() + dc.keepalive_timeout_s
                 with trio.CancelScope(deadline=idle_until) as idle:
@@ -3423,16 +3440,17 @@ async def handle_connection(d: Daemon, stream: trio.abc.Stream, peer: Peer) -> N
                     if d.draining:
                         idle.cancel()
                     try:
-                        data = await stream.receive_some(RECV_SIZE)
+                        data = await stream.receive_some(min(RECV_SIZE, MAX_HEAD_BYTES))
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         data = b""
                     conn.receive_data(data)
+                    buffered = len(data)
                 d.idle_scopes.discard(idle)
                 if idle.cancelled_caught:
                     return
             with trio.move_on_after(dc.head_timeout_s) as head_scope:
                 try:
-                    event = await _next_event(conn, stream)
+                    event = await _next_event(conn, stream, buffered)
                 except h11.RemoteProtocolError as e:
                     await _client_error(reply, e.error_status_hint,
                                         f"malformed HTTP request: {e}", code="bad_http",

@@ -245,6 +245,36 @@ async def test_chunked_body_growing_over_limit_gets_413_without_waiting_for_the_
     await assert_still_serving(h)
 
 
+def head_of(size: int) -> bytes:
+    """A GET /healthz head of exactly `size` bytes."""
+    start, end = b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-pad: ", b"\r\n\r\n"
+    return start + b"p" * (size - len(start) - len(end)) + end
+
+
+@pytest.mark.parametrize(("size", "status"), [
+    (fo.MAX_HEAD_BYTES, 200), (fo.MAX_HEAD_BYTES + 1, 431), (100 * 1024, 431),
+    (127 * 1024, 431), (1024 * 1024, 431)])
+async def test_request_heads_are_limited_to_64_kib(h, autojump_clock, size, status):
+    """h11 checks its limit only on a head still incomplete: one sent in a single write
+    used to pass up to ~128 KiB, whatever the limit said."""
+    conn = Conn(h)
+    h.nursery.start_soon(conn.send, head_of(size))
+
+    result = await conn.response()
+
+    assert result.status == status
+    if status == 431:
+        assert error_of(result.json, code="bad_http")
+        assert result.headers["connection"] == "close"
+
+
+async def test_a_head_within_the_limit_behind_a_pipelined_request_is_served(h, autojump_clock):
+    conn = Conn(h)
+    await conn.send(head_of(200) + head_of(fo.MAX_HEAD_BYTES))
+    first, second = await conn.response(), await conn.response()
+    assert (first.status, second.status) == (200, 200)
+
+
 async def test_head_sent_byte_by_byte_slower_than_head_timeout_gets_408_at_the_deadline(
         h, autojump_clock):
     raw = http_request(GOOD)

@@ -329,3 +329,21 @@ async def test_no_fragment_of_a_key_at_the_cut_reaches_anyone(
     assert leaks == {}
     # Scrubbed before the cut: not even a shorter piece is left at the end of the message.
     assert not [where for where, text in places.items() if CANARY[:5] in text]
+
+
+def test_state_file_is_created_0640_like_the_ledger(tmp_path):
+    """Breaker reasons quote upstream errors: the state file is no more readable than the
+    ledger, even where a crash left a world-readable .tmp behind."""
+    (tmp_path / "state.json.tmp").write_text("{}")
+    os.chmod(tmp_path / "state.json.tmp", 0o644)
+    old_umask = os.umask(0o022)
+    try:
+        d = fo.Daemon(make_config({"r": ["a/m1"]}), ledger=fo.Ledger(str(tmp_path / "l.jsonl")))
+        d.save_state()
+    finally:
+        os.umask(old_umask)
+
+    assert oct(os.stat(tmp_path / "l.jsonl").st_mode & 0o777) == "0o640"
+    assert oct(os.stat(tmp_path / "state.json").st_mode & 0o777) == "0o640"
+    assert not (tmp_path / "state.json.tmp").exists()
+    assert msgspec.json.decode((tmp_path / "state.json").read_bytes())["version"] == 1
