@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 import tomllib
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Annotated, Any, Literal
 
@@ -539,6 +540,10 @@ HEALTH_FAILURES = frozenset({
 FAST_FAILURE_S = 2.0
 # How much of an upstream error body is kept (for classification and the ledger).
 ERROR_BODY_LIMIT = 64 * 1024
+# A 200 reply with one JSON body (a server that ignored `stream`) holds one completion:
+# the longest a model writes (128k output tokens, ~0.5 MB of JSON) eight times over. A
+# longer one is no answer: the attempt fails over (protocol_error) without reading on.
+WHOLE_BODY_LIMIT = 4 * 1024 * 1024
 
 _CONTEXT_OVERFLOW = re.compile(
     rb"context_length_exceeded|context length|context window|maximum context|prompt is too long"
@@ -2987,7 +2992,7 @@ class Exchange:
             if "json" not in ctype:
                 raise Failure("protocol_error", f"200 with content-type {ctype!r}, expected "
                                                 "text/event-stream", status=200)
-            body = await _read_limited(resp, self.d.cfg.daemon.max_body_bytes)
+            body = await _read_limited(resp, WHOLE_BODY_LIMIT, over="200 JSON body")
             frame = adapter.whole_body(body, st)
             await self._digested(slot, st, m, scope, frame)
             return
@@ -3272,14 +3277,37 @@ class Exchange:
         }
 
 
-async def _read_limited(resp: httpx.Response, limit: int) -> bytes:
-    parts, size = [], 0
-    async for chunk in resp.aiter_bytes():
-        parts.append(chunk)
-        size += len(chunk)
-        if size >= limit:
+def _bounded_decoder(encoding: str) -> Callable[[bytes, int], bytes]:
+    """(raw bytes, room) -> at most `room` decoded bytes. A compressed body is inflated
+    a piece at a time: 64 KiB of gzip can inflate to 64 MiB in one call."""
+    if encoding.strip().lower() not in ("gzip", "x-gzip", "deflate"):
+        return lambda raw, room: raw  # identity (asked for), or one we cannot read: as is
+    inflate = zlib.decompressobj(wbits=47)  # 32 + 15: gzip or zlib, told by the header
+
+    def decode(raw: bytes, room: int) -> bytes:
+        try:
+            return inflate.decompress(raw, room)
+        except zlib.error as e:
+            raise Failure("protocol_error", f"undecodable {encoding} body: {e}") from None
+
+    return decode
+
+
+async def _read_limited(resp: httpx.Response, limit: int, *, over: str | None = None) -> bytes:
+    """At most `limit` bytes of the body, never holding more: the rest is not read (the
+    connection is closed, not reused). With `over`, a longer body fails the attempt as a
+    protocol_error instead of being cut."""
+    decode = _bounded_decoder(resp.headers.get("content-encoding", ""))
+    buf = bytearray()
+    async for raw in resp.stream:  # the transport's bytes, as the SSE path reads them
+        buf += decode(raw, limit + 1 - len(buf))
+        if len(buf) > limit:
+            if over is not None:
+                raise Failure("protocol_error", f"{over} is longer than {limit} bytes; the rest "
+                                                "was not read", status=resp.status_code)
+            del buf[limit:]
             break
-    return b"".join(parts)[:limit]
+    return bytes(buf)
 
 
 # ---------------------------------------------------------------------------

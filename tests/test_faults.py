@@ -4,10 +4,16 @@ against an upstream, and what an upstream sends never grows the daemon without b
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
+import sys
 import tempfile
+import tracemalloc
+import zlib
 
+import h11
 import httpx
 import msgspec
 import pytest
@@ -224,3 +230,184 @@ async def test_content_length_with_chunked_encoding_is_refused(harness, autojump
     assert "RFC 9112" in r.json["error"]["message"]
     assert r.headers["connection"] == "close"
     assert h.upstreams.calls == []
+
+
+# -- what an upstream's body may make the daemon hold ---------------------------------
+
+def json_body_steps(size: int, piece: int = 64 * 1024, **headers: str) -> list:
+    """A 200 application/json reply of `size` bytes, written `piece` bytes at a time and
+    never built whole: a completion whose content is one long string."""
+    start = b'{"choices":[{"index":0,"message":{"role":"assistant","content":"'
+    filler = b"x" * piece
+    steps: list = [("head", 200, {"content-type": "application/json", **headers}),
+                   ("raw", start)]
+    steps += [("raw", filler)] * (size // piece)
+    return [*steps, ("raw", b'"},"finish_reason":"stop"}]}')]
+
+
+@functools.cache
+def gzip_bomb(start: bytes, mib: int = 64) -> bytes:
+    """JSON that starts with `start` and inflates to `mib` MiB: 1,000 times smaller on
+    the wire (a hostile upstream sends it although failoverd asked for identity)."""
+    z = zlib.compressobj(9, wbits=31)
+    zeros = b"0" * (1024 * 1024)
+    body = z.compress(start) + b"".join(z.compress(zeros) for _ in range(mib))
+    return body + z.compress(b'"}}]}') + z.flush()
+
+
+def bomb_reply(status: int, start: bytes) -> list:
+    """The bomb as a streamed reply (an httpx.Response built from content would inflate
+    it in the test's own transport)."""
+    return [("head", status, {"content-type": "application/json", "content-encoding": "gzip"}),
+            ("raw", gzip_bomb(start))]
+
+
+def peak_bytes_during(coro_fn):
+    """Run an async function under tracemalloc; the most Python held at once (bytes)."""
+    async def run():
+        tracemalloc.start()
+        try:
+            result = await coro_fn()
+            return result, tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    return run()
+
+
+@pytest.mark.parametrize("steps", [
+    pytest.param(lambda: json_body_steps(64 * 1024 * 1024), id="64 MiB of JSON, chunked"),
+    pytest.param(lambda: bomb_reply(200, b'{"choices":[{"index":0,"message":{"content":"'),
+                 id="gzip bomb: 64 MiB in 65 KB"),
+])
+async def test_a_huge_200_json_body_fails_over_holding_at_most_its_limit(harness, autojump_clock,
+                                                                        steps):
+    h = harness({"a/m1": steps(), "b/m2": ok_script("fallback")})
+
+    r, peak = await peak_bytes_during(h.chat)
+
+    assert (r.status, r.text) == (200, "fallback")
+    a = h.rows("attempt")[0]
+    assert (a["outcome"], a["status"]) == ("protocol_error", 200)
+    assert f"longer than {fo.WHOLE_BODY_LIMIT} bytes" in a["error"]
+    assert peak < 3 * fo.WHOLE_BODY_LIMIT  # was 48 MiB for the first, 128 MiB for the second
+
+
+async def test_a_gzip_bomb_as_an_error_body_is_cut_at_its_limit(harness, autojump_clock):
+    h = harness({"a/m1": bomb_reply(503, b'{"error":{"message":"'),
+                 "b/m2": ok_script("fallback")})
+
+    r, peak = await peak_bytes_during(h.chat)
+
+    assert (r.status, r.text) == (200, "fallback")
+    assert h.outcomes()[0] == ("a/m1", "http_error")
+    assert h.rows("attempt")[0]["error"].startswith("HTTP 503: {\"error\":{\"message\":\"000")
+    assert peak < 8 * fo.ERROR_BODY_LIMIT + 1024 * 1024
+
+
+async def test_a_200_json_body_at_its_limit_is_served(harness, autojump_clock):
+    size = fo.WHOLE_BODY_LIMIT - 200
+    h = harness({"a/m1": json_body_steps(size)})
+
+    r = await h.chat()
+
+    assert r.status == 200
+    assert len(r.json["choices"][0]["message"]["content"]) == size // (64 * 1024) * 64 * 1024
+
+
+TWO_GB = 2 * 1024**3
+
+
+class HostileUpstream:
+    """Answers every request 200 application/json with a 2 GB body it makes up as it
+    goes, once `concurrent` requests have arrived; counts what it could send each."""
+
+    def __init__(self, concurrent: int) -> None:
+        self.concurrent = concurrent
+        self.arrived = 0
+        self.all_in = trio.Event()
+        self.sent: list[int] = []
+        self.port = 0
+
+    async def serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started()
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER)
+        while not isinstance(await fo._next_event(conn, stream), h11.EndOfMessage):
+            pass
+        self.arrived += 1
+        if self.arrived >= self.concurrent:
+            self.all_in.set()
+        await self.all_in.wait()
+        head = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
+                b'{"choices":[{"index":0,"message":{"content":"' % TWO_GB)
+        filler, sent = b"x" * (256 * 1024), 0
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await stream.send_all(head)
+            while sent < TWO_GB:
+                await stream.send_all(filler)
+                sent += len(filler)
+        self.sent.append(sent)
+        await stream.aclose()
+
+
+def vm_kib(pid: int, key: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+
+
+async def test_2_gb_json_bodies_at_20_concurrent_attempts_keep_the_daemon_small(nursery):
+    """A daemon process (peak RSS is the kernel's VmHWM) meets 20 attempts at once whose
+    upstream sends a 2 GB JSON body each: every attempt stops at WHOLE_BODY_LIMIT and
+    fails over. It held ~16-48 MiB per attempt (about 1 GB here) before."""
+    n = 20
+    hostile, good = HostileUpstream(n), fo.FakeUpstream(lambda m, b, i: fo.token_script(["ok"]))
+    await nursery.start(hostile.serve)
+    await nursery.start(good.serve)
+    tmp = tempfile.mkdtemp(dir="/tmp")
+    sock = os.path.join(tmp, "fo.sock")
+    with open(os.path.join(tmp, "failoverd.toml"), "w") as f:  # noqa: ASYNC230 (set-up)
+        f.write(f'[daemon]\nsocket = "{sock}"\nledger = "{tmp}/ledger.jsonl"\nshed_lag_s = 0\n'
+                f'[providers.evil]\nbase_url = "http://127.0.0.1:{hostile.port}/v1"\n'
+                f'[providers.good]\nbase_url = "{good.base_url}"\n'
+                '[routes.r]\nchain = ["evil/m", "good/m"]\n[routes.warm]\nchain = ["good/m"]\n')
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-c", "import failoverd; failoverd.cli()", "serve", "--config",
+         os.path.join(tmp, "failoverd.toml"), "--quiet"])
+    try:
+        transport = httpx.AsyncHTTPTransport(uds=sock)
+        async with httpx.AsyncClient(transport=transport, base_url="http://failoverd",
+                                     timeout=60) as client:
+            with trio.fail_after(120):
+                while True:
+                    with contextlib.suppress(httpx.TransportError):
+                        if (await client.post("/v1/chat/completions", json={
+                                "model": "warm", "messages": HELLO})).status_code == 200:
+                            break
+                    await trio.sleep(0.05)
+                before = vm_kib(proc.pid, "VmHWM")
+                replies = []
+
+                async def ask() -> None:
+                    replies.append(await client.post("/v1/chat/completions",
+                                                     json={"model": "r", "messages": HELLO}))
+
+                async with trio.open_nursery() as asking:
+                    for _ in range(n):
+                        asking.start_soon(ask)
+                peak = vm_kib(proc.pid, "VmHWM")
+    finally:
+        proc.terminate()
+        await proc.wait()
+    assert [r.status_code for r in replies] == [200] * n
+    assert {r.headers["x-failoverd-served-by"] for r in replies} == {"good/m"}
+    assert hostile.arrived == n  # all 20 attempts met a body at once
+    assert len(hostile.sent) == n
+    assert all(fo.WHOLE_BODY_LIMIT <= s < TWO_GB for s in hostile.sent)
+    grew_mib = (peak - before) / 1024
+    print(f"VmHWM {before / 1024:.0f} -> {peak / 1024:.0f} MiB; sent per attempt (MiB): "
+          f"{sorted(round(s / 2**20) for s in hostile.sent)}")
+    assert grew_mib < n * 2 * fo.WHOLE_BODY_LIMIT / 2**20, f"peak RSS grew {grew_mib:.0f} MiB"
