@@ -26,6 +26,7 @@ import math
 import os
 import random
 import re
+import resource
 import secrets as _secrets
 import signal
 import socket as _socket
@@ -83,6 +84,10 @@ class DaemonConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     shutdown_grace_s: NonNegative = 30.0
     # A client that stops reading for this long is dropped (not the upstream's fault).
     client_write_timeout_s: Seconds = 30.0
+    # Client connections open at once. At the cap an idle keep-alive connection is closed
+    # to make room; with none idle, a new connection gets 503 (GET /healthz is answered).
+    # Unset: derived from the open-file limit (see connection_cap).
+    max_connections: PositiveInt | None = None
     # Load shedding: while the event loop runs later than this, a share of new
     # requests (rising with the lateness, falling slowly once it is gone) gets a fast
     # 503 with Retry-After: 1 instead of joining a queue that only grows. Streaming
@@ -2413,6 +2418,9 @@ class Daemon:
         self.no_inflight.set()
         self.shutdown = trio.Event()
         self.idle_scopes: set[trio.CancelScope] = set()
+        self.connections = 0  # client connections open (see admit_connection)
+        self.max_connections = cfg.daemon.max_connections or connection_cap(
+            resource.getrlimit(resource.RLIMIT_NOFILE)[0])
         self.draining = False
         self.loop_lag = 0.0  # seconds the event loop runs late (see watch_lag)
         self.shed = 0  # requests refused while overloaded
@@ -2599,6 +2607,7 @@ class Daemon:
             "shed_share": round(self.shed_share, 3),
             "shed_share_streams": round(self.shed_share_streams, 3),
             "fallbacks_waiting": len(self.fallbacks),
+            "connections": {"open": self.connections, "max": self.max_connections},
             "in_flight": [ex.describe(now) for ex in self.inflight.values()],
             "breakers": self.health.snapshot(),
             "token_divisors": self.divisors(),
@@ -3450,8 +3459,10 @@ async def _client_error(reply: H11Reply, status: int, message: str, *, code: str
                                             param=param), headers)
 
 
-async def handle_connection(d: Daemon, stream: trio.abc.Stream, peer: Peer) -> None:
-    """Serve HTTP/1.1 requests on one client connection until it closes."""
+async def handle_connection(d: Daemon, stream: trio.abc.Stream, peer: Peer, *,
+                            admitted: bool = True) -> None:
+    """Serve HTTP/1.1 requests on one client connection until it closes. A connection
+    over daemon.max_connections (`admitted` False) gets one answer: /healthz, or 503."""
     # A head of MAX_HEAD_BYTES is whole or refused at that size: h11 refuses a head
     # still incomplete with more than this buffered, and _next_event reads no further.
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES - 1)
@@ -3491,6 +3502,9 @@ async def handle_connection(d: Daemon, stream: trio.abc.Stream, peer: Peer) -> N
                 return
             if not isinstance(event, h11.Request):
                 return  # ConnectionClosed, or the client closed between requests
+            if not admitted:
+                await _over_the_cap(d, reply, event)
+                return
             await _handle_request(d, conn, stream, reply, event, peer)
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                 return  # MUST_CLOSE, an error, or a reply cut short: not reusable
@@ -3503,6 +3517,19 @@ async def handle_connection(d: Daemon, stream: trio.abc.Stream, peer: Peer) -> N
     finally:
         with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
             await stream.aclose()
+
+
+async def _over_the_cap(d: Daemon, reply: H11Reply, request: h11.Request) -> None:
+    """A connection past daemon.max_connections with no idle one to close: health checks
+    are still answered, anything else is told to come back."""
+    if request.method == b"GET" and request.target.split(b"?", 1)[0] == b"/healthz":
+        await _simple(reply, 503 if d.draining else 200,
+                      {"status": "draining" if d.draining else "ok"}, [("connection", "close")])
+        return
+    error = error_body(f"failoverd has daemon.max_connections = {d.max_connections} client "
+                       "connections open, none of them idle; retry shortly",
+                       type_="failoverd_error", code="too_many_connections")
+    await _simple(reply, 503, error, [("retry-after", "1"), ("connection", "close")])
 
 
 async def _read_body(
@@ -3858,6 +3885,47 @@ def sd_notify(message: str) -> None:
         s.sendto(message.encode(), address)
 
 
+# Descriptors kept for what is not a client connection: listeners, the ledger, the
+# state file, alert commands' pipes, idle upstream connections, and the connections
+# over the cap that are answered 503 (at most SPARE_CONNECTIONS at once).
+FD_RESERVE = 128
+SPARE_CONNECTIONS = 32
+
+
+def connection_cap(open_files: int) -> int:
+    """daemon.max_connections when unset: a client connection with a request in flight
+    holds a second descriptor upstream, so half of what the reserve leaves."""
+    return max(16, (open_files - FD_RESERVE) // 2)
+
+
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (systemd's default soft limit is
+    1,024); (soft limit before, soft limit now)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard <= soft:
+        return soft, soft  # the kernel's own cap (fs.nr_open) applies instead
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as e:
+        log.warning("cannot raise the open-file limit from %d to %d: %s", soft, hard, e)
+        return soft, soft
+    return soft, hard
+
+
+def admit_connection(d: Daemon) -> bool:
+    """Count a new client connection: True if it fits under daemon.max_connections,
+    where an idle keep-alive connection is closed to make room when there is one."""
+    d.connections += 1
+    if d.connections <= d.max_connections:
+        return True
+    while d.idle_scopes:
+        idle = d.idle_scopes.pop()
+        if not idle.cancel_called:
+            idle.cancel()  # it closes at its next checkpoint, and the count goes down
+            return True
+    return False
+
+
 async def serve(
     d: Daemon, listeners: list[trio.abc.Listener[Any]], *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
@@ -3865,7 +3933,15 @@ async def serve(
     """Accept until `d.shutdown` is set, then drain in-flight requests within the grace."""
 
     async def handler(stream: trio.abc.Stream) -> None:
-        await handle_connection(d, stream, peer_credentials(stream))
+        admitted = admit_connection(d)
+        try:
+            if admitted or d.connections <= d.max_connections + SPARE_CONNECTIONS:
+                await handle_connection(d, stream, peer_credentials(stream), admitted=admitted)
+            else:  # far past the cap: closed unread
+                with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
+                    await stream.aclose()
+        finally:
+            d.connections -= 1
 
     async with trio.open_nursery() as connections:
         d.background = connections
@@ -3982,7 +4058,11 @@ async def run_daemon(cfg: Config, config_path: str | None) -> None:
     except OSError as e:
         raise StartupError(f"cannot open daemon.ledger = {cfg.daemon.ledger}: {e.strerror}; "
                            "create the directory or fix its permissions") from None
+    was, open_files = raise_fd_limit()
     d = Daemon(cfg, ledger=ledger, keys=keys)
+    log.info("open files: %d allowed%s; at most %d client connections (daemon.max_connections)",
+             open_files, f" (raised from {was})" if was != open_files else "",
+             d.max_connections)
     listeners = await open_listeners(cfg)
     tune_gc()
     try:

@@ -8,8 +8,12 @@ import contextlib
 import functools
 import logging
 import os
+import resource
+import socket
+import subprocess
 import sys
 import tempfile
+import time
 import tracemalloc
 import zlib
 
@@ -18,7 +22,7 @@ import httpx
 import msgspec
 import pytest
 import trio
-from conftest import http_request, ok_script
+from conftest import MockUpstreams, http_request, make_config, ok_script
 from test_engine import ANTHROPIC_OK
 
 import failoverd as fo
@@ -411,3 +415,176 @@ async def test_2_gb_json_bodies_at_20_concurrent_attempts_keep_the_daemon_small(
     print(f"VmHWM {before / 1024:.0f} -> {peak / 1024:.0f} MiB; sent per attempt (MiB): "
           f"{sorted(round(s / 2**20) for s in hostile.sent)}")
     assert grew_mib < n * 2 * fo.WHOLE_BODY_LIMIT / 2**20, f"peak RSS grew {grew_mib:.0f} MiB"
+
+
+# -- file descriptors: idle connections cannot take them all ---------------------------
+
+def start_daemon(tmp: str, nofile: tuple[int, int], extra: str = "") -> subprocess.Popen:
+    """`failoverd serve` in a child whose RLIMIT_NOFILE is (soft, hard)."""
+    config = os.path.join(tmp, "failoverd.toml")
+    with open(config, "w") as f:
+        f.write(f'[daemon]\nsocket = "{tmp}/fo.sock"\nledger = "{tmp}/ledger.jsonl"\n{extra}'
+                '[providers.local]\nbase_url = "http://127.0.0.1:9/v1"\n'
+                '[routes.r]\nchain = ["local/m"]\n')
+    return subprocess.Popen(
+        [sys.executable, "-c", "import failoverd; failoverd.cli()", "serve", "--config", config],
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, nofile),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def healthz(path: str, timeout: float) -> bytes:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        s.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+
+def wait_serving(path: str, proc: subprocess.Popen) -> None:
+    for _ in range(200):
+        if proc.poll() is not None:
+            break
+        with contextlib.suppress(OSError):
+            if healthz(path, 2).startswith(b"HTTP/1.1 200"):
+                return
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(proc.communicate()[0].decode())
+
+
+@pytest.fixture
+def many_files():
+    """This test process opens thousands of sockets."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 4096:
+        pytest.skip(f"the hard RLIMIT_NOFILE of the test process is {hard}; 4096 are needed")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4096), hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_2000_idle_connections_under_1024_descriptors_leave_healthz_answered(many_files):
+    """The daemon may open 1,024 files (soft = hard, so raising changes nothing): 2,000
+    connections that never send a byte would take every descriptor, and the next
+    client would wait in the kernel's backlog. At the cap, idle connections are closed
+    to make room instead."""
+    tmp = tempfile.mkdtemp(dir="/tmp")
+    sock = os.path.join(tmp, "fo.sock")
+    proc = start_daemon(tmp, (1024, 1024))
+    idle: list[socket.socket] = []
+    try:
+        wait_serving(sock, proc)
+        for _ in range(2000):
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(5)
+            with contextlib.suppress(OSError):
+                s.connect(sock)
+            idle.append(s)
+        answer = healthz(sock, 10)
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(sock)
+            s.sendall(b"GET /status HTTP/1.1\r\nhost: x\r\n\r\n")
+            status = b""
+            while not status.endswith(b"}"):
+                status += s.recv(65536)
+    finally:
+        for s in idle:
+            s.close()
+        proc.terminate()
+        output = proc.communicate(timeout=30)[0].decode()
+    assert answer.startswith(b"HTTP/1.1 200"), output
+    connections = msgspec.json.decode(status.split(b"\r\n\r\n", 1)[1])["connections"]
+    assert connections["max"] == fo.connection_cap(1024) == 448
+    assert connections["open"] <= connections["max"] + fo.SPARE_CONNECTIONS
+    assert "open files: 1024 allowed; at most 448 client connections" in output
+
+
+def test_the_soft_open_file_limit_is_raised_to_the_hard_one():
+    tmp = tempfile.mkdtemp(dir="/tmp")
+    proc = start_daemon(tmp, (1024, 4096))
+    try:
+        wait_serving(os.path.join(tmp, "fo.sock"), proc)
+        with open(f"/proc/{proc.pid}/limits") as f:
+            limits = next(line for line in f if line.startswith("Max open files")).split()
+    finally:
+        proc.terminate()
+        output = proc.communicate(timeout=30)[0].decode()
+    assert limits[3:5] == ["4096", "4096"], limits
+    assert "open files: 4096 allowed (raised from 1024); at most 1984 client connections" \
+        in output
+
+
+async def serve_capped(nursery: trio.Nursery, scripts: dict) -> tuple[fo.Daemon, str]:
+    """A daemon with daemon.max_connections = 2 on a real Unix socket (real time)."""
+    tmp = tempfile.mkdtemp(dir="/tmp")
+    cfg = make_config({"r": ["a/m1"]}, ledger=os.path.join(tmp, "ledger.jsonl"))
+    cfg = msgspec.structs.replace(cfg, daemon=fo.DaemonConfig(
+        socket=os.path.join(tmp, "fo.sock"), ledger=os.path.join(tmp, "ledger.jsonl"),
+        max_connections=2, shutdown_grace_s=0))
+    d = fo.Daemon(cfg, ledger=fo.Ledger(cfg.daemon.ledger),
+                  transport=MockUpstreams(scripts).transport)
+    listener = await fo.open_unix_listener(cfg.daemon.socket, "0600")
+    await nursery.start(fo.serve, d, [listener])
+    return d, cfg.daemon.socket
+
+
+async def raw_exchange(path: str, request: bytes) -> bytes:
+    stream = await trio.open_unix_socket(path)
+    await stream.send_all(request)
+    data = b""
+    while chunk := await stream.receive_some(65536):
+        data += chunk
+        if b"\r\n\r\n" in data and data.endswith(b"}"):
+            break
+    await stream.aclose()
+    return data
+
+
+async def test_at_the_cap_an_idle_connection_makes_room(nursery):
+    d, path = await serve_capped(nursery, {})
+    with trio.fail_after(10):
+        idle = [await trio.open_unix_socket(path) for _ in range(2)]
+        while d.connections < 2:  # noqa: ASYNC110 (the kernel delivers the connections)
+            await trio.sleep(0.01)
+        answer = await raw_exchange(path, b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        closed: list[trio.SocketStream] = []
+
+        async def watch(s: trio.SocketStream) -> None:
+            if await s.receive_some(10) == b"":
+                closed.append(s)
+                watching.cancel_scope.cancel()
+
+        async with trio.open_nursery() as watching:
+            for s in idle:
+                watching.start_soon(watch, s)
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert len(closed) == 1  # one idle connection was closed to make room
+    d.shutdown.set()
+
+
+async def test_at_the_cap_with_no_idle_connection_healthz_is_still_answered(nursery):
+    d, path = await serve_capped(nursery, {"a/m1": [("hang",)]})
+    with trio.fail_after(10):
+        busy = []
+        for _ in range(2):  # two requests in flight: nothing idle to close
+            s = await trio.open_unix_socket(path)
+            await s.send_all(http_request({"model": "r", "messages": HELLO}))
+            busy.append(s)
+        while len(d.inflight) < 2:  # noqa: ASYNC110 (the kernel delivers the requests)
+            await trio.sleep(0.01)
+        refused = await raw_exchange(path, http_request({"model": "r", "messages": HELLO}))
+        health = await raw_exchange(path, b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+    assert refused.startswith(b"HTTP/1.1 503")
+    assert b"retry-after: 1" in refused
+    assert msgspec.json.decode(refused.split(b"\r\n\r\n", 1)[1])["error"]["code"] == \
+        "too_many_connections"
+    assert health.startswith(b"HTTP/1.1 200")
+    assert len(d.inflight) == 2  # the requests in flight were not touched
+    d.shutdown.set()
