@@ -1458,6 +1458,27 @@ class OpenAIAdapter:
         })
 
 
+# msgspec recurses, and on Python 3.11 its depth shares the interpreter's frame budget
+# (sys.getrecursionlimit(), 1,000): a client's JSON that decoded near the limit (about
+# 950 levels) could not be encoded again deeper in the stack, where the upstream request
+# is built, and that failed every slot as the upstream's protocol_error. Client JSON (the
+# body, a tool call's arguments) is decoded with this many frames of the budget held
+# back: a body deeper than about 700 levels is the client's 400, and what decodes can be
+# encoded anywhere. From Python 3.12 the limit does not depend on the Python stack.
+JSON_HEADROOM_FRAMES = 256
+
+
+def decode_json(raw: bytes | str) -> Any:
+    """msgspec.json.decode, raising RecursionError with JSON_HEADROOM_FRAMES to spare. No
+    other code runs meanwhile: msgspec holds the GIL, and the trio loop waits for it."""
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(limit - JSON_HEADROOM_FRAMES)
+    try:
+        return msgspec.json.decode(raw)
+    finally:
+        sys.setrecursionlimit(limit)
+
+
 # -- the client's request, as far as failoverd reads it ----------------------------
 # The front end checks every request against these Structs before any attempt (a 400
 # naming the field), so building an upstream request from it cannot fail. Roles, part
@@ -1572,7 +1593,7 @@ def _tool_input(arguments: str | dict[str, Any] | None) -> Any:
     if isinstance(arguments, dict):
         return arguments
     try:
-        return msgspec.json.decode(arguments or "{}")
+        return decode_json(arguments or "{}")
     except (msgspec.DecodeError, RecursionError):
         return {}
 
@@ -1640,7 +1661,7 @@ def _anthropic_tool_choice(choice: str | ToolChoice | None) -> dict[str, Any] | 
 
 def anthropic_body(model: str, body: dict[str, Any], model_cfg: ModelConfig) -> dict[str, Any]:
     """An OpenAI chat request as an Anthropic Messages request (streamed). Total over any
-    body that passed the front end's checks (`decode_body`, `request_problem`)."""
+    body that passed the front end's checks (`decode_json`, `request_problem`)."""
     req = msgspec.convert(body, ChatRequest)
     system: list[str] = []
     messages: list[dict[str, Any]] = []
@@ -3646,33 +3667,14 @@ async def _handle_request(
                             code="not_found")
 
 
-# msgspec recurses, and on Python 3.11 its depth shares the interpreter's frame budget
-# (sys.getrecursionlimit(), 1,000): a body that decoded here near the limit (about 950
-# levels) could not be encoded again deeper in the stack, where the upstream request is
-# built, and that failed every slot as the upstream's protocol_error. The front end
-# decodes with this many frames of the budget held back (a body deeper than about 700
-# levels is the client's 400), which leaves room for any engine. From Python 3.12 the
-# limit does not depend on the Python stack, and holding frames back changes nothing.
-JSON_HEADROOM_FRAMES = 256
 _TOO_DEEP = ("request body nests JSON too deeply to be decoded with room to spare; a few "
              "hundred levels is the most failoverd accepts")
 # Where a msgspec validation error points: "... - at `$.messages[2].content`".
 _ERROR_PATH = re.compile(r" - at `\$\.?(.*)`$")
 
 
-def decode_body(raw: bytes) -> Any:
-    """msgspec.json.decode, raising RecursionError with JSON_HEADROOM_FRAMES to spare. No
-    other code runs meanwhile: msgspec holds the GIL, and the trio loop waits for it."""
-    limit = sys.getrecursionlimit()
-    sys.setrecursionlimit(limit - JSON_HEADROOM_FRAMES)
-    try:
-        return msgspec.json.decode(raw)
-    finally:
-        sys.setrecursionlimit(limit)
-
-
 def request_problem(body: dict[str, Any]) -> tuple[str, str | None] | None:
-    """What makes a chat request (decoded by `decode_body`) unusable, as (message, OpenAI's
+    """What makes a chat request (decoded by `decode_json`) unusable, as (message, OpenAI's
     `param` naming the field), or None. A request that passes cannot make building an
     upstream request fail."""
     try:
@@ -3691,7 +3693,7 @@ async def _chat(
     peer: Peer,
 ) -> None:
     try:
-        body = decode_body(raw)
+        body = decode_json(raw)
     except (msgspec.DecodeError, UnicodeDecodeError) as e:
         await _client_error(reply, 400, f"request body is not valid JSON: {e}", code="invalid_json")
         return

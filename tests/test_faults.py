@@ -113,6 +113,26 @@ async def test_json_that_decodes_near_the_recursion_limit_is_never_an_upstream_f
     assert closed(h)
 
 
+async def test_tool_call_arguments_nested_near_the_limit_never_fail_an_anthropic_attempt(
+        harness, autojump_clock):
+    """The Anthropic translation decodes each tool call's arguments (a JSON string) and
+    embeds them deeper than they were: arguments nested ~945 levels decoded, then could
+    not be encoded (a 502, the breaker's failure). Now every depth is served; arguments
+    that cannot be decoded become {} as invalid JSON always did."""
+    h = harness({"x/c": ANTHROPIC_OK}, routes={"r": ["x/c"]}, anthropic=("x",))
+    statuses = set()
+    for depth in range(600, 1001):
+        call = {"id": "t", "type": "function",
+                "function": {"name": "f", "arguments": "[" * depth + "]" * depth}}
+        statuses.add((await h.send(http_request({"model": "r", "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "t", "content": "ok"}]}))).status)
+
+    assert statuses == {200}
+    assert {o for _, o in h.outcomes()} == {"ok"}
+
+
 async def test_json_nested_a_few_hundred_levels_is_served(harness, autojump_clock):
     h = harness({"a/m1": ok_script()})
 
