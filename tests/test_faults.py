@@ -480,7 +480,7 @@ def wait_serving(path: str, proc: subprocess.Popen) -> None:
 
 @pytest.fixture
 def many_files():
-    """This test process opens thousands of sockets."""
+    """This test process opens thousands of sockets (and its children may have 4096)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < 4096:
         pytest.skip(f"the hard RLIMIT_NOFILE of the test process is {hard}; 4096 are needed")
@@ -526,7 +526,7 @@ def test_2000_idle_connections_under_1024_descriptors_leave_healthz_answered(man
     assert "open files: 1024 allowed; at most 448 client connections" in output
 
 
-def test_the_soft_open_file_limit_is_raised_to_the_hard_one():
+def test_the_soft_open_file_limit_is_raised_to_the_hard_one(many_files):
     tmp = tempfile.mkdtemp(dir="/tmp")
     proc = start_daemon(tmp, (1024, 4096))
     try:

@@ -312,8 +312,8 @@ async def test_no_fragment_of_a_key_at_the_cut_reaches_anyone(
     state.json or the client."""
     message = "x" * (300 - before_cut) + CANARY + " is not a valid key"
     h = harness({"a/m1": [("respond", 401, {}, error_json(message))]}, routes={"r": ["a/m1"]})
-    h.d.keys = {"a": CANARY}
-    h.d.secrets = [CANARY]
+    h.d.snap.keys = {"a": CANARY}
+    h.d.snap.secrets = [CANARY]
 
     reply = await h.chat()
     status = await h.send(b"GET /status HTTP/1.1\r\nhost: x\r\n\r\n")
