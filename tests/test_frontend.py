@@ -268,6 +268,20 @@ async def test_request_heads_are_limited_to_64_kib(h, autojump_clock, size, stat
         assert result.headers["connection"] == "close"
 
 
+@pytest.mark.parametrize(("size", "status"), [(fo.MAX_HEAD_BYTES, 200),
+                                              (fo.MAX_HEAD_BYTES + 464, 431)])
+async def test_a_head_sent_in_two_writes_is_held_to_the_same_limit(h, autojump_clock, size,
+                                                                   status):
+    """The second read must not take the head past the limit in one go either."""
+    conn = Conn(h)
+    head = head_of(size)
+    await conn.send(head[:1000])
+    await trio.sleep(1)
+    h.nursery.start_soon(conn.send, head[1000:])
+
+    assert (await conn.response()).status == status
+
+
 async def test_a_head_within_the_limit_behind_a_pipelined_request_is_served(h, autojump_clock):
     conn = Conn(h)
     await conn.send(head_of(200) + head_of(fo.MAX_HEAD_BYTES))
