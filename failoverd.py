@@ -28,6 +28,7 @@ import math
 import os
 import random
 import re
+import resource
 import secrets as _secrets
 import select
 import signal
@@ -39,6 +40,7 @@ import sys
 import tempfile
 import time
 import tomllib
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Annotated, Any, Literal
 
@@ -85,6 +87,10 @@ class DaemonConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_o
     shutdown_grace_s: NonNegative = 30.0
     # A client that stops reading for this long is dropped (not the upstream's fault).
     client_write_timeout_s: Seconds = 30.0
+    # Client connections open at once. At the cap an idle keep-alive connection is closed
+    # to make room; with none idle, a new connection gets 503 (GET /healthz is answered).
+    # Unset: derived from the open-file limit (see connection_cap).
+    max_connections: PositiveInt | None = None
     # Load shedding: while the event loop runs later than this, a share of new
     # requests (rising with the lateness, falling slowly once it is gone) gets a fast
     # 503 with Retry-After: 1 instead of joining a queue that only grows. Streaming
@@ -804,6 +810,10 @@ def breaker_effect(outcome: str) -> str:
 FAST_FAILURE_S = 2.0
 # How much of an upstream error body is kept (for classification and the ledger).
 ERROR_BODY_LIMIT = 64 * 1024
+# A 200 reply with one JSON body (a server that ignored `stream`) holds one completion:
+# the longest a model writes (128k output tokens, ~0.5 MB of JSON) eight times over. A
+# longer one is no answer: the attempt fails over (protocol_error) without reading on.
+WHOLE_BODY_LIMIT = 4 * 1024 * 1024
 
 _CONTEXT_OVERFLOW = re.compile(
     rb"context_length_exceeded|context length|context window|maximum context|prompt is too long"
@@ -823,26 +833,28 @@ class _ErrorBody(msgspec.Struct):
     message: Any = None
 
 
-def error_summary(body: bytes) -> tuple[str, str]:
-    """(message, code) from an OpenAI/Anthropic-style error body, else its first bytes."""
+def error_summary(body: bytes, known: Iterable[str] = ()) -> tuple[str, str]:
+    """(message, code) from an OpenAI/Anthropic-style error body, else its first bytes;
+    the message is scrubbed of `known` secrets before it is cut short."""
     try:
         parsed = msgspec.json.decode(body, type=_ErrorBody)
-    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
-        text = body[:200].decode("utf-8", "replace").strip()
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError):
+        text = scrubbed_prefix(body.decode("utf-8", "replace"), 200, known).strip()
         return text or "empty body", ""
     err = parsed.error
     if isinstance(err, _ErrorDetail):
         code = next((c for c in (err.code, err.type) if isinstance(c, str)), "")
         msg = err.message if isinstance(err.message, str) else code
-        return (msg or "no message")[:300], code
+        return scrubbed_prefix(msg or "no message", 300, known), code
     if isinstance(err, str):
-        return err[:300], ""
-    return str(parsed.message or body[:200].decode("utf-8", "replace"))[:300], ""
+        return scrubbed_prefix(err, 300, known), ""
+    text = str(parsed.message or body.decode("utf-8", "replace"))
+    return scrubbed_prefix(text, 300, known), ""
 
 
-def classify_status(status: int, body: bytes) -> tuple[str, str]:
+def classify_status(status: int, body: bytes, known: Iterable[str] = ()) -> tuple[str, str]:
     """SPEC section 5's table for a non-2xx reply: (outcome, short error)."""
-    message, code = error_summary(body)
+    message, code = error_summary(body, known)
     error = f"HTTP {status}: {message}"
     if status == 429:
         return "rate_limited", error
@@ -1425,14 +1437,52 @@ _SECRET_PATTERNS = re.compile(
 )
 
 
+# A run of this many characters or more that occurs in a known key is removed wherever
+# it appears: what a cut at a length limit leaves of a key (its start at the end of a
+# text, its end at the start of one), and the partial keys some upstreams print.
+KEY_FRAGMENT = 8
+
+
+def _without_fragments(text: str, secret: str) -> str:
+    """`text` with every run made of `KEY_FRAGMENT`-character pieces of `secret` removed."""
+    n = KEY_FRAGMENT
+    if len(secret) < n or len(text) < n:
+        return text
+    pieces = {secret[i:i + n] for i in range(len(secret) - n + 1)}
+    spans: list[list[int]] = []
+    for i in range(len(text) - n + 1):
+        if text[i:i + n] in pieces:
+            if spans and i <= spans[-1][1]:
+                spans[-1][1] = i + n
+            else:
+                spans.append([i, i + n])
+    if not spans:
+        return text
+    out, last = [], 0
+    for start, end in spans:
+        out += [text[last:start], "[redacted]"]
+        last = end
+    return "".join([*out, text[last:]])
+
+
 def scrub(text: str, known: Iterable[str] = ()) -> str:
-    """Remove API keys from text bound for the ledger or a log line."""
+    """Remove API keys, and fragments of known keys, from text bound for the ledger, a
+    log line, a status page or a client."""
     for secret in known:
         if secret and len(secret) >= 6:
-            text = text.replace(secret, "[redacted]")
+            text = _without_fragments(text.replace(secret, "[redacted]"), secret)
     return _SECRET_PATTERNS.sub(
         lambda m: (m.group(1) or m.group(2) or m.group(3) or "") + "[redacted]", text
     )
+
+
+def scrubbed_prefix(text: str, limit: int, known: Iterable[str] = ()) -> str:
+    """At most `limit` characters of `text`, scrubbed before the cut: a key that the
+    cut would halve is removed whole instead of leaving its first characters behind."""
+    known = tuple(known)
+    # Past the cut: the longest known key, and room for one of a known shape (sk-...).
+    margin = max((len(k) for k in known), default=0) + 256
+    return scrub(text[:limit + margin], known)[:limit]
 
 
 def cost_usd(model: ModelConfig, tokens_in: int | None, tokens_out: int | None) -> float | None:
@@ -1539,6 +1589,10 @@ class Ledger:
         self._last_warning = -math.inf
         self._encoder = msgspec.json.Encoder()
         self._buf = bytearray(1024)
+        # Where a row cut short by a full disk began: the file is cut back to it before
+        # the next row, so that row does not continue the torn one (one bad line and one
+        # lost row). None while every line in the file is whole.
+        self._torn_at: int | None = None
         # Called with every row before it is written (the metrics): one call per
         # attempt, request or breaker row, whether or not the row reaches the disk.
         self.observers: list[Callable[[LedgerRow], None]] = []
@@ -1572,7 +1626,36 @@ class Ledger:
                       self.path, e.strerror)
             return
         if old is not None:
+            self._cut_torn(old)
+            self._torn_at = None  # the new file has no torn row of ours
             os.close(old)
+
+    def _cut_torn(self, fd: int) -> bool:
+        """Cut a torn row off the end of the file; False if it is still there."""
+        if self._torn_at is None:
+            return True
+        try:
+            os.ftruncate(fd, self._torn_at)
+        except OSError:
+            return False
+        self._torn_at = None
+        return True
+
+    def _append(self, fd: int, buf: bytearray) -> None:
+        """One row in one write(2). If the kernel takes only part of it (a full disk, a
+        signal), the rest is tried; a row that stays torn is cut off again."""
+        n = os.write(fd, buf)
+        if n == len(buf):
+            return
+        start = os.fstat(fd).st_size - n  # O_APPEND and one writer: the row began here
+        try:
+            with memoryview(buf) as view:
+                while n < len(buf):
+                    n += os.write(fd, view[n:])
+        except OSError:
+            self._torn_at = start
+            self._cut_torn(fd)
+            raise
 
     def write(self, row: LedgerRow) -> None:
         self._notify(row)
@@ -1584,9 +1667,9 @@ class Ledger:
         self._encoder.encode_into(row, buf)
         buf.extend(b"\n")
         try:
-            if os.write(self.fd, buf) < len(buf):  # the disk filled mid-row
-                os.write(self.fd, b"\n")  # end the torn line so the next row is whole
-                raise OSError(errno.ENOSPC, "short write: row torn")
+            if not self._cut_torn(self.fd):
+                raise OSError(errno.ENOSPC, "a torn row could not be cut off")
+            self._append(self.fd, buf)
         except OSError as e:
             self.dropped += 1
             now = time.monotonic()
@@ -1611,6 +1694,7 @@ class Ledger:
 
     def close(self) -> None:
         if self.fd is not None:
+            self._cut_torn(self.fd)
             os.close(self.fd)
             self.fd = None
 
@@ -2150,6 +2234,238 @@ class OpenAIAdapter:
         })
 
 
+# msgspec recurses, and on Python 3.11 its depth shares the interpreter's frame budget
+# (sys.getrecursionlimit(), 1,000): a client's JSON that decoded near the limit (about
+# 950 levels) could not be encoded again deeper in the stack, where the upstream request
+# is built, and that failed every slot as the upstream's protocol_error. Client JSON (the
+# body, a tool call's arguments) is decoded with this many frames of the budget held
+# back: a body deeper than about 700 levels is the client's 400, and what decodes can be
+# encoded anywhere. From Python 3.12 the limit does not depend on the Python stack.
+JSON_HEADROOM_FRAMES = 256
+
+
+def decode_json(raw: bytes | str) -> Any:
+    """msgspec.json.decode, raising RecursionError with JSON_HEADROOM_FRAMES to spare. No
+    other code runs meanwhile: msgspec holds the GIL, and the trio loop waits for it."""
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(limit - JSON_HEADROOM_FRAMES)
+    try:
+        return msgspec.json.decode(raw)
+    finally:
+        sys.setrecursionlimit(limit)
+
+
+# -- the client's request, as far as failoverd reads it ----------------------------
+# The front end checks every request against these Structs before any attempt (a 400
+# naming the field), so building an upstream request from it cannot fail. Roles, part
+# types and tool types are open sets on the wire (vLLM's video_url, custom roles): a
+# value failoverd does not know is the upstream's to judge. Fields failoverd does not
+# read are not checked and go to OpenAI-compatible upstreams as they are.
+
+NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class ImageURL(msgspec.Struct, kw_only=True):
+    url: str
+    detail: str | None = None
+
+
+# A part of a known type must carry the field its type names.
+_PART_FIELDS = {"text": "text", "image_url": "image_url", "refusal": "refusal"}
+
+
+class ContentPart(msgspec.Struct, kw_only=True):
+    type: str
+    text: str | None = None
+    image_url: ImageURL | None = None
+    refusal: str | None = None
+
+    def __post_init__(self) -> None:
+        field = _PART_FIELDS.get(self.type)
+        if field is not None and getattr(self, field) is None:
+            raise ValueError(f"a part of type {self.type!r} needs {field!r}")
+
+
+Content = str | list[ContentPart] | None
+
+
+class FunctionCall(msgspec.Struct, kw_only=True):
+    name: str | None = None
+    arguments: str | dict[str, Any] | None = None
+
+
+class ToolCall(msgspec.Struct, kw_only=True):
+    id: str | None = None
+    type: str = "function"
+    function: FunctionCall | None = None
+
+
+class Message(msgspec.Struct, kw_only=True):
+    role: str
+    content: Content = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+
+class FunctionDef(msgspec.Struct, kw_only=True):
+    name: str | None = None
+    description: str | None = ""
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(msgspec.Struct, kw_only=True):
+    type: str = "function"
+    function: FunctionDef | None = None
+
+
+class ToolChoiceFunction(msgspec.Struct, kw_only=True):
+    name: str | None = None
+
+
+class ToolChoice(msgspec.Struct, kw_only=True):
+    type: str = "function"
+    function: ToolChoiceFunction | None = None
+
+
+class StreamOptions(msgspec.Struct, kw_only=True):
+    include_usage: bool | None = None
+
+
+class ChatRequest(msgspec.Struct, kw_only=True):
+    messages: list[Message]
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    max_tokens: NonNegativeInt | None = None
+    max_completion_tokens: NonNegativeInt | None = None
+    stop: str | list[str] | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    tools: list[Tool] | None = None
+    tool_choice: str | ToolChoice | None = None
+
+
+# -- OpenAI request -> Anthropic Messages request ---------------------------------
+
+def _anthropic_part(part: ContentPart) -> dict[str, Any] | None:
+    if part.type == "text":
+        return {"type": "text", "text": part.text or ""}
+    if part.type == "image_url" and part.image_url is not None:
+        url = part.image_url.url
+        m = re.match(r"data:([^;]+);base64,(.*)", url, re.S)
+        source = ({"type": "base64", "media_type": m.group(1), "data": m.group(2)}
+                  if m else {"type": "url", "url": url})
+        return {"type": "image", "source": source}
+    return None  # a part Anthropic has no counterpart for
+
+
+def _anthropic_content(content: Content) -> str | list[dict[str, Any]]:
+    if content is None or isinstance(content, str):
+        return content or ""
+    return [block for part in content if (block := _anthropic_part(part)) is not None]
+
+
+def _tool_input(arguments: str | dict[str, Any] | None) -> Any:
+    if isinstance(arguments, dict):
+        return arguments
+    try:
+        return decode_json(arguments or "{}")
+    except (msgspec.DecodeError, RecursionError):
+        return {}
+
+
+def _tool_use(call: ToolCall) -> dict[str, Any]:
+    fn = call.function or FunctionCall()
+    return {"type": "tool_use", "id": call.id, "name": fn.name, "input": _tool_input(fn.arguments)}
+
+
+# Each role's message joins the translation in its own way: (message, system texts,
+# Anthropic messages so far).
+Translate = Callable[[Message, list[str], list[dict[str, Any]]], None]
+
+
+def _system_message(m: Message, system: list[str], messages: list[dict[str, Any]]) -> None:
+    c = m.content
+    system.append(c if isinstance(c, str) else " ".join(p.text or "" for p in c or ()))
+
+
+def _tool_message(m: Message, system: list[str], messages: list[dict[str, Any]]) -> None:
+    block = {"type": "tool_result", "tool_use_id": m.tool_call_id,
+             "content": _anthropic_content(m.content)}
+    last = messages[-1] if messages else None
+    if last is not None and last["role"] == "user" and isinstance(last["content"], list):
+        last["content"].append(block)  # Anthropic wants one user turn of tool results
+    else:
+        messages.append({"role": "user", "content": [block]})
+
+
+def _other_message(m: Message, system: list[str], messages: list[dict[str, Any]]) -> None:
+    messages.append({"role": m.role, "content": _anthropic_content(m.content)})
+
+
+def _assistant_message(m: Message, system: list[str], messages: list[dict[str, Any]]) -> None:
+    if not m.tool_calls:
+        return _other_message(m, system, messages)
+    content = _anthropic_content(m.content)
+    blocks = content if isinstance(content, list) else (
+        [{"type": "text", "text": content}] if content else [])
+    messages.append({"role": "assistant",
+                     "content": [*blocks, *(_tool_use(tc) for tc in m.tool_calls)]})
+    return None
+
+
+_ANTHROPIC_ROLES: dict[str, Translate] = {
+    "system": _system_message, "developer": _system_message, "tool": _tool_message,
+    "assistant": _assistant_message,
+}
+
+
+def _anthropic_tool(fn: FunctionDef) -> dict[str, Any]:
+    return {"name": fn.name, "description": fn.description,
+            "input_schema": fn.parameters or {"type": "object"}}
+
+
+def _anthropic_tool_choice(choice: str | ToolChoice | None) -> dict[str, Any] | None:
+    if choice == "required":
+        return {"type": "any"}
+    if choice in ("auto", "none"):
+        return {"type": choice}
+    if isinstance(choice, ToolChoice) and choice.function is not None:
+        return {"type": "tool", "name": choice.function.name}
+    return None
+
+
+def anthropic_body(model: str, body: dict[str, Any], model_cfg: ModelConfig) -> dict[str, Any]:
+    """An OpenAI chat request as an Anthropic Messages request (streamed). Total over any
+    body that passed the front end's checks (`decode_json`, `request_problem`)."""
+    req = msgspec.convert(body, ChatRequest)
+    system: list[str] = []
+    messages: list[dict[str, Any]] = []
+    for m in req.messages:
+        _ANTHROPIC_ROLES.get(m.role, _other_message)(m, system, messages)
+    out: dict[str, Any] = {
+        "model": model, "messages": messages, "stream": True,
+        "max_tokens": req.max_completion_tokens or req.max_tokens or model_cfg.max_output_tokens,
+    }
+    if system:
+        out["system"] = "\n\n".join(system)
+    for name in ("temperature", "top_p"):
+        if body.get(name) is not None:
+            out[name] = body[name]
+    if req.stop:
+        out["stop_sequences"] = [req.stop] if isinstance(req.stop, str) else req.stop
+    if req.tools:
+        out["tools"] = [_anthropic_tool(t.function) for t in req.tools if t.function is not None]
+    choice = _anthropic_tool_choice(req.tool_choice)
+    if choice is not None:
+        out["tool_choice"] = choice
+    return out
+
+
+# -- Anthropic Messages SSE events -> OpenAI chunks ---------------------------------
+# A tagged union on `type`; an event type added later, or an `event: error` whose data
+# has no known type, is told apart by a lenient second look (`_EventHead`).
+
 # Anthropic's stop reasons in OpenAI's vocabulary.
 _ANTHROPIC_FINISH = {
     "end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
@@ -2157,102 +2473,181 @@ _ANTHROPIC_FINISH = {
 }
 
 
-class _AnthropicEvent(msgspec.Struct):
-    type: str = ""
-    index: int | None = None
-    delta: dict[str, Any] | None = None
-    content_block: dict[str, Any] | None = None
-    message: dict[str, Any] | None = None
+class _Event(msgspec.Struct, tag_field="type"):
+    """An Anthropic SSE event; each kind is a subclass tagged with its `type`."""
+
+
+class _StartedMessage(msgspec.Struct):
+    id: str | None = None
+    model: str | None = None
     usage: dict[str, Any] | None = None
+
+
+class _MessageStart(_Event, tag="message_start"):
+    message: _StartedMessage | None = None
+
+
+class _Block(msgspec.Struct):
+    type: str | None = None
+    id: str | None = None
+    name: str | None = None
+
+
+class _BlockStart(_Event, tag="content_block_start"):
+    index: int | None = None
+    content_block: _Block | None = None
+
+
+class _BlockDelta(msgspec.Struct):
+    type: str | None = None
+    text: str | None = None
+    thinking: str | None = None
+    partial_json: str | None = None
+
+
+class _BlockDeltaEvent(_Event, tag="content_block_delta"):
+    index: int | None = None
+    delta: _BlockDelta | None = None
+
+
+class _StopReason(msgspec.Struct):
+    stop_reason: str | None = None
+
+
+class _MessageDelta(_Event, tag="message_delta"):
+    delta: _StopReason | None = None
+    usage: dict[str, Any] | None = None
+
+
+class _MessageStop(_Event, tag="message_stop"):
+    pass
+
+
+class _BlockStop(_Event, tag="content_block_stop"):
+    index: int | None = None
+
+
+class _Ping(_Event, tag="ping"):
+    pass
+
+
+class _ErrorEvent(_Event, tag="error"):
     error: Any = None
 
 
-_anthropic_decoder = msgspec.json.Decoder(_AnthropicEvent)
+class _EventHead(msgspec.Struct):
+    type: str = ""
+    error: Any = None
 
 
-def _anthropic_content(content: Any) -> Any:
-    if not isinstance(content, list):
-        return content if content is not None else ""
-    blocks = []
-    for part in content:
-        if not isinstance(part, dict):
-            continue
-        if part.get("type") == "text":
-            blocks.append({"type": "text", "text": part.get("text", "")})
-        elif part.get("type") == "image_url":
-            url = (part.get("image_url") or {}).get("url", "")
-            m = re.match(r"data:([^;]+);base64,(.*)", url, re.S)
-            source = (
-                {"type": "base64", "media_type": m.group(1), "data": m.group(2)}
-                if m else {"type": "url", "url": url}
-            )
-            blocks.append({"type": "image", "source": source})
-    return blocks
+def _relay(st: StreamState, acc: ChoiceAcc | None, delta: dict[str, Any]) -> bytes | None:
+    """Meaningful output: progress, then assembled or relayed as an OpenAI chunk."""
+    st.progress = True
+    st.out_chars += len(delta.get("content") or delta.get("reasoning_content") or "")
+    st.remember(0, delta)
+    if acc is not None:
+        acc.add(msgspec.convert(delta, _Delta))
+        return None
+    return AnthropicAdapter._chunk(st, delta)
 
 
-def anthropic_body(model: str, body: dict[str, Any], model_cfg: ModelConfig) -> dict[str, Any]:
-    """An OpenAI chat request as an Anthropic Messages request (streamed)."""
-    system: list[str] = []
-    messages: list[dict[str, Any]] = []
-    for m in body.get("messages") or ():
-        if not isinstance(m, dict):
-            continue
-        role = m.get("role")
-        if role in ("system", "developer"):
-            c = m.get("content")
-            system.append(c if isinstance(c, str) else " ".join(
-                p.get("text", "") for p in c or () if isinstance(p, dict)))
-        elif role == "tool":
-            block = {"type": "tool_result", "tool_use_id": m.get("tool_call_id"),
-                     "content": _anthropic_content(m.get("content"))}
-            if messages and messages[-1]["role"] == "user" and isinstance(
-                    messages[-1]["content"], list):
-                messages[-1]["content"].append(block)
-            else:
-                messages.append({"role": "user", "content": [block]})
-        elif role == "assistant" and m.get("tool_calls"):
-            content = _anthropic_content(m.get("content"))
-            blocks = [{"type": "text", "text": content}] if isinstance(content, str) and content \
-                else (content if isinstance(content, list) else [])
-            for tc in m["tool_calls"]:
-                fn = tc.get("function") or {}
-                try:
-                    args = msgspec.json.decode(fn.get("arguments") or "{}")
-                except msgspec.DecodeError:
-                    args = {}
-                blocks.append({"type": "tool_use", "id": tc.get("id"), "name": fn.get("name"),
-                               "input": args})
-            messages.append({"role": "assistant", "content": blocks})
-        else:
-            messages.append({"role": role, "content": _anthropic_content(m.get("content"))})
-    out: dict[str, Any] = {
-        "model": model,
-        "messages": messages,
-        "max_tokens": body.get("max_completion_tokens") or body.get("max_tokens")
-        or model_cfg.max_output_tokens,
-        "stream": True,
-    }
-    if system:
-        out["system"] = "\n\n".join(system)
-    for name in ("temperature", "top_p"):
-        if body.get(name) is not None:
-            out[name] = body[name]
-    if body.get("stop"):
-        out["stop_sequences"] = [body["stop"]] if isinstance(body["stop"], str) else body["stop"]
-    if body.get("tools"):
-        out["tools"] = [
-            {"name": t["function"].get("name"), "description": t["function"].get("description", ""),
-             "input_schema": t["function"].get("parameters") or {"type": "object"}}
-            for t in body["tools"] if isinstance(t, dict) and isinstance(t.get("function"), dict)
-        ]
-    choice = body.get("tool_choice")
-    if choice == "required":
-        out["tool_choice"] = {"type": "any"}
-    elif choice in ("auto", "none"):
-        out["tool_choice"] = {"type": choice}
-    elif isinstance(choice, dict) and isinstance(choice.get("function"), dict):
-        out["tool_choice"] = {"type": "tool", "name": choice["function"].get("name")}
-    return out
+def _on_message_start(ev: _MessageStart, st: StreamState, acc: ChoiceAcc | None) -> bytes | None:
+    msg = ev.message or _StartedMessage()
+    st.id, st.model, st.created = msg.id, msg.model, int(time.time())
+    usage = msg.usage or {}
+    st.anthropic_usage["in"] = sum(_count(usage.get(k)) or 0 for k in (
+        "input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens"))
+    if acc is not None:
+        return None
+    return AnthropicAdapter._chunk(st, {"role": "assistant", "content": ""})
+
+
+def _on_block_start(ev: _BlockStart, st: StreamState, acc: ChoiceAcc | None) -> bytes | None:
+    block = ev.content_block
+    if block is None or block.type != "tool_use":
+        return None
+    st.tool_index += 1
+    return _relay(st, acc, {"tool_calls": [{
+        "index": st.tool_index, "id": block.id, "type": "function",
+        "function": {"name": block.name, "arguments": ""}}]})
+
+
+def _on_block_delta(ev: _BlockDeltaEvent, st: StreamState, acc: ChoiceAcc | None) -> bytes | None:
+    d = ev.delta or _BlockDelta()
+    if d.type == "text_delta" and d.text:
+        return _relay(st, acc, {"content": d.text})
+    if d.type == "thinking_delta" and d.thinking:
+        return _relay(st, acc, {"reasoning_content": d.thinking})
+    if d.type == "input_json_delta" and d.partial_json:
+        return _relay(st, acc, {"tool_calls": [{"index": st.tool_index,
+                                                "function": {"arguments": d.partial_json}}]})
+    return None  # an empty delta, or a kind that carries no output (signature_delta)
+
+
+def _on_message_delta(ev: _MessageDelta, st: StreamState, acc: ChoiceAcc | None) -> bytes | None:
+    out = _count((ev.usage or {}).get("output_tokens"))
+    if out is not None:
+        st.anthropic_usage["out"] = out
+    reason = ev.delta.stop_reason if ev.delta is not None else None
+    if not reason:
+        return None
+    st.finish_reason = _ANTHROPIC_FINISH.get(reason, "stop")
+    st.progress = True
+    if acc is not None:
+        acc.finish_reason = st.finish_reason
+        return None
+    return AnthropicAdapter._chunk(st, {}, st.finish_reason)
+
+
+def _on_message_stop(ev: _MessageStop, st: StreamState, acc: ChoiceAcc | None) -> bytes | None:
+    tin, tout = st.anthropic_usage.get("in", 0), st.anthropic_usage.get("out", 0)
+    st.usage = {"prompt_tokens": tin, "completion_tokens": tout, "total_tokens": tin + tout}
+    st.done = True
+    st.progress = True
+    if acc is not None or not st.want_usage:
+        return None
+    return AnthropicAdapter._chunk(st, None, usage=st.usage)
+
+
+def _on_error(ev: _ErrorEvent, st: StreamState, acc: ChoiceAcc | None) -> bytes | None:
+    raise Failure("upstream_error_event", _error_event_text(ev.error))
+
+
+def _no_output(ev: Any, st: StreamState, acc: ChoiceAcc | None) -> bytes | None:
+    return None  # ping (a heartbeat), content_block_stop
+
+
+_ANTHROPIC_EVENTS: dict[type, Callable[[Any, StreamState, ChoiceAcc | None], bytes | None]] = {
+    _MessageStart: _on_message_start, _BlockStart: _on_block_start,
+    _BlockDeltaEvent: _on_block_delta, _MessageDelta: _on_message_delta,
+    _MessageStop: _on_message_stop, _ErrorEvent: _on_error, _Ping: _no_output,
+    _BlockStop: _no_output,
+}
+
+AnthropicEvent = (_MessageStart | _BlockStart | _BlockDeltaEvent | _MessageDelta | _MessageStop
+                  | _BlockStop | _Ping | _ErrorEvent)
+_anthropic_decoder = msgspec.json.Decoder(AnthropicEvent)
+_event_head_decoder = msgspec.json.Decoder(_EventHead)
+_ANTHROPIC_EVENT_TYPES = frozenset(t.__struct_config__.tag for t in _ANTHROPIC_EVENTS)
+
+
+def _anthropic_event(event: bytes | None, data: bytes) -> AnthropicEvent | None:
+    """The event, or None for one of a type failoverd does not know (ignored)."""
+    try:
+        return _anthropic_decoder.decode(data)
+    except msgspec.ValidationError as e:  # before DecodeError, its base class
+        invalid = e
+    except (msgspec.DecodeError, UnicodeDecodeError) as e:
+        raise Failure("protocol_error", f"unparseable SSE data line: {e}") from None
+    try:
+        head = _event_head_decoder.decode(data)
+    except msgspec.ValidationError:
+        head = None
+    if head is None or head.type in _ANTHROPIC_EVENT_TYPES:
+        raise Failure("protocol_error", f"unparseable SSE data line: {invalid}") from None
+    if event == b"error":
+        raise Failure("upstream_error_event", _error_event_text(head.error))
+    return None
 
 
 class AnthropicAdapter:
@@ -2288,79 +2683,9 @@ class AnthropicAdapter:
 
     @staticmethod
     def on_event(event: bytes | None, data: bytes, st: StreamState) -> bytes | None:
-        try:
-            ev = _anthropic_decoder.decode(data)
-        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as e:
-            raise Failure("protocol_error", f"unparseable SSE data line: {e}") from None
-        kind = ev.type
+        ev = _anthropic_event(event, data)
         acc = st.choices.setdefault(0, ChoiceAcc()) if st.choices is not None else None
-        if kind == "content_block_delta":
-            d = ev.delta or {}
-            dtype = d.get("type")
-            if dtype == "text_delta" and d.get("text"):
-                delta: dict[str, Any] = {"content": d["text"]}
-            elif dtype == "thinking_delta" and d.get("thinking"):
-                delta = {"reasoning_content": d["thinking"]}
-            elif dtype == "input_json_delta" and d.get("partial_json"):
-                delta = {"tool_calls": [{"index": st.tool_index,
-                                         "function": {"arguments": d["partial_json"]}}]}
-            else:
-                return None
-        elif kind == "ping":
-            return None
-        elif kind == "message_start":
-            msg = ev.message or {}
-            st.id = msg.get("id")
-            st.model = msg.get("model")
-            st.created = int(time.time())
-            usage = msg.get("usage") or {}
-            st.anthropic_usage["in"] = sum(_count(usage.get(k)) or 0 for k in (
-                "input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens"))
-            delta = {"role": "assistant", "content": ""}
-            if acc is not None:
-                return None
-            return AnthropicAdapter._chunk(st, delta)
-        elif kind == "content_block_start":
-            block = ev.content_block or {}
-            if block.get("type") != "tool_use":
-                return None
-            st.tool_index += 1
-            delta = {"tool_calls": [{"index": st.tool_index, "id": block.get("id"),
-                                     "type": "function",
-                                     "function": {"name": block.get("name"), "arguments": ""}}]}
-        elif kind == "message_delta":
-            usage = ev.usage or {}
-            if _count(usage.get("output_tokens")) is not None:
-                st.anthropic_usage["out"] = _count(usage["output_tokens"]) or 0
-            reason = (ev.delta or {}).get("stop_reason")
-            if not reason:
-                return None
-            st.finish_reason = _ANTHROPIC_FINISH.get(reason, "stop")
-            st.progress = True
-            if acc is not None:
-                acc.finish_reason = st.finish_reason
-                return None
-            return AnthropicAdapter._chunk(st, {}, st.finish_reason)
-        elif kind == "message_stop":
-            tin, tout = st.anthropic_usage.get("in", 0), st.anthropic_usage.get("out", 0)
-            st.usage = {"prompt_tokens": tin, "completion_tokens": tout,
-                        "total_tokens": tin + tout}
-            st.done = True
-            st.progress = True
-            if acc is not None or not st.want_usage:
-                return None
-            return AnthropicAdapter._chunk(st, None, usage=st.usage)
-        elif kind == "error" or event == b"error":
-            raise Failure("upstream_error_event", _error_event_text(ev.error))
-        else:  # content_block_stop and event types added later
-            return None
-        st.progress = True
-        st.out_chars += len(delta.get("content") or delta.get("reasoning_content") or "")
-        st.remember(0, delta)
-        if acc is not None:
-            acc.add(msgspec.convert(delta, _Delta))
-            return None
-        return AnthropicAdapter._chunk(st, delta)
+        return None if ev is None else _ANTHROPIC_EVENTS[type(ev)](ev, st, acc)
 
     @staticmethod
     def whole_body(body: bytes, st: StreamState) -> bytes | None:
@@ -2915,6 +3240,19 @@ def breaker_keys(slot: Slot, credential: str) -> tuple[BreakerKey, ...]:
     return (("credential", credential), ("provider", slot.provider), ("model", slot.key))
 
 
+def alert_environment(d: Daemon, environ: Mapping[str, str]) -> dict[str, str]:
+    """All the alert command gets besides the event on stdin: PATH and LANG, and facts
+    about the daemon. Never its environment, where provider keys live (api_key_env)."""
+    return {
+        "PATH": environ.get("PATH") or os.defpath,
+        "LANG": environ.get("LANG") or "C.UTF-8",
+        "FAILOVERD_VERSION": __version__,
+        "FAILOVERD_PID": str(os.getpid()),
+        "FAILOVERD_SOCKET": d.cfg.daemon.socket,
+        "FAILOVERD_LEDGER": d.ledger.path or "",
+    }
+
+
 class Health:
     """The breakers per credential, provider and model, and their I/O: a ledger row,
     a warning on stderr, the alert command and the state file for every transition.
@@ -3043,13 +3381,15 @@ class Health:
         try:
             with trio.move_on_after(timeout) as scope:
                 done = await trio.run_process(cmd, stdin=event, capture_stdout=True,
-                                              capture_stderr=True, check=False)
+                                              capture_stderr=True, check=False,
+                                              env=alert_environment(self.d, os.environ))
             if scope.cancelled_caught:
                 log.error("alert_command %s did not finish within %g s and was killed",
                           cmd[0], timeout)
             elif done.returncode:
                 log.error("alert_command %s exited %d: %s", cmd[0], done.returncode,
-                          done.stderr[:300].decode("utf-8", "replace").strip())
+                          scrubbed_prefix(done.stderr.decode("utf-8", "replace"), 300,
+                                          self.d.secrets).strip())
         except OSError as e:
             log.error("alert_command %s could not run: %s", cmd[0], e.strerror or e)
         finally:
@@ -3241,9 +3581,11 @@ class Daemon:
         self.shutdown = trio.Event()
         self.idle_scopes: set[trio.CancelScope] = set()
         self.first_waits: set[trio.CancelScope] = set()  # new connections, no request yet
-        self.connections = 0  # open client connections; a drain waits for them to close
+        self.connections = 0  # open client connections (admit_connection); a drain waits
         self.no_connections = trio.Event()
         self.no_connections.set()
+        self.max_connections = cfg.daemon.max_connections or connection_cap(
+            resource.getrlimit(resource.RLIMIT_NOFILE)[0])
         self.refusals: dict[int | None, tuple[float, int]] = {}  # uid: (last logged, since)
         self.draining = False
         self.loop_lag = 0.0  # seconds the event loop runs late (see watch_lag)
@@ -3349,7 +3691,11 @@ class Daemon:
         self.spend.dirty = self.shadow_spend.dirty = False
         tmp = self.state_path + ".tmp"
         try:
-            with open(tmp, "wb") as f:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)  # one left by a crash keeps its mode: make a fresh one
+            # Open breakers and their reasons are the ledger's business: 0640 like it.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
+            with open(fd, "wb") as f:
                 f.write(msgspec.json.encode(state))
             os.replace(tmp, self.state_path)
         except OSError as e:
@@ -3573,6 +3919,7 @@ class Daemon:
             "shed_share": round(self.shed_share, 3),
             "shed_share_streams": round(self.shed_share_streams, 3),
             "fallbacks_waiting": len(self.fallbacks),
+            "connections": {"open": self.connections, "max": self.max_connections},
             "config_generations": 1 + len(self.retired),
             "in_flight": [req.describe(now) for req in self.inflight.values()],
             "breakers": self.health.snapshot(),
@@ -4006,7 +4353,7 @@ class Attempt:
         status = resp.status_code
         if status != 200:
             body = await _read_limited(resp, ERROR_BODY_LIMIT)
-            outcome, error = classify_status(status, body)
+            outcome, error = classify_status(status, body, self.req.snap.secrets)
             retry_after = (parse_retry_after(resp.headers, time.time())
                            if outcome == "rate_limited" else None)
             raise Failure(outcome, error, status=status, body=body, retry_after=retry_after)
@@ -4015,7 +4362,7 @@ class Attempt:
             if "json" not in ctype:
                 raise Failure("protocol_error", f"200 with content-type {ctype!r}, expected "
                                                 "text/event-stream", status=200)
-            body = await _read_limited(resp, self.req.d.cfg.daemon.max_body_bytes)
+            body = await _read_limited(resp, WHOLE_BODY_LIMIT, over="200 JSON body")
             await self._digested(adapter.whole_body(body, st))
             return
         sse = st.sse
@@ -4570,8 +4917,9 @@ class Request:
         """A client error the upstream reported would fail everywhere: return it as is."""
         self.status = f.status or 400
         body = f.body or _json_encode(self.error(f.error, f))
-        for secret in self.snap.secrets:  # some upstreams echo the key; agents never see it
-            body = body.replace(secret.encode(), b"[redacted]")
+        # Some upstreams echo the key, or the part of it that their 64 KiB cut left:
+        # agents never see any of it. Keys are ASCII, so latin-1 maps bytes one to one.
+        body = scrub(body.decode("latin-1"), self.snap.secrets).encode("latin-1")
         self.client_ttft = trio.current_time() - self.started
         await self.reply.respond(self.status, [*self.headers(a.slot),
                                                ("content-type", "application/json")],
@@ -4912,14 +5260,37 @@ class Shadows:
                 "dropped": dict(sorted(self.dropped.items()))}
 
 
-async def _read_limited(resp: httpx.Response, limit: int) -> bytes:
-    parts, size = [], 0
-    async for chunk in resp.aiter_bytes():
-        parts.append(chunk)
-        size += len(chunk)
-        if size >= limit:
+def _bounded_decoder(encoding: str) -> Callable[[bytes, int], bytes]:
+    """(raw bytes, room) -> at most `room` decoded bytes. A compressed body is inflated
+    a piece at a time: 64 KiB of gzip can inflate to 64 MiB in one call."""
+    if encoding.strip().lower() not in ("gzip", "x-gzip", "deflate"):
+        return lambda raw, room: raw  # identity (asked for), or one we cannot read: as is
+    inflate = zlib.decompressobj(wbits=47)  # 32 + 15: gzip or zlib, told by the header
+
+    def decode(raw: bytes, room: int) -> bytes:
+        try:
+            return inflate.decompress(raw, room)
+        except zlib.error as e:
+            raise Failure("protocol_error", f"undecodable {encoding} body: {e}") from None
+
+    return decode
+
+
+async def _read_limited(resp: httpx.Response, limit: int, *, over: str | None = None) -> bytes:
+    """At most `limit` bytes of the body, never holding more: the rest is not read (the
+    connection is closed, not reused). With `over`, a longer body fails the attempt as a
+    protocol_error instead of being cut."""
+    decode = _bounded_decoder(resp.headers.get("content-encoding", ""))
+    buf = bytearray()
+    async for raw in resp.stream:  # the transport's bytes, as the SSE path reads them
+        buf += decode(raw, limit + 1 - len(buf))
+        if len(buf) > limit:
+            if over is not None:
+                raise Failure("protocol_error", f"{over} is longer than {limit} bytes; the rest "
+                                                "was not read", status=resp.status_code)
+            del buf[limit:]
             break
-    return b"".join(parts)[:limit]
+    return bytes(buf)
 
 
 # ---------------------------------------------------------------------------
@@ -4928,7 +5299,8 @@ async def _read_limited(resp: httpx.Response, limit: int) -> bytes:
 # to the OpenAI endpoints, and the Reply the engine writes through.
 # ---------------------------------------------------------------------------
 
-# Request heads are small; 64 KiB is h11's own default bound.
+# Request heads are small (an SDK's is well under 2 KiB); 64 KiB, four times h11's
+# default, leaves room for long tokens in headers. A longer head gets 431.
 MAX_HEAD_BYTES = 64 * 1024
 RECV_SIZE = 64 * 1024
 SERVER_HEADER = ("server", f"failoverd/{__version__}")
@@ -5074,15 +5446,24 @@ class H11Reply(Reply):
         raise ClientGone
 
 
-async def _next_event(conn: h11.Connection, stream: trio.abc.Stream) -> Any:
+async def _next_event(conn: h11.Connection, stream: trio.abc.Stream,
+                      buffered: int | None = None) -> Any:
+    """The next h11 event, reading as needed. While a request head is read, `buffered`
+    counts its bytes so far and no read takes more than MAX_HEAD_BYTES of them: h11
+    checks its size limit only on a head still incomplete, so a head that one read
+    both completed and took past the limit would pass (up to ~128 KiB)."""
     while True:
         event = conn.next_event()
         if event is not h11.NEED_DATA:
             return event
+        size = RECV_SIZE if buffered is None else max(1, min(RECV_SIZE,
+                                                              MAX_HEAD_BYTES - buffered))
         try:
-            data = await stream.receive_some(RECV_SIZE)
+            data = await stream.receive_some(size)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             data = b""
+        if buffered is not None:
+            buffered += len(data)
         conn.receive_data(data)
 
 
@@ -5101,16 +5482,20 @@ async def _client_error(reply: H11Reply, status: int, message: str, *, code: str
                                             param=param), headers)
 
 
-async def handle_connection(d: Daemon, stream: trio.abc.Stream, peer: Peer) -> None:
-    """Serve HTTP/1.1 requests on one client connection until it closes."""
-    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+async def handle_connection(d: Daemon, stream: trio.abc.Stream, peer: Peer, *,
+                            admitted: bool = True) -> None:
+    """Serve HTTP/1.1 requests on one client connection until it closes. A connection
+    over daemon.max_connections (`admitted` False) gets one answer: /healthz, or 503."""
+    # A head of MAX_HEAD_BYTES is whole or refused at that size: h11 refuses a head
+    # still incomplete with more than this buffered, and _next_event reads no further.
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES - 1)
     dc = d.cfg.daemon
     reply = H11Reply(conn, stream, dc.client_write_timeout_s)
-    d.connection_opened()
     first = True
     try:
         while True:
-            if not conn.trailing_data[0]:
+            buffered = len(conn.trailing_data[0])
+            if not buffered:
                 # Keep-alive idle: wait for the next request's first byte.
                 idle_until = trio.current_time() + dc.keepalive_timeout_s
                 waits = d.first_waits if first else d.idle_scopes
@@ -5119,16 +5504,17 @@ async def handle_connection(d: Daemon, stream: trio.abc.Stream, peer: Peer) -> N
                     if d.draining:
                         end_wait(idle, first)
                     try:
-                        data = await stream.receive_some(RECV_SIZE)
+                        data = await stream.receive_some(min(RECV_SIZE, MAX_HEAD_BYTES))
                     except (trio.BrokenResourceError, trio.ClosedResourceError):
                         data = b""
                     conn.receive_data(data)
+                    buffered = len(data)
                 waits.discard(idle)
                 if idle.cancelled_caught:
                     return
             with trio.move_on_after(dc.head_timeout_s) as head_scope:
                 try:
-                    event = await _next_event(conn, stream)
+                    event = await _next_event(conn, stream, buffered)
                 except h11.RemoteProtocolError as e:
                     await _client_error(reply, e.error_status_hint,
                                         f"malformed HTTP request: {e}", code="bad_http",
@@ -5141,6 +5527,9 @@ async def handle_connection(d: Daemon, stream: trio.abc.Stream, peer: Peer) -> N
                 return
             if not isinstance(event, h11.Request):
                 return  # ConnectionClosed, or the client closed between requests
+            if not admitted:
+                await _over_the_cap(d, reply, event)
+                return
             await _handle_request(d, conn, stream, reply, event, peer)
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                 return  # MUST_CLOSE, an error, or a reply cut short: not reusable
@@ -5154,7 +5543,6 @@ async def handle_connection(d: Daemon, stream: trio.abc.Stream, peer: Peer) -> N
     finally:
         with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
             await stream.aclose()
-        d.connection_closed()
 
 
 # While draining, a connection accepted before the listener closed still has its first
@@ -5169,6 +5557,19 @@ def end_wait(scope: trio.CancelScope, first: bool) -> None:
         scope.deadline = min(scope.deadline, trio.current_time() + DRAIN_FIRST_REQUEST_S)
     else:
         scope.cancel()
+
+
+async def _over_the_cap(d: Daemon, reply: H11Reply, request: h11.Request) -> None:
+    """A connection past daemon.max_connections with no idle one to close: health checks
+    are still answered, anything else is told to come back."""
+    if request.method == b"GET" and request.target.split(b"?", 1)[0] == b"/healthz":
+        await _simple(reply, 503 if d.draining else 200,
+                      {"status": "draining" if d.draining else "ok"}, [("connection", "close")])
+        return
+    error = error_body(f"failoverd has daemon.max_connections = {d.max_connections} client "
+                       "connections open, none of them idle; retry shortly",
+                       type_="failoverd_error", code="too_many_connections")
+    await _simple(reply, 503, error, [("retry-after", "1"), ("connection", "close")])
 
 
 async def _read_body(
@@ -5206,6 +5607,46 @@ async def _read_body(
     return None
 
 
+# The TCP listener has no peer identity: any local process can connect, and so can a
+# web page in a local browser, with a "simple" cross-origin POST (text/plain or a form,
+# no preflight) that the page cannot read the answer of but that still spends the keys.
+# Browsers always say where such a request comes from (Origin); local clients never do.
+_LOOPBACK_ORIGIN = re.compile(rb"https?://(localhost|127(\.\d{1,3}){3}|\[::1\])(:\d{1,5})?",
+                              re.IGNORECASE)
+
+
+def _over_tcp(stream: trio.abc.Stream) -> bool:
+    sock = getattr(stream, "socket", None)
+    return sock is not None and sock.family in (_socket.AF_INET, _socket.AF_INET6)
+
+
+def _is_json(content_type: bytes | None) -> bool:
+    media = (content_type or b"").split(b";", 1)[0].strip().lower()
+    return media == b"application/json" or media.endswith(b"+json")
+
+
+def request_refusal(request: h11.Request, *, tcp: bool) -> tuple[int, str, str] | None:
+    """(status, code, message) for a request refused before its body is read."""
+    fields = dict(request.headers)
+    if b"content-length" in fields and b"transfer-encoding" in fields:
+        return 400, "bad_http", ("a request with both Content-Length and Transfer-Encoding is "
+                                 "refused (RFC 9112 section 6.3); send one of them")
+    if not tcp:
+        return None
+    origin = fields.get(b"origin")
+    if origin is not None and not _LOOPBACK_ORIGIN.fullmatch(origin):
+        return 403, "cross_origin", (
+            f"daemon.tcp refuses requests from web pages (Origin: "
+            f"{origin.decode('latin-1')!r} is not a loopback origin); local clients send no "
+            "Origin header")
+    if request.method == b"POST" and not _is_json(fields.get(b"content-type")):
+        ctype = fields.get(b"content-type", b"none").decode("latin-1")
+        return 415, "unsupported_media_type", (
+            f"daemon.tcp takes only JSON request bodies (content-type: application/json); "
+            f"got content-type {ctype!r}")
+    return None
+
+
 async def _handle_request(
     d: Daemon, conn: h11.Connection, stream: trio.abc.Stream, reply: H11Reply,
     request: h11.Request, peer: Peer,
@@ -5215,6 +5656,11 @@ async def _handle_request(
         return  # the body is never read; the connection closes
     path = request.target.split(b"?", 1)[0]
     method = request.method
+    refusal = request_refusal(request, tcp=_over_tcp(stream))
+    if refusal is not None:
+        status, code, message = refusal
+        await _client_error(reply, status, message, code=code, close=True)
+        return
     try:
         body = await _read_body(d, conn, stream, reply, request)
     except h11.RemoteProtocolError as e:
@@ -5284,14 +5730,38 @@ async def _refuse_peer(d: Daemon, reply: H11Reply, peer: Peer) -> None:
         code="peer_not_allowed"), [("connection", "close")])
 
 
+_TOO_DEEP = ("request body nests JSON too deeply to be decoded with room to spare; a few "
+             "hundred levels is the most failoverd accepts")
+# Where a msgspec validation error points: "... - at `$.messages[2].content`".
+_ERROR_PATH = re.compile(r" - at `\$\.?(.*)`$")
+
+
+def request_problem(body: dict[str, Any]) -> tuple[str, str | None] | None:
+    """What makes a chat request (decoded by `decode_json`) unusable, as (message, OpenAI's
+    `param` naming the field), or None. A request that passes cannot make building an
+    upstream request fail."""
+    try:
+        msgspec.convert(body, ChatRequest)
+    except msgspec.ValidationError as e:
+        text = str(e)
+        at = _ERROR_PATH.search(text)
+        if at is None or not at.group(1):
+            return f"invalid request: {text}", None
+        return f"invalid request: '{at.group(1)}': {text[:at.start()]}", at.group(1)
+    return None
+
+
 async def _chat(
     d: Daemon, conn: h11.Connection, stream: trio.abc.Stream, reply: H11Reply, raw: bytes,
     peer: Peer, *, marked: bool = False,
 ) -> None:
     try:
-        body = msgspec.json.decode(raw)
+        body = decode_json(raw)
     except (msgspec.DecodeError, UnicodeDecodeError) as e:
         await _client_error(reply, 400, f"request body is not valid JSON: {e}", code="invalid_json")
+        return
+    except RecursionError:
+        await _client_error(reply, 400, _TOO_DEEP, code="json_too_deep")
         return
     if not isinstance(body, dict):
         await _client_error(reply, 400, "request body must be a JSON object", code="invalid_json")
@@ -5301,9 +5771,10 @@ async def _chat(
         await _client_error(reply, 400, "'messages' must be a non-empty array of messages",
                             code="missing_messages", param="messages")
         return
-    if not isinstance(body.get("stream_options") or {}, dict):
-        await _client_error(reply, 400, "'stream_options' must be an object",
-                            code="invalid_value", param="stream_options")
+    problem = request_problem(body)
+    if problem is not None:
+        message, param = problem
+        await _client_error(reply, 400, message, code="invalid_value", param=param)
         return
     model = body.get("model")
     route = d.route_for(model) if isinstance(model, str) else None
@@ -5520,6 +5991,50 @@ def sd_notify(message: str) -> None:
         s.sendto(message.encode(), address)
 
 
+# Descriptors kept for what is not a client connection: listeners, the ledger, the
+# state file, alert commands' pipes, idle upstream connections, and the connections
+# over the cap that are answered 503 (at most SPARE_CONNECTIONS at once).
+FD_RESERVE = 128
+SPARE_CONNECTIONS = 32
+
+
+def connection_cap(open_files: int) -> int:
+    """daemon.max_connections when unset: a client connection with a request in flight
+    holds a second descriptor upstream, so half of what the reserve leaves."""
+    return max(16, (open_files - FD_RESERVE) // 2)
+
+
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (systemd's default soft limit is
+    1,024); (soft limit before, soft limit now)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard <= soft:
+        return soft, soft  # the kernel's own cap (fs.nr_open) applies instead
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as e:
+        log.warning("cannot raise the open-file limit from %d to %d: %s", soft, hard, e)
+        return soft, soft
+    return soft, hard
+
+
+def admit_connection(d: Daemon) -> bool:
+    """Count a new client connection: True if it fits under daemon.max_connections,
+    where an idle keep-alive connection is closed to make room when there is one."""
+    d.connection_opened()
+    if d.connections <= d.max_connections:
+        return True
+    # Keep-alive connections between requests first, then new ones that have sent
+    # nothing yet: neither has a request that closing it would cut.
+    for waiting in (d.idle_scopes, d.first_waits):
+        while waiting:
+            idle = waiting.pop()
+            if not idle.cancel_called:
+                idle.cancel()  # it closes at its next checkpoint, and the count goes down
+                return True
+    return False
+
+
 async def serve(
     d: Daemon, listeners: list[trio.abc.Listener[Any]], *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
@@ -5527,8 +6042,17 @@ async def serve(
     """Accept until `d.shutdown` is set, then drain in-flight requests within the grace."""
 
     async def handler(stream: trio.abc.Stream) -> None:
-        groups = d.cfg.daemon.allow_gids is not None
-        await handle_connection(d, stream, peer_credentials(stream, groups))
+        admitted = admit_connection(d)
+        try:
+            if admitted or d.connections <= d.max_connections + SPARE_CONNECTIONS:
+                groups = d.cfg.daemon.allow_gids is not None
+                await handle_connection(d, stream, peer_credentials(stream, groups),
+                                        admitted=admitted)
+            else:  # far past the cap: closed unread
+                with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
+                    await stream.aclose()
+        finally:
+            d.connection_closed()
 
     async with trio.open_nursery() as connections:
         d.background = connections
@@ -5672,7 +6196,11 @@ async def run_daemon(cfg: Config, config_path: str | None) -> None:
     except OSError as e:
         raise StartupError(f"cannot open daemon.ledger = {cfg.daemon.ledger}: {e.strerror}; "
                            "create the directory or fix its permissions") from None
+    was, open_files = raise_fd_limit()
     d = Daemon(cfg, ledger=ledger, keys=keys)
+    log.info("open files: %d allowed%s; at most %d client connections (daemon.max_connections)",
+             open_files, f" (raised from {was})" if was != open_files else "",
+             d.max_connections)
     listeners = await open_listeners(cfg, inherited)
     # The socket file is ours to remove only if we bound it: an inherited one belongs to
     # failoverd.socket, which keeps listening (and queueing clients) across restarts.

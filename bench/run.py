@@ -439,6 +439,73 @@ class Relay:
         _kill(self.proc)
 
 
+class HostileUpstream:
+    """An upstream that answers every request 200 application/json with a body of
+    HOSTILE_BODY bytes, made up as it goes, once `concurrent` requests are in (so that
+    many attempts meet their bodies at once). It counts what each connection took."""
+
+    def __init__(self, concurrent: int) -> None:
+        self.concurrent = concurrent
+        self.server: asyncio.Server | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        self.waiting = 0
+        self.all_in = asyncio.Event()
+        self.sent: list[int] = []
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sent = 0
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next((int(line.split(b":")[1]) for line in head.lower().split(b"\r\n")
+                           if line.startswith(b"content-length:")), 0)
+            await reader.readexactly(length)
+            self.waiting += 1
+            if self.waiting >= self.concurrent:
+                self.all_in.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.all_in.wait(), 10)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
+                         b"%d\r\n\r\n{\"choices\":[{\"message\":{\"content\":\"" % HOSTILE_BODY)
+            filler = b"x" * (256 * 1024)
+            while sent < HOSTILE_BODY:
+                writer.write(filler)
+                await writer.drain()
+                sent += len(filler)
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass  # the daemon hung up: what it would not read
+        finally:
+            self.sent.append(sent)
+            writer.close()
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+# The hostile upstream's body: as big as the issue's fault run sent.
+HOSTILE_BODY = 2 * 1024**3
+
+
+def write_hostile_config(tmp: str, port: int, up_port: int) -> str:
+    """Route `hostile`: the hostile upstream, then the fake upstream; `fast` for warm-up."""
+    path = os.path.join(tmp, "failoverd-hostile-base.toml")
+    with open(path, "w") as f:
+        f.write("\n".join([
+            "[daemon]", f'socket = "{tmp}/fo.sock"', f'ledger = "{tmp}/ledger-hostile.jsonl"',
+            "shutdown_grace_s = 1", "shed_lag_s = 0", "state_file = \"\"", "",
+            "[providers.evil]", f'base_url = "http://127.0.0.1:{port}/v1"', "",
+            "[providers.up]", f'base_url = "http://127.0.0.1:{up_port}/v1"', "",
+            "[routes.hostile]", 'chain = ["evil/bench-huge", "up/bench-fast-4"]', "",
+            "[routes.fast]", 'chain = ["up/bench-fast-4"]', ""]))
+    return path
+
+
 async def quiesce(d: Daemon | Relay, max_s: float = 10.0) -> None:
     """Wait until the daemon uses (almost) no CPU: at most one clock tick per 100 ms."""
     last = d.cpu()
@@ -1129,6 +1196,47 @@ class Bench:
                         spread=spread(peak, lambda x: f"{x:.1f}"), target="<= 150 MB",
                         ok=v <= 150)
 
+    # -- 7. an upstream that sends a huge JSON body ----------------------------------------
+
+    async def hostile(self) -> None:
+        """Peak RSS (VmHWM) of a fresh daemon while 20 attempts at once meet an upstream
+        answering 200 application/json with a 2 GB body, each failing over to `up`."""
+        p, n = self.p, 20
+        evil = HostileUpstream(n)
+        port = await evil.start()
+        config = write_hostile_config(self.tmp, port, self.up.port)
+        idle, peak, answered, taken = [], [], [], []
+        try:
+            for r in range(p.heavy_rounds):
+                d = Daemon(config, self.tmp, f"hostile{r}")
+                try:
+                    d.start()
+                    warm = await lg.closed_loop(d.target(), lg.chat("fast", stream=False),
+                                                concurrency=1, total=1)
+                    if not all(x.ok for x in warm):
+                        raise BenchError("the hostile-upstream daemon did not serve route fast")
+                    idle.append(proc_status_mb(d.pid, "VmHWM"))
+                    evil.reset()
+                    res = await lg.closed_loop(d.target(), lg.chat("hostile", stream=False),
+                                               concurrency=n, total=n, timeout_s=60)
+                    peak.append(proc_status_mb(d.pid, "VmHWM"))
+                    answered.append(sum(x.ok for x in res))
+                    taken += evil.sent
+                    log(f"  round {r}: VmHWM {idle[-1]:.1f} -> {peak[-1]:.1f} MB, "
+                        f"{answered[-1]}/{n} answered by the fallback, {evil.waiting} attempts "
+                        f"met the body at once")
+                finally:
+                    d.stop()
+        finally:
+            evil.stop()
+        v, base = median(peak), median(idle)
+        self.report.add(f"7. peak RSS, {n} attempts at once meeting a 2 GB JSON body",
+                        f"{v:.1f} MB", baseline=f"{base:.1f} MB before (+{v - base:.0f} MB); "
+                        f"{median(answered):.0f}/{n} failed over; the upstream got "
+                        f"{median(taken) / 2**20:.1f} MiB out before the daemon hung up",
+                        spread=spread(peak, lambda x: f"{x:.0f}"), target="<= +150 MB",
+                        ok=v - base <= 150)
+
     # -- all ------------------------------------------------------------------------------
 
     async def run(self, only: set[str]) -> None:
@@ -1160,6 +1268,8 @@ class Bench:
             self.d = None
         if "memory" in only:
             await self.phase("memory", self.memory, ["4. memory"])
+        if "hostile" in only:
+            await self.phase("hostile upstream", self.hostile, ["7. peak RSS"])
 
 
 def machine() -> list[str]:
@@ -1182,7 +1292,7 @@ def machine() -> list[str]:
 
 PINNING = False
 PHASES = ("startup", "cpu", "metrics", "c1", "chunks", "c64", "gaps", "recovery", "throughput",
-          "memory")
+          "memory", "hostile")
 
 
 def main() -> int:

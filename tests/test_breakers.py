@@ -223,6 +223,31 @@ async def test_alert_command_gets_each_transition_on_stdin(harness, tmp_path):
     assert "sk-test-secret" not in out.read_text()
 
 
+async def test_alert_command_gets_a_minimal_environment_and_its_stderr_is_scrubbed(
+        harness, tmp_path, monkeypatch, caplog):
+    """The alert command sees PATH, LANG and FAILOVERD_* facts, never the daemon's
+    environment (where api_key_env keys live); what it prints is scrubbed."""
+    key = "Zq9dk2LmPa0sXw8QQr7TtYu3VvBn1MmC"
+    monkeypatch.setenv("XAI_API_KEY", key)
+    monkeypatch.setenv("SOME_DAEMON_SETTING", "x")
+    out = tmp_path / "env.json"
+    script = (f"import json, os, sys; open({str(out)!r}, 'w').write(json.dumps(dict(os.environ)));"
+              f"sys.stderr.write('paging failed, key ' + os.environ.get('XAI_API_KEY', {key!r}));"
+              "sys.exit(3)")
+    h = harness({"a/m1": respond(401), "b/m2": ok_script()},
+                breakers=fo.BreakerConfig(alert_command=[sys.executable, "-c", script]))
+    h.d.snap.secrets.append(key)
+    with trio.fail_after(10):
+        assert (await h.chat()).status == 200
+        await h.d.health.alerts_idle.wait()
+    env = fo.msgspec.json.decode(out.read_bytes())
+    assert set(env) - {"LC_CTYPE"} == {"PATH", "LANG", "FAILOVERD_VERSION", "FAILOVERD_PID",
+                                       "FAILOVERD_SOCKET", "FAILOVERD_LEDGER"}
+    assert env["FAILOVERD_LEDGER"] == h.ledger_path
+    assert "exited 3: paging failed, key [redacted]" in caplog.text
+    assert key[:8] not in caplog.text
+
+
 async def test_alert_command_that_hangs_is_killed(harness, caplog):
     h = harness({"a/m1": respond(401), "b/m2": ok_script()},
                 breakers=fo.BreakerConfig(alert_command=["sleep", "60"], alert_timeout_s=0.2))
