@@ -132,6 +132,9 @@ class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     # Our own budget for this model: skip it rather than push it over its quota.
     tpm_limit: PositiveInt | None = None
     rpm_limit: PositiveInt | None = None
+    # Pins (SPEC section 10): this model's deadlines in every route, never learned.
+    first_token_timeout_s: Seconds | None = None
+    stall_timeout_s: Seconds | None = None
 
 
 class BreakerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -169,6 +172,14 @@ class Timing(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     retry_same: Annotated[int, msgspec.Meta(ge=0, le=1)] = 1
     retry_backoff_s: NonNegative = 0.3
     retry_after_max_s: NonNegative = 3.0
+    # SPEC section 10: learn each model's deadlines, within these bounds. 10 s is the
+    # floor below which a healthy first token is too often just a busy minute; 180 s is
+    # above the 94 s first-token p99 of the slowest thinking model in the field data.
+    adaptive_deadlines: bool = True
+    first_token_min_s: Seconds = 10.0
+    first_token_max_s: Seconds = 180.0
+    stall_min_s: Seconds = 10.0
+    stall_max_s: Seconds = 120.0
 
 
 class RouteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -179,6 +190,11 @@ class RouteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     retry_same: Annotated[int, msgspec.Meta(ge=0, le=1)] | None = None
     retry_backoff_s: NonNegative | None = None
     retry_after_max_s: NonNegative | None = None
+    adaptive_deadlines: bool | None = None
+    first_token_min_s: Seconds | None = None
+    first_token_max_s: Seconds | None = None
+    stall_min_s: Seconds | None = None
+    stall_max_s: Seconds | None = None
 
 
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -280,6 +296,32 @@ def config_errors(cfg: Config) -> list[str]:
                 f"daemon.client_cliff_s = {cliff:g}, or the client's "
                 "runtime cancels the turn before failoverd reports the failure"
             )
+    return errors + deadline_bound_errors(cfg)
+
+
+_DEADLINE_BOUNDS = (("first_token_min_s", "first_token_max_s"), ("stall_min_s", "stall_max_s"))
+
+
+def _bound_at(cfg: Config, where: str, rc: RouteConfig | None, key: str) -> tuple[str, float]:
+    """Where a route's (or the defaults') bound comes from, and its value."""
+    own = None if rc is None else getattr(rc, key)
+    return ("defaults", getattr(cfg.defaults, key)) if own is None else (where, own)
+
+
+def deadline_bound_errors(cfg: Config) -> list[str]:
+    """Each learned deadline's min must not exceed its max, in [defaults] and in every
+    route once the route's overrides are laid over the defaults."""
+    errors = []
+    tables: list[tuple[str, RouteConfig | None]] = [("defaults", None)]
+    tables += [(f"routes.{name}", rc) for name, rc in cfg.routes.items()]
+    for where, rc in tables:
+        for low_key, high_key in _DEADLINE_BOUNDS:
+            (low_at, low), (high_at, high) = (_bound_at(cfg, where, rc, k)
+                                              for k in (low_key, high_key))
+            if low > high and where in (low_at, high_at):  # else reported under defaults
+                errors.append(
+                    f"{low_at}.{low_key} = {low:g} is above {high_at}.{high_key} = {high:g}: "
+                    f"expected {low_key} <= {high_key}")
     return errors
 
 
@@ -364,22 +406,57 @@ def resolve_api_key(name: str, p: ProviderConfig, env: Mapping[str, str]) -> str
     return None
 
 
-def slot_budget(cfg: Config, route: Route, slot: Slot) -> float:
+def state_file_path(daemon: DaemonConfig) -> str:
+    """daemon.state_file; by default state.json beside the ledger; "" = no state file."""
+    if daemon.state_file is not None:
+        return daemon.state_file
+    return os.path.join(os.path.dirname(daemon.ledger), "state.json") if daemon.ledger else ""
+
+
+def worst_deadlines(cfg: Config, route: Route, slot: Slot, learned: DeadlineLearner | None
+                    ) -> tuple[tuple[float, str], tuple[float, str]]:
+    """The longest first-token and stall deadlines the slot may hold an attempt to, each
+    with where it comes from: "pinned" (the model's own), "configured" (the route's, not
+    adaptive), "learned" (the state file's, within the bounds) or "bound" (adaptive,
+    nothing learned yet: it may grow to first_token_max_s / stall_max_s)."""
+    sd = slot_deadlines(route.timing, cfg.models.get(slot.key, NO_MODEL))
+    ft_pin = cfg.models.get(slot.key, NO_MODEL).first_token_timeout_s is not None
+    stall_pin = cfg.models.get(slot.key, NO_MODEL).stall_timeout_s is not None
+    fixed = "pinned", "configured"
+    if not sd.first_token.adaptive:
+        first = sd.first_token_s, fixed[not ft_pin]
+    elif (w := learned and learned.worst_first_token(slot.key, sd.first_token_s,
+                                                     sd.first_token)) is not None:
+        first = math.ceil(w * 10) / 10, "learned"
+    else:
+        first = sd.first_token.high, "bound"
+    if not sd.stall.adaptive:
+        stall = sd.stall_s, fixed[not stall_pin]
+    elif (g := learned and learned.learned_stall(slot.key)) is not None:
+        stall = math.ceil(sd.stall.clamp(g) * 10) / 10, "learned"
+    else:
+        stall = sd.stall.high, "bound"
+    return first, stall
+
+
+def slot_budget(cfg: Config, route: Route, slot: Slot,
+                learned: DeadlineLearner | None = None) -> float:
     """The longest one slot can hold a request before the next starts.
 
-    Its first-token deadline, which runs from the start of the attempt and so covers
-    connecting too; where a same-slot retry is allowed, the retried failure was fast
-    (at most FAST_FAILURE_S), then a backoff of up to 1.5 x retry_backoff_s or a
-    Retry-After up to retry_after_max_s, then one more try.
+    Its first-token deadline (see worst_deadlines), which runs from the start of the
+    attempt and so covers connecting too; where a same-slot retry is allowed, the
+    retried failure was fast (at most FAST_FAILURE_S), then a backoff of up to 1.5 x
+    retry_backoff_s or a Retry-After up to retry_after_max_s, then one more try.
     """
     t = route.timing
-    once = t.first_token_timeout_s
+    once = worst_deadlines(cfg, route, slot, learned)[0][0]
     if t.retry_same:
         once += FAST_FAILURE_S + max(1.5 * t.retry_backoff_s, t.retry_after_max_s)
     return once
 
 
-def worst_case_first_byte(cfg: Config, route: Route) -> tuple[list[tuple[Slot, float]], float]:
+def worst_case_first_byte(cfg: Config, route: Route, learned: DeadlineLearner | None = None
+                          ) -> tuple[list[tuple[Slot, float]], float]:
     """Per slot, the latest moment it can start; and the latest first byte or error.
 
     The worst case is every slot failing just before its deadline without timing
@@ -388,32 +465,41 @@ def worst_case_first_byte(cfg: Config, route: Route) -> tuple[list[tuple[Slot, f
     starts, elapsed = [], 0.0
     for slot in route.slots:
         starts.append((slot, elapsed))
-        elapsed += slot_budget(cfg, route, slot)
+        elapsed += slot_budget(cfg, route, slot, learned)
     return starts, min(elapsed, route.timing.total_timeout_s)
 
 
-def check_report(cfg: Config) -> tuple[list[str], list[str]]:
+def check_report(cfg: Config, learned: DeadlineLearner | None = None
+                 ) -> tuple[list[str], list[str]]:
     """Lines describing each route's worst case, and warnings (not errors)."""
     lines, warnings = [], []
     cliff = cfg.daemon.client_cliff_s
     for name, rc in cfg.routes.items():
         route = resolve_route(cfg, name, rc)
         t = route.timing
-        starts, worst = worst_case_first_byte(cfg, route)
+        starts, worst = worst_case_first_byte(cfg, route, learned)
         margin = cliff - worst
+        deadlines = (f"first token {t.first_token_timeout_s:g} s, stall {t.stall_timeout_s:g} s"
+                     if not t.adaptive_deadlines else
+                     f"adaptive: first token {t.first_token_min_s:g}-{t.first_token_max_s:g} s, "
+                     f"stall {t.stall_min_s:g}-{t.stall_max_s:g} s, "
+                     f"{t.first_token_timeout_s:g} s / {t.stall_timeout_s:g} s until learned")
         lines.append(
             f"route {name}: {len(route.slots)} slot(s); worst case before first byte or error "
-            f"{worst:g} s (first token {t.first_token_timeout_s:g} s, stall "
-            f"{t.stall_timeout_s:g} s, total {t.total_timeout_s:g} s); client cliff {cliff:g} s, "
+            f"{worst:g} s ({deadlines}, total {t.total_timeout_s:g} s); client cliff {cliff:g} s, "
             f"margin {margin:g} s"
         )
+        fix = ("lower first_token_max_s, pin the slow models' first_token_timeout_s"
+               if t.adaptive_deadlines else "lower first_token_timeout_s")
         for slot, start in starts:
-            lines.append(f"    {slot.key:<40} starts by {start:g} s at the latest")
+            (first, first_how), (stall, stall_how) = worst_deadlines(cfg, route, slot, learned)
+            lines.append(f"    {slot.key:<40} first token {first:g} s ({first_how}), stall "
+                         f"{stall:g} s ({stall_how}); starts by {start:g} s at the latest")
             if start >= t.total_timeout_s:
                 warnings.append(
                     f"routes.{name}: {slot.key} is not reached if every earlier slot fails at "
                     f"its deadline (it would start at {start:g} s, total_timeout_s is "
-                    f"{t.total_timeout_s:g}); lower first_token_timeout_s or shorten the chain"
+                    f"{t.total_timeout_s:g}); {fix} or shorten the chain"
                 )
         for slot in route.slots:
             if slot.key not in cfg.models:
@@ -956,6 +1042,412 @@ def cost_usd(model: ModelConfig, tokens_in: int | None, tokens_out: int | None) 
         / 1e6,
         8,
     )
+
+
+# Deadlines that know each model (SPEC section 10). For each model, failoverd keeps
+# fixed-size histograms of its answered attempts: first-token times, one histogram per
+# prompt-size band, and the longest gap between outputs. A learned deadline is
+# DEADLINE_MARGIN x the 99th percentile, read as the upper edge of the bin holding it.
+# Memory is fixed per model; an update is one pass over one band's bins, once per
+# attempt, never per chunk.
+DEADLINE_QUANTILE = 0.99
+# 1.5 x p99 is above the p99.5 of any lognormal tail with sigma up to 1.6 (a p90 eight
+# times the median): at most about 0.5 % of healthy answers are cut. The bin's upper
+# edge adds up to 19 % on top.
+DEADLINE_MARGIN = 1.5
+# The share of healthy answers a deadline may cut (the issue's target for false kills).
+DEADLINE_CUT_MAX = 0.005
+# SPEC section 10: the configured deadline applies until this many answered attempts
+# (of the model; and for the first token, of the prompt-size band).
+DEADLINE_COLD_START = 20
+# Bins: four per octave (19 % wide), from 0.25 s (bin 0 also holds anything faster) to
+# 1024 s (the last bin holds anything slower); far past every bound in use.
+DEADLINE_BINS_PER_OCTAVE = 4
+DEADLINE_BIN_FLOOR_S = 0.25
+DEADLINE_BINS = 48
+# Prompt-size bands in estimated tokens: <2k, 2k-8k, 8k-32k, 32k-128k, 128k and more. A
+# band is 4x wide: prefill time grows with the prompt, and a 150k-token prompt must not
+# be judged by a 1k-token prompt's clock.
+DEADLINE_TOKEN_BANDS = (2_000, 8_000, 32_000, 128_000)
+DEADLINE_BAND_LABELS = ("<2k", "2k-8k", "8k-32k", "32k-128k", ">=128k")
+# A sample weighs half after this many later answers in its band or this long,
+# whichever comes first: a busy model forgets by count, a quiet one by time.
+DEADLINE_HALF_LIFE_ANSWERS = 1000
+DEADLINE_HALF_LIFE_S = 6 * 3600.0
+# Bursts. A learned deadline moves at most 10 % per update, and once its band has
+# DEADLINE_MATURE answers, at most a factor 2 per DEADLINE_DOUBLING_S (up or down). A
+# slow minute's answers stay in the histogram for a while after it, so the cap, not the
+# histogram, keeps one slow minute from doubling a deadline; a degraded hour moves it by
+# up to 2x. bench/deadlines.py shows both.
+DEADLINE_STEP = 1.1
+DEADLINE_MATURE = 100
+DEADLINE_DOUBLING_S = 3600.0
+# Bare PROVIDER/MODEL requests may name any model; no more than this many are learned.
+DEADLINE_MAX_MODELS = 1000
+
+
+class DeadlineBounds(msgspec.Struct, frozen=True):
+    """How one kind of deadline is chosen for a slot: learned, within [low, high], when
+    adaptive; else the configured value."""
+
+    low: float
+    high: float
+    adaptive: bool = True
+
+    def clamp(self, seconds: float) -> float:
+        return min(self.high, max(self.low, seconds))
+
+
+class SlotDeadlines(msgspec.Struct, frozen=True):
+    first_token_s: float  # configured: the model's pin, else the route's
+    stall_s: float
+    first_token: DeadlineBounds
+    stall: DeadlineBounds
+
+
+def slot_deadlines(timing: Timing, model: ModelConfig) -> SlotDeadlines:
+    """SPEC section 10: a model's own deadline is a pin, in every route, never learned;
+    otherwise the route's applies until the model has learned its own."""
+    ft_pin, stall_pin = model.first_token_timeout_s, model.stall_timeout_s
+    return SlotDeadlines(
+        first_token_s=timing.first_token_timeout_s if ft_pin is None else ft_pin,
+        stall_s=timing.stall_timeout_s if stall_pin is None else stall_pin,
+        first_token=DeadlineBounds(timing.first_token_min_s, timing.first_token_max_s,
+                                   timing.adaptive_deadlines and ft_pin is None),
+        stall=DeadlineBounds(timing.stall_min_s, timing.stall_max_s,
+                             timing.adaptive_deadlines and stall_pin is None),
+    )
+
+
+def token_band(est_tokens: int) -> int:
+    return sum(est_tokens >= edge for edge in DEADLINE_TOKEN_BANDS)
+
+
+def deadline_bin(seconds: float) -> int:
+    if seconds <= DEADLINE_BIN_FLOOR_S:
+        return 0
+    octaves = math.log2(seconds / DEADLINE_BIN_FLOOR_S)
+    return min(DEADLINE_BINS - 1, math.floor(DEADLINE_BINS_PER_OCTAVE * octaves))
+
+
+def bin_upper_s(i: int) -> float:
+    return DEADLINE_BIN_FLOOR_S * 2 ** ((i + 1) / DEADLINE_BINS_PER_OCTAVE)
+
+
+def quantile_bin(weights: list[float], q: float) -> int | None:
+    """The bin holding the q-quantile of a histogram; None if it is empty."""
+    total = sum(weights)
+    if total <= 0:
+        return None
+    acc, need = 0.0, q * total
+    for i, w in enumerate(weights):
+        acc += w
+        if acc >= need:
+            return i
+    return len(weights) - 1  # rounding
+
+
+def plausible_cut_share(answers: list[float], timeouts: list[float]) -> float:
+    """The share of attempts the timeouts may have cut off healthy answers.
+
+    A timeout after waiting w says only that no answer came within w: a hang, or a
+    healthy answer cut short; the answered tail tells how many could be the latter.
+    The answers in the octave up to w (a1) and in the octave before it (a2) fall by
+    rho = a1/a2 per octave; a tail that keeps falling so puts a1 * rho/(1-rho) beyond w.
+    rho is capped at 1/2 (a tail falling as slowly as 1/t), so at most a1 count.
+    """
+    n = DEADLINE_BINS_PER_OCTAVE
+    plausible = 0.0
+    for j, cut in enumerate(timeouts):
+        if cut <= 0:
+            continue
+        a1 = sum(answers[max(0, j - n + 1):j + 1])
+        a2 = sum(answers[max(0, j - 2 * n + 1):max(0, j - n + 1)])
+        rho = min(0.5, a1 / a2) if a2 > 0 else (0.5 if a1 > 0 else 0.0)
+        plausible += min(cut, a1 * rho / (1 - rho))
+    total = sum(answers) + plausible
+    return plausible / total if total > 0 else 0.0
+
+
+class DeadlineBand:
+    """One histogram and the deadline learned from it: a prompt-size band's first
+    tokens, or a model's longest gaps. Pure: the caller passes the time.
+
+    Censoring. Only answers move a learned deadline. A timeout is a censored
+    observation, "at least w", and is kept in its own histogram. Counting it as a
+    sample at w would let a model that hangs push its deadline up a margin at a time,
+    to the bound, and hangs would be caught later than with the fixed deadline;
+    counting it as anything shorter would teach a hanging model a shorter deadline.
+    Ignoring it would let a deadline that cuts healthy slow answers learn from the
+    answers it let through, which are faster than the truth, and shrink a step at a
+    time. So timeouts hold: while they may have cut more than DEADLINE_CUT_MAX of
+    healthy answers (plausible_cut_share, judged from the shape of the answered tail
+    just below them), the deadline does not come down. A timeout alone never moves it,
+    up or down; a model whose hangs sit far above its answers (the tail below them is
+    empty) gets no hold from them at all.
+    """
+
+    __slots__ = ("n", "answers", "timeouts", "learned", "at", "moved")
+
+    def __init__(self) -> None:
+        self.n = 0  # answered attempts (not decayed): the cold start counts these
+        self.answers = [0.0] * DEADLINE_BINS
+        self.timeouts = [0.0] * DEADLINE_BINS  # by the time waited
+        self.learned: float | None = None  # raw: the caller clamps to its bounds
+        self.at: float | None = None  # last update (decay)
+        self.moved: float | None = None  # last move of `learned` (rate cap)
+
+    def _decay(self, now: float, answers: int) -> None:
+        if self.at is not None:
+            exponent = (answers / DEADLINE_HALF_LIFE_ANSWERS
+                        + max(0.0, now - self.at) / DEADLINE_HALF_LIFE_S)
+            f = 2.0 ** -exponent
+            self.answers = [w * f for w in self.answers]
+            self.timeouts = [w * f for w in self.timeouts]
+        self.at = now
+
+    def p99_s(self) -> float | None:
+        i = quantile_bin(self.answers, DEADLINE_QUANTILE)
+        return None if i is None else bin_upper_s(i)
+
+    def holding(self) -> bool:
+        return plausible_cut_share(self.answers, self.timeouts) > DEADLINE_CUT_MAX
+
+    def answer(self, seconds: float, now: float) -> None:
+        self._decay(now, 1)
+        self.answers[deadline_bin(seconds)] += 1.0
+        self.n += 1
+        if self.n < DEADLINE_COLD_START:
+            return
+        target = DEADLINE_MARGIN * (self.p99_s() or 0.0)
+        if self.learned is None or self.moved is None:
+            self.learned, self.moved = target, now
+            return
+        if target < self.learned and self.holding():
+            target = self.learned
+        step = math.log(DEADLINE_STEP)
+        if self.n >= DEADLINE_MATURE:
+            step = min(step, math.log(2) * max(0.0, now - self.moved) / DEADLINE_DOUBLING_S)
+        change = max(-step, min(step, math.log(target / self.learned)))
+        self.learned *= math.exp(change)
+        self.moved = now
+
+    def timeout(self, waited: float, now: float) -> None:
+        self._decay(now, 0)
+        self.timeouts[deadline_bin(waited)] += 1.0
+
+    def snapshot(self) -> dict[str, Any]:
+        p99 = self.p99_s()
+        return {"answered": self.n, "p99_s": None if p99 is None else round(p99, 2),
+                "learned_s": None if self.learned is None else round(self.learned, 2),
+                "holding": self.holding()}
+
+
+class ModelDeadlines:
+    """What failoverd has learned about one model's deadlines."""
+
+    __slots__ = ("answered", "first_token", "stall", "first_token_timeouts", "stall_timeouts")
+
+    def __init__(self) -> None:
+        self.answered = 0
+        self.first_token = [DeadlineBand() for _ in DEADLINE_BAND_LABELS]
+        self.stall = DeadlineBand()
+        self.first_token_timeouts = 0
+        self.stall_timeouts = 0
+
+    def first_token_s(self, band: int, configured_s: float,
+                      bounds: DeadlineBounds) -> float | None:
+        """The learned first-token deadline for a prompt-size band; None while cold.
+
+        Never shorter than a smaller prompt's (a larger prompt is not judged by a
+        shorter clock); a band without its own history keeps the configured deadline.
+        """
+        if self.answered < DEADLINE_COLD_START:
+            return None
+        learned = [bounds.clamp(b.learned) for b in self.first_token[:band + 1]
+                   if b.learned is not None]
+        if self.first_token[band].learned is None:
+            learned.append(configured_s)
+        return max(learned)
+
+
+class SavedDeadlineBand(msgspec.Struct, kw_only=True):
+    n: int = 0
+    learned: float | None = None
+    age_s: float | None = None  # since the last update, when saved
+    moved_age_s: float | None = None
+    answers: dict[int, float] = {}  # bin -> weight; empty bins left out
+    timeouts: dict[int, float] = {}
+
+
+class SavedModelDeadlines(msgspec.Struct, kw_only=True):
+    """One model's learned deadlines in the state file."""
+
+    answered: int = 0
+    first_token: list[SavedDeadlineBand] = []
+    stall: SavedDeadlineBand = msgspec.field(default_factory=SavedDeadlineBand)
+    first_token_timeouts: int = 0
+    stall_timeouts: int = 0
+
+
+def _saved_band(b: DeadlineBand, now: float) -> SavedDeadlineBand:
+    def sparse(weights: list[float]) -> dict[int, float]:
+        return {i: round(w, 4) for i, w in enumerate(weights) if w >= 1e-4}
+
+    return SavedDeadlineBand(
+        n=b.n, learned=b.learned, answers=sparse(b.answers), timeouts=sparse(b.timeouts),
+        age_s=None if b.at is None else max(0.0, now - b.at),
+        moved_age_s=None if b.moved is None else max(0.0, now - b.moved))
+
+
+def _finite(x: float | None, low: float = 0.0) -> bool:
+    return x is None or (math.isfinite(x) and x >= low)
+
+
+def _restored_band(s: SavedDeadlineBand, now: float) -> DeadlineBand | None:
+    weights = [*s.answers.items(), *s.timeouts.items()]
+    if s.n < 0 or not all(0 <= i < DEADLINE_BINS and _finite(w) for i, w in weights) or not (
+            _finite(s.learned, 1e-3) and _finite(s.age_s) and _finite(s.moved_age_s)):
+        return None
+    b = DeadlineBand()
+    b.n, b.learned = s.n, s.learned
+    for i, w in s.answers.items():
+        b.answers[i] = w
+    for i, w in s.timeouts.items():
+        b.timeouts[i] = w
+    b.at = None if s.age_s is None else now - s.age_s
+    b.moved = None if s.moved_age_s is None else now - s.moved_age_s
+    return b
+
+
+class DeadlineLearner:
+    """Per-model first-token and stall deadlines learned from answered attempts (SPEC
+    section 10). Pure: no I/O, no clock; every `now` is the caller's monotonic clock
+    (the daemon's trio clock), and saved state stores ages, not times."""
+
+    def __init__(self, models: dict[str, ModelDeadlines] | None = None) -> None:
+        self.models: dict[str, ModelDeadlines] = dict(models or {})
+        self.dirty = False  # changed since the state file was written
+
+    def _state(self, model: str) -> ModelDeadlines | None:
+        state = self.models.get(model)
+        if state is None and len(self.models) < DEADLINE_MAX_MODELS:
+            state = self.models[model] = ModelDeadlines()
+        return state
+
+    # -- what applies --------------------------------------------------------------
+
+    def first_token_deadline(self, model: str, est_tokens: int, configured_s: float,
+                             bounds: DeadlineBounds, remaining_s: float) -> float:
+        """Seconds from sending the request to the first meaningful output."""
+        value = configured_s
+        state = self.models.get(model)
+        if bounds.adaptive and state is not None:
+            learned = state.first_token_s(token_band(est_tokens), configured_s, bounds)
+            value = value if learned is None else learned
+        return max(0.0, min(value, remaining_s))
+
+    def stall_deadline(self, model: str, configured_s: float, bounds: DeadlineBounds,
+                       remaining_s: float) -> float:
+        """The longest gap allowed between meaningful outputs."""
+        value = configured_s
+        state = self.models.get(model)
+        if bounds.adaptive and state is not None and state.stall.learned is not None:
+            value = bounds.clamp(state.stall.learned)
+        return max(0.0, min(value, remaining_s))
+
+    def worst_first_token(self, model: str, configured_s: float,
+                          bounds: DeadlineBounds) -> float | None:
+        """The longest first-token deadline any prompt size gets now; None while the
+        model has learned nothing (then only the bounds say how long it may grow)."""
+        state = self.models.get(model)
+        if state is None:
+            return None
+        per_band = [state.first_token_s(i, configured_s, bounds)
+                    for i in range(len(DEADLINE_BAND_LABELS))]
+        return None if per_band[0] is None else max(v for v in per_band if v is not None)
+
+    def learned_stall(self, model: str) -> float | None:
+        state = self.models.get(model)
+        return None if state is None else state.stall.learned
+
+    # -- learning --------------------------------------------------------------------
+
+    def observe_answer(self, model: str, ttft_s: float, est_tokens: int,
+                       max_gap_s: float | None, now: float) -> None:
+        """An attempt that answered: its first token came `ttft_s` after the request was
+        sent; `max_gap_s` is its longest gap between outputs (None or 0: no gap seen)."""
+        if not (math.isfinite(ttft_s) and ttft_s >= 0) or (state := self._state(model)) is None:
+            return
+        state.answered += 1
+        state.first_token[token_band(est_tokens)].answer(ttft_s, now)
+        if max_gap_s is not None and math.isfinite(max_gap_s) and max_gap_s > 0:
+            state.stall.answer(max_gap_s, now)
+        self.dirty = True
+
+    def observe_timeout(self, model: str, kind: Literal["first_token", "stall"],
+                        waited_s: float, est_tokens: int, now: float) -> None:
+        """An attempt abandoned after waiting `waited_s` for its first token (kind
+        "first_token") or for its next output (kind "stall"): censored, see DeadlineBand."""
+        if not (math.isfinite(waited_s) and waited_s >= 0) or (state := self._state(model)) is None:
+            return
+        if kind == "first_token":
+            state.first_token_timeouts += 1
+            state.first_token[token_band(est_tokens)].timeout(waited_s, now)
+        elif kind == "stall":
+            state.stall_timeouts += 1
+            state.stall.timeout(waited_s, now)
+        else:
+            raise ValueError(f"observe_timeout: kind {kind!r}, expected 'first_token' or 'stall'")
+        self.dirty = True
+
+    # -- status and state file -------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """Per model: answered attempts, whether still in its cold start, and per
+        prompt-size band (those with answers) and for the stall deadline: answers, the
+        p99 seen (upper bin edge), the learned deadline (before a route's bounds), and
+        whether timeouts hold it from coming down."""
+        out = {}
+        for key, state in sorted(self.models.items()):
+            bands = [{"tokens": label, **band.snapshot()}
+                     for label, band in zip(DEADLINE_BAND_LABELS, state.first_token, strict=True)
+                     if band.n]
+            out[key] = {
+                "answered": state.answered, "cold": state.answered < DEADLINE_COLD_START,
+                "first_token": bands, "stall": state.stall.snapshot(),
+                "timeouts": {"first_token": state.first_token_timeouts,
+                             "stall": state.stall_timeouts},
+            }
+        return out
+
+    def to_saved(self, now: float) -> dict[str, SavedModelDeadlines]:
+        return {
+            key: SavedModelDeadlines(
+                answered=s.answered, first_token=[_saved_band(b, now) for b in s.first_token],
+                stall=_saved_band(s.stall, now), first_token_timeouts=s.first_token_timeouts,
+                stall_timeouts=s.stall_timeouts)
+            for key, s in self.models.items()
+        }
+
+    @classmethod
+    def from_saved(cls, saved: Mapping[str, SavedModelDeadlines], now: float) -> DeadlineLearner:
+        """Restore; a model whose entry does not fit (a damaged file, another bin
+        layout) starts over instead of failing the whole state file."""
+        models = {}
+        for key, s in list(saved.items())[:DEADLINE_MAX_MODELS]:
+            bands = [_restored_band(b, now) for b in s.first_token]
+            stall = _restored_band(s.stall, now)
+            if len(bands) != len(DEADLINE_BAND_LABELS) or stall is None or None in bands:
+                continue
+            state = ModelDeadlines()
+            state.answered = max(0, s.answered)
+            state.first_token = bands  # type: ignore[assignment]
+            state.stall = stall
+            state.first_token_timeouts = max(0, s.first_token_timeouts)
+            state.stall_timeouts = max(0, s.stall_timeouts)
+            models[key] = state
+        return cls(models)
 
 
 # ---------------------------------------------------------------------------
@@ -1850,6 +2342,23 @@ class SavedState(msgspec.Struct, kw_only=True):
     saved_at: str = ""
     breakers: list[SavedBreaker] = []
     divisors: dict[str, float] = {}
+    deadlines: dict[str, SavedModelDeadlines] = {}
+
+
+def read_learned_deadlines(path: str) -> tuple[DeadlineLearner | None, str]:
+    """For `check`: the deadlines a state file holds, and a line saying where they came
+    from (or why there are none)."""
+    if not path:
+        return None, "learned deadlines: none (daemon.state_file is off)"
+    try:
+        with open(path, "rb") as f:
+            state = msgspec.json.decode(f.read(), type=SavedState)
+    except FileNotFoundError:
+        return None, f"learned deadlines: none yet (no state file at {path})"
+    except (OSError, msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as e:
+        return None, f"learned deadlines: none (state file {path} is unreadable: {e})"
+    learned = DeadlineLearner.from_saved(state.deadlines, 0.0)
+    return learned, f"learned deadlines: {len(learned.models)} model(s) from {path}"
 
 
 class Health:
@@ -3923,7 +4432,10 @@ def check_cmd(config_path: str | None, no_keys: bool) -> None:
     """Validate the config and print each route's worst case against client_cliff_s."""
     path = _config_path(config_path)
     cfg = _load_or_exit(path)
-    lines, warnings = check_report(cfg)
+    # The worst case uses the deadlines the daemon has learned (SPEC section 10).
+    learned, learned_from = read_learned_deadlines(state_file_path(cfg.daemon))
+    lines, warnings = check_report(cfg, learned)
+    lines.append(learned_from)
     problems = []
     for name, p in cfg.providers.items() if not no_keys else ():
         try:
