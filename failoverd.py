@@ -1044,37 +1044,50 @@ def cost_usd(model: ModelConfig, tokens_in: int | None, tokens_out: int | None) 
     )
 
 
-# Deadlines that know each model (SPEC section 10). For each model, failoverd keeps
-# fixed-size histograms of its answered attempts: first-token times, one histogram per
-# prompt-size band, and the longest gap between outputs. A learned deadline is
-# DEADLINE_MARGIN x the 99th percentile, read as the upper edge of the bin holding it.
-# Memory is fixed per model; an update is one pass over one band's bins, once per
-# attempt, never per chunk.
+# Deadlines that know each model (SPEC section 10). A model's first tokens are
+# modelled as a prefill time that grows with the prompt plus a rest that does not. Per
+# prompt-size band, failoverd keeps a histogram of first-token times; the band's
+# median, less the smallest band's, is its prefill shift. All of the model's answers,
+# less their band's shift, go into one histogram (learning the tail from every answer,
+# not a fifth of them), and the first-token deadline for a prompt is its band's shift
+# plus DEADLINE_MARGIN x the 99th percentile of that histogram (read as the upper edge
+# of the bin holding it). The stall deadline is learned the same way from each answer's
+# longest gap between outputs. Memory is fixed per model; an update is a pass over a
+# few histograms of DEADLINE_BINS bins, once per attempt, never per chunk.
 DEADLINE_QUANTILE = 0.99
 # 1.5 x p99 is above the p99.5 of any lognormal tail with sigma up to 1.6 (a p90 eight
 # times the median): at most about 0.5 % of healthy answers are cut. The bin's upper
 # edge adds up to 19 % on top.
-DEADLINE_MARGIN = 1.5
-# The share of healthy answers a deadline may cut (the issue's target for false kills).
-DEADLINE_CUT_MAX = 0.005
-# SPEC section 10: the configured deadline applies until this many answered attempts
-# (of the model; and for the first token, of the prompt-size band).
+DEADLINE_MARGIN = 2.0
+# The share of healthy answers a deadline may cut (the issue's target for false kills):
+# timeouts that may be healthy answers, above this share, lift the deadline.
+DEADLINE_CUT_SHARE = 0.005
+DEADLINE_LIFT = 1.5
+# SPEC section 10: the configured deadline applies until the model has this many
+# answered attempts.
 DEADLINE_COLD_START = 20
+# A prompt-size band gets its own shift once its median rests on this many answers;
+# until then prompts of that size keep the configured deadline (or a smaller band's,
+# if longer).
+DEADLINE_BAND_MIN = 10
 # Bins: four per octave (19 % wide), from 0.25 s (bin 0 also holds anything faster) to
 # 1024 s (the last bin holds anything slower); far past every bound in use.
 DEADLINE_BINS_PER_OCTAVE = 4
 DEADLINE_BIN_FLOOR_S = 0.25
 DEADLINE_BINS = 48
+# The lowest timeout bin, counted from the answers' p99 bin, that can lift a deadline:
+# DEADLINE_LIFT x its time must beat DEADLINE_MARGIN x the p99.
+DEADLINE_LIFT_BINS = math.ceil(DEADLINE_BINS_PER_OCTAVE * math.log2(DEADLINE_MARGIN
+                                                                   / DEADLINE_LIFT))
 # Prompt-size bands in estimated tokens: <2k, 2k-8k, 8k-32k, 32k-128k, 128k and more. A
-# band is 4x wide: prefill time grows with the prompt, and a 150k-token prompt must not
-# be judged by a 1k-token prompt's clock.
+# band is 4x wide: a 150k-token prompt is not judged by a 1k-token prompt's clock.
 DEADLINE_TOKEN_BANDS = (2_000, 8_000, 32_000, 128_000)
 DEADLINE_BAND_LABELS = ("<2k", "2k-8k", "8k-32k", "32k-128k", ">=128k")
-# A sample weighs half after this many later answers in its band or this long,
+# A sample weighs half after this many later samples in its histogram or this long,
 # whichever comes first: a busy model forgets by count, a quiet one by time.
 DEADLINE_HALF_LIFE_ANSWERS = 1000
 DEADLINE_HALF_LIFE_S = 6 * 3600.0
-# Bursts. A learned deadline moves at most 10 % per update, and once its band has
+# Bursts. A learned deadline moves at most 10 % per update, and once it rests on
 # DEADLINE_MATURE answers, at most a factor 2 per DEADLINE_DOUBLING_S (up or down). A
 # slow minute's answers stay in the histogram for a while after it, so the cap, not the
 # histogram, keeps one slow minute from doubling a deadline; a degraded hour moves it by
@@ -1082,6 +1095,8 @@ DEADLINE_HALF_LIFE_S = 6 * 3600.0
 DEADLINE_STEP = 1.1
 DEADLINE_MATURE = 100
 DEADLINE_DOUBLING_S = 3600.0
+_LOG_STEP = math.log(DEADLINE_STEP)
+_LOG2_PER_S = math.log(2) / DEADLINE_DOUBLING_S
 # Bare PROVIDER/MODEL requests may name any model; no more than this many are learned.
 DEADLINE_MAX_MODELS = 1000
 
@@ -1120,204 +1135,398 @@ def slot_deadlines(timing: Timing, model: ModelConfig) -> SlotDeadlines:
 
 
 def token_band(est_tokens: int) -> int:
-    return sum(est_tokens >= edge for edge in DEADLINE_TOKEN_BANDS)
+    band = 0
+    for edge in DEADLINE_TOKEN_BANDS:
+        if est_tokens < edge:
+            break
+        band += 1
+    return band
 
 
 def deadline_bin(seconds: float) -> int:
     if seconds <= DEADLINE_BIN_FLOOR_S:
         return 0
-    octaves = math.log2(seconds / DEADLINE_BIN_FLOOR_S)
-    return min(DEADLINE_BINS - 1, math.floor(DEADLINE_BINS_PER_OCTAVE * octaves))
+    i = math.floor(DEADLINE_BINS_PER_OCTAVE * math.log2(seconds / DEADLINE_BIN_FLOOR_S))
+    return i if i < DEADLINE_BINS else DEADLINE_BINS - 1
 
 
 def bin_upper_s(i: int) -> float:
     return DEADLINE_BIN_FLOOR_S * 2 ** ((i + 1) / DEADLINE_BINS_PER_OCTAVE)
 
 
-def quantile_bin(weights: list[float], q: float) -> int | None:
-    """The bin holding the q-quantile of a histogram; None if it is empty."""
-    total = sum(weights)
+def quantile_bin(weights: list[float], q: float, total: float | None = None) -> int | None:
+    """The bin holding the q-quantile of a histogram (the lowest bin with no more than
+    1 - q of the weight above it); None if it is empty. Read from the top: a p99 is a
+    few bins down."""
+    total = sum(weights) if total is None else total
     if total <= 0:
         return None
-    acc, need = 0.0, q * total
-    for i, w in enumerate(weights):
-        acc += w
-        if acc >= need:
+    above, allowed = 0.0, (1 - q) * total
+    for i in range(len(weights) - 1, -1, -1):
+        above += weights[i]
+        if above > allowed:
             return i
-    return len(weights) - 1  # rounding
+    return 0
 
 
-def plausible_cut_share(answers: list[float], timeouts: list[float]) -> float:
-    """The share of attempts the timeouts may have cut off healthy answers.
+def vouched_timeouts(answers: list[float], timeouts: list[float], floor: int = 0,
+                     top: int = DEADLINE_BINS - 1) -> Iterator[tuple[int, float]]:
+    """(bin, weight) of the timeouts that may have been healthy answers cut short, from
+    the top bin down to `floor`.
 
     A timeout after waiting w says only that no answer came within w: a hang, or a
-    healthy answer cut short; the answered tail tells how many could be the latter.
-    The answers in the octave up to w (a1) and in the octave before it (a2) fall by
-    rho = a1/a2 per octave; a tail that keeps falling so puts a1 * rho/(1-rho) beyond w.
-    rho is capped at 1/2 (a tail falling as slowly as 1/t), so at most a1 count.
+    healthy answer cut short. The answered tail tells which is plausible: a healthy
+    tail that reaches w has answers just below it, and one falling no slower than 1/t
+    puts no more beyond w than in the octave up to w. So a timeout bin counts as many
+    timeouts as there are answers in the octave up to it, each answer vouching for one
+    timeout at most. `top`: no timeout above this bin.
     """
     n = DEADLINE_BINS_PER_OCTAVE
-    plausible = 0.0
-    for j, cut in enumerate(timeouts):
-        if cut <= 0:
+    spare = list(answers)
+    for j in range(top, floor - 1, -1):
+        if timeouts[j] <= 0:
             continue
-        a1 = sum(answers[max(0, j - n + 1):j + 1])
-        a2 = sum(answers[max(0, j - 2 * n + 1):max(0, j - n + 1)])
-        rho = min(0.5, a1 / a2) if a2 > 0 else (0.5 if a1 > 0 else 0.0)
-        plausible += min(cut, a1 * rho / (1 - rho))
-    total = sum(answers) + plausible
-    return plausible / total if total > 0 else 0.0
+        lo = max(0, j - n + 1)
+        near = sum(spare[lo:j + 1])
+        take = min(timeouts[j], near)
+        if take > 0:
+            for i in range(lo, j + 1):
+                spare[i] *= 1 - take / near
+            yield j, take
 
 
-class DeadlineBand:
-    """One histogram and the deadline learned from it: a prompt-size band's first
-    tokens, or a model's longest gaps. Pure: the caller passes the time.
+def lift_bin(answers: list[float], timeouts: list[float], total: float, floor: int,
+             top: int = DEADLINE_BINS - 1) -> int | None:
+    """The highest bin (not below `floor`) at or above which the vouched timeouts are
+    more than DEADLINE_CUT_SHARE of the answers: a deadline there cuts too many."""
+    vouched = 0.0
+    for j, weight in vouched_timeouts(answers, timeouts, floor, top):
+        vouched += weight
+        if vouched > DEADLINE_CUT_SHARE * total:
+            return j
+    return None
 
-    Censoring. Only answers move a learned deadline. A timeout is a censored
-    observation, "at least w", and is kept in its own histogram. Counting it as a
-    sample at w would let a model that hangs push its deadline up a margin at a time,
-    to the bound, and hangs would be caught later than with the fixed deadline;
-    counting it as anything shorter would teach a hanging model a shorter deadline.
-    Ignoring it would let a deadline that cuts healthy slow answers learn from the
-    answers it let through, which are faster than the truth, and shrink a step at a
-    time. So timeouts hold: while they may have cut more than DEADLINE_CUT_MAX of
-    healthy answers (plausible_cut_share, judged from the shape of the answered tail
-    just below them), the deadline does not come down. A timeout alone never moves it,
-    up or down; a model whose hangs sit far above its answers (the tail below them is
-    empty) gets no hold from them at all.
+
+def settled(configured_s: float, learned_s: float, answers: int) -> float:
+    """A learned deadline shorter than the configured one takes over gradually: from
+    the cold start to DEADLINE_MATURE answers it moves from the configured value to the
+    learned one (geometrically). A p99 of 20 answers is their maximum, and a model that
+    thinks for a minute now and then may not have shown it yet. A longer one applies
+    at once."""
+    if learned_s >= configured_s:
+        return learned_s
+    share = (answers - DEADLINE_COLD_START) / (DEADLINE_MATURE - DEADLINE_COLD_START)
+    share = min(1.0, max(0.0, share))
+    return configured_s ** (1 - share) * learned_s ** share
+
+
+class Histogram:
+    """Decayed counts of durations in log-spaced bins, and the bin holding their
+    q-quantile, kept up to date as samples come (a streaming quantile). Pure: the
+    caller passes the time.
+
+    Decay is lazy: instead of shrinking every bin at each update, the weight a new
+    sample gets (`unit`) grows by the decay factor, and the bins are scaled back down
+    only when it gets large. Quantiles and shares are ratios, so both read the same.
     """
 
-    __slots__ = ("n", "answers", "timeouts", "learned", "at", "moved")
+    __slots__ = ("q", "n", "answers", "total", "unit", "at", "qbin", "above")
+
+    def __init__(self, q: float) -> None:
+        self.q = q
+        self.n = 0  # samples ever (not decayed): the cold start counts these
+        self.answers = [0.0] * DEADLINE_BINS
+        self.total = 0.0
+        self.unit = 1.0  # the weight of a sample added now
+        self.at: float | None = None  # last update
+        self.qbin = 0  # the lowest bin with no more than 1 - q of the weight above it
+        self.above = 0.0  # the weight above qbin
+
+    def _decay(self, now: float, samples: int) -> None:
+        last, self.at = self.at, now
+        if last is not None:
+            halvings = (samples / DEADLINE_HALF_LIFE_ANSWERS
+                        + max(0.0, now - last) / DEADLINE_HALF_LIFE_S)
+            self.unit *= 2.0 ** (halvings if halvings < 200 else 200)  # 2^-200: forgotten
+            if self.unit > 1e12:
+                self._rescale(1 / self.unit)
+
+    def _rescale(self, f: float) -> None:
+        self.answers = [w * f for w in self.answers]
+        self.total = sum(self.answers)
+        self.unit *= f
+        self.above = sum(self.answers[self.qbin + 1:])
+
+    def add(self, seconds: float, now: float) -> None:
+        self._decay(now, 1)
+        i, unit = deadline_bin(seconds), self.unit
+        self.answers[i] += unit
+        self.total += unit
+        self.n += 1
+        if i > self.qbin:
+            self.above += unit
+        allowed = (1 - self.q) * self.total
+        while self.above > allowed and self.qbin < DEADLINE_BINS - 1:
+            self.qbin += 1
+            self.above -= self.answers[self.qbin]
+        while self.qbin > 0 and self.above + self.answers[self.qbin] <= allowed:
+            self.above += self.answers[self.qbin]
+            self.qbin -= 1
+
+    def quantile_s(self) -> float | None:
+        """The q-quantile, interpolated within its bin (log scale); None if empty."""
+        if self.total <= 0:
+            return None
+        i = self.qbin
+        below, w = self.total - self.above - self.answers[i], self.answers[i]
+        lo, hi = bin_upper_s(i - 1), bin_upper_s(i)
+        share = (self.q * self.total - below) / w if w > 0 else 1.0
+        return lo * (hi / lo) ** min(1.0, max(0.0, share))
+
+
+class LearnedDeadline(Histogram):
+    """A histogram of answers, one of timeouts, and the deadline learned from them.
+
+    Censoring. A timeout is a censored observation, "at least w", kept by the time
+    waited. Counting every timeout as an answer at w would let a model that hangs push
+    its deadline up a margin at a time, to the bound, and its hangs would be caught no
+    faster than with a fixed deadline. Ignoring timeouts would let a deadline that cuts
+    healthy slow answers (a thinking model's) learn only from the faster answers it let
+    through, and settle below them for good. Counting one as anything shorter than w
+    would teach a hanging model a shorter deadline. So timeouts count only as far as
+    the answered tail vouches for them (vouched_timeouts), and only when those are more
+    than DEADLINE_CUT_SHARE of the attempts: then they lift the deadline to
+    DEADLINE_LIFT x the time they waited. A model whose answers all come far below its
+    deadline, as a fast model's do, gains nothing from its hangs; a long-tailed one can
+    lift its deadline only as far as its answers reach. A timeout never lowers one.
+    """
+
+    __slots__ = ("timeouts", "timeouts_total", "timeouts_top", "learned", "moved")
 
     def __init__(self) -> None:
-        self.n = 0  # answered attempts (not decayed): the cold start counts these
-        self.answers = [0.0] * DEADLINE_BINS
-        self.timeouts = [0.0] * DEADLINE_BINS  # by the time waited
+        super().__init__(DEADLINE_QUANTILE)
+        self.timeouts = [0.0] * DEADLINE_BINS
+        self.timeouts_total = 0.0
+        self.timeouts_top = -1  # the highest bin holding a timeout
         self.learned: float | None = None  # raw: the caller clamps to its bounds
-        self.at: float | None = None  # last update (decay)
         self.moved: float | None = None  # last move of `learned` (rate cap)
 
-    def _decay(self, now: float, answers: int) -> None:
-        if self.at is not None:
-            exponent = (answers / DEADLINE_HALF_LIFE_ANSWERS
-                        + max(0.0, now - self.at) / DEADLINE_HALF_LIFE_S)
-            f = 2.0 ** -exponent
-            self.answers = [w * f for w in self.answers]
-            self.timeouts = [w * f for w in self.timeouts]
-        self.at = now
-
-    def p99_s(self) -> float | None:
-        i = quantile_bin(self.answers, DEADLINE_QUANTILE)
-        return None if i is None else bin_upper_s(i)
-
-    def holding(self) -> bool:
-        return plausible_cut_share(self.answers, self.timeouts) > DEADLINE_CUT_MAX
+    def _rescale(self, f: float) -> None:
+        super()._rescale(f)
+        self.timeouts = [w * f for w in self.timeouts]
+        self.timeouts_total = sum(self.timeouts)
 
     def answer(self, seconds: float, now: float) -> None:
-        self._decay(now, 1)
-        self.answers[deadline_bin(seconds)] += 1.0
-        self.n += 1
-        if self.n < DEADLINE_COLD_START:
-            return
-        target = DEADLINE_MARGIN * (self.p99_s() or 0.0)
-        if self.learned is None or self.moved is None:
-            self.learned, self.moved = target, now
-            return
-        if target < self.learned and self.holding():
-            target = self.learned
-        step = math.log(DEADLINE_STEP)
-        if self.n >= DEADLINE_MATURE:
-            step = min(step, math.log(2) * max(0.0, now - self.moved) / DEADLINE_DOUBLING_S)
-        change = max(-step, min(step, math.log(target / self.learned)))
-        self.learned *= math.exp(change)
-        self.moved = now
+        self.add(seconds, now)
+        self._learn(now, may_fall=True)
 
     def timeout(self, waited: float, now: float) -> None:
         self._decay(now, 0)
-        self.timeouts[deadline_bin(waited)] += 1.0
+        i = deadline_bin(waited)
+        self.timeouts[i] += self.unit
+        self.timeouts_total += self.unit
+        self.timeouts_top = max(self.timeouts_top, i)
+        self._learn(now, may_fall=False)
+
+    def _learn(self, now: float, *, may_fall: bool) -> None:
+        if self.n < DEADLINE_COLD_START:
+            return
+        target = DEADLINE_MARGIN * bin_upper_s(self.qbin)
+        # Vouched timeouts are at most all timeouts: often too few to look at.
+        floor = self.qbin + DEADLINE_LIFT_BINS
+        if self.timeouts_top >= floor and self.timeouts_total > DEADLINE_CUT_SHARE * self.total:
+            lift = lift_bin(self.answers, self.timeouts, self.total, floor, self.timeouts_top)
+            if lift is not None:
+                target = max(target, DEADLINE_LIFT * bin_upper_s(lift))
+        if self.learned is None or self.moved is None:
+            self.learned, self.moved = target, now
+            return
+        step = _LOG_STEP
+        if self.n >= DEADLINE_MATURE:
+            step = min(step, _LOG2_PER_S * max(0.0, now - self.moved))
+        change = math.log(target / self.learned)
+        change = step if change > step else change if change > -step else -step
+        if change > 0 or may_fall:
+            self.learned *= math.exp(change)
+        self.moved = now
 
     def snapshot(self) -> dict[str, Any]:
-        p99 = self.p99_s()
-        return {"answered": self.n, "p99_s": None if p99 is None else round(p99, 2),
+        counted = sum(w for _, w in vouched_timeouts(self.answers, self.timeouts))
+        weight = self.total + counted
+        return {"answered": self.n,
+                "p99_s": round(bin_upper_s(self.qbin), 2) if self.total > 0 else None,
                 "learned_s": None if self.learned is None else round(self.learned, 2),
-                "holding": self.holding()}
+                "timeouts_counted": round(counted / weight, 4) if weight else 0.0}
 
 
 class ModelDeadlines:
     """What failoverd has learned about one model's deadlines."""
 
-    __slots__ = ("answered", "first_token", "stall", "first_token_timeouts", "stall_timeouts")
+    __slots__ = ("answered", "sizes", "medians", "first_token", "stall",
+                 "first_token_timeouts", "stall_timeouts", "shifts", "raw")
 
     def __init__(self) -> None:
+        bands = len(DEADLINE_BAND_LABELS)
         self.answered = 0
-        self.first_token = [DeadlineBand() for _ in DEADLINE_BAND_LABELS]
-        self.stall = DeadlineBand()
+        self.sizes = [Histogram(0.5) for _ in range(bands)]  # first tokens by size
+        # Per size band, its median first token; None while it rests on fewer than
+        # DEADLINE_BAND_MIN answers.
+        self.medians: list[float | None] = [None] * bands
+        self.first_token = LearnedDeadline()  # first tokens less their band's shift
+        self.stall = LearnedDeadline()
         self.first_token_timeouts = 0
         self.stall_timeouts = 0
+        # Kept by refresh(). Per size band, its prefill shift: how much later its median
+        # first token comes than the smallest band's with a median, never less than a
+        # smaller band's; None for a band without a median yet.
+        self.shifts: list[float | None] = [None] * bands
+        # Per size band: its shift plus the learned deadline, from the largest band up to
+        # it that has a median, and whether that is the band itself; None: none has.
+        self.raw: list[tuple[float, bool] | None] = [None] * bands
+
+    def refresh(self) -> None:
+        learned, ref, shift = self.first_token.learned, None, 0.0
+        best: tuple[float, bool] | None = None
+        shifts: list[float | None] = []
+        raw: list[tuple[float, bool] | None] = []
+        for median in self.medians:
+            if median is None:
+                shifts.append(None)
+                raw.append(None if best is None else (best[0], False))
+                continue
+            if ref is None:
+                ref = median
+            elif median - ref > shift:
+                shift = median - ref
+            shifts.append(shift)
+            best = None if learned is None else (shift + learned, True)
+            raw.append(best)
+        self.shifts, self.raw = shifts, raw
+
+    def answer(self, ttft_s: float, band: int, now: float) -> None:
+        self.answered += 1
+        shift = self.shifts[band]
+        h = self.sizes[band]
+        h.add(ttft_s, now)
+        if h.n >= DEADLINE_BAND_MIN:
+            self.medians[band] = h.quantile_s()
+        if shift is not None:  # else this size teaches only its median, for now
+            self.first_token.answer(ttft_s - shift if ttft_s > shift else 0.0, now)
+        self.refresh()
+
+    def first_token_timeout(self, waited_s: float, band: int, now: float) -> None:
+        self.first_token_timeouts += 1
+        shift = self.shifts[band]
+        if shift is not None:
+            self.first_token.timeout(waited_s - shift if waited_s > shift else 0.0, now)
+            self.refresh()
 
     def first_token_s(self, band: int, configured_s: float,
                       bounds: DeadlineBounds) -> float | None:
         """The learned first-token deadline for a prompt-size band; None while cold.
-
-        Never shorter than a smaller prompt's (a larger prompt is not judged by a
-        shorter clock); a band without its own history keeps the configured deadline.
-        """
-        if self.answered < DEADLINE_COLD_START:
+        Never shorter than a smaller prompt's (shifts only grow with size); a band
+        without a median of its own yet keeps the configured deadline if longer."""
+        raw = self.raw[band]
+        if self.answered < DEADLINE_COLD_START or raw is None:
             return None
-        learned = [bounds.clamp(b.learned) for b in self.first_token[:band + 1]
-                   if b.learned is not None]
-        if self.first_token[band].learned is None:
-            learned.append(configured_s)
-        return max(learned)
+        value, own = bounds.clamp(raw[0]), raw[1]
+        if not own:
+            return max(configured_s, value)
+        return settled(configured_s, value, self.first_token.n)
+
+    def snapshot(self) -> dict[str, Any]:
+        sizes = [{"tokens": label, "answered": h.n,
+                  "median_s": None if median is None else round(median, 2),
+                  "shift_s": None if shift is None else round(shift, 2)}
+                 for label, h, median, shift in zip(DEADLINE_BAND_LABELS, self.sizes,
+                                                    self.medians, self.shifts, strict=True)
+                 if h.n]
+        return {
+            "answered": self.answered, "cold": self.answered < DEADLINE_COLD_START,
+            "first_token": {**self.first_token.snapshot(), "by_size": sizes},
+            "stall": self.stall.snapshot(),
+            "timeouts": {"first_token": self.first_token_timeouts, "stall": self.stall_timeouts},
+        }
 
 
 class SavedDeadlineBand(msgspec.Struct, kw_only=True):
+    """One histogram in the state file (a size band's, or a learned deadline's)."""
+
     n: int = 0
-    learned: float | None = None
     age_s: float | None = None  # since the last update, when saved
-    moved_age_s: float | None = None
     answers: dict[int, float] = {}  # bin -> weight; empty bins left out
     timeouts: dict[int, float] = {}
+    learned: float | None = None
+    moved_age_s: float | None = None
 
 
 class SavedModelDeadlines(msgspec.Struct, kw_only=True):
     """One model's learned deadlines in the state file."""
 
     answered: int = 0
-    first_token: list[SavedDeadlineBand] = []
+    sizes: list[SavedDeadlineBand] = []
+    first_token: SavedDeadlineBand = msgspec.field(default_factory=SavedDeadlineBand)
     stall: SavedDeadlineBand = msgspec.field(default_factory=SavedDeadlineBand)
     first_token_timeouts: int = 0
     stall_timeouts: int = 0
 
 
-def _saved_band(b: DeadlineBand, now: float) -> SavedDeadlineBand:
-    def sparse(weights: list[float]) -> dict[int, float]:
-        return {i: round(w, 4) for i, w in enumerate(weights) if w >= 1e-4}
+def _sparse(weights: list[float], unit: float) -> dict[int, float]:
+    """Weights in samples (the latest weighs 1); empty bins left out."""
+    return {i: round(w / unit, 4) for i, w in enumerate(weights) if w / unit >= 1e-4}
 
-    return SavedDeadlineBand(
-        n=b.n, learned=b.learned, answers=sparse(b.answers), timeouts=sparse(b.timeouts),
-        age_s=None if b.at is None else max(0.0, now - b.at),
-        moved_age_s=None if b.moved is None else max(0.0, now - b.moved))
+
+def _age(t: float | None, now: float) -> float | None:
+    return None if t is None else max(0.0, now - t)
+
+
+def _saved_band(h: Histogram, now: float) -> SavedDeadlineBand:
+    saved = SavedDeadlineBand(n=h.n, age_s=_age(h.at, now), answers=_sparse(h.answers, h.unit))
+    if isinstance(h, LearnedDeadline):
+        saved.timeouts, saved.learned = _sparse(h.timeouts, h.unit), h.learned
+        saved.moved_age_s = _age(h.moved, now)
+    return saved
 
 
 def _finite(x: float | None, low: float = 0.0) -> bool:
     return x is None or (math.isfinite(x) and x >= low)
 
 
-def _restored_band(s: SavedDeadlineBand, now: float) -> DeadlineBand | None:
+def _restore_band(h: Histogram, s: SavedDeadlineBand, now: float) -> bool:
+    """Fill `h` from the state file; False if the entry does not fit."""
     weights = [*s.answers.items(), *s.timeouts.items()]
     if s.n < 0 or not all(0 <= i < DEADLINE_BINS and _finite(w) for i, w in weights) or not (
             _finite(s.learned, 1e-3) and _finite(s.age_s) and _finite(s.moved_age_s)):
-        return None
-    b = DeadlineBand()
-    b.n, b.learned = s.n, s.learned
+        return False
+    h.n = s.n
+    h.at = None if s.age_s is None else now - s.age_s
     for i, w in s.answers.items():
-        b.answers[i] = w
-    for i, w in s.timeouts.items():
-        b.timeouts[i] = w
-    b.at = None if s.age_s is None else now - s.age_s
-    b.moved = None if s.moved_age_s is None else now - s.moved_age_s
-    return b
+        h.answers[i] = w
+    h.total = sum(h.answers)
+    h.qbin = quantile_bin(h.answers, h.q, h.total) or 0
+    h.above = sum(h.answers[h.qbin + 1:])
+    if isinstance(h, LearnedDeadline):
+        for i, w in s.timeouts.items():
+            h.timeouts[i] = w
+        h.timeouts_total = sum(h.timeouts)
+        h.timeouts_top = max(s.timeouts, default=-1)
+        h.learned = s.learned
+        h.moved = None if s.moved_age_s is None else now - s.moved_age_s
+    return True
+
+
+def _restored_model(s: SavedModelDeadlines, now: float) -> ModelDeadlines | None:
+    state = ModelDeadlines()
+    parts = list(zip(state.sizes, s.sizes, strict=False))
+    parts += [(state.first_token, s.first_token), (state.stall, s.stall)]
+    if len(s.sizes) != len(state.sizes) or not all(_restore_band(h, b, now) for h, b in parts):
+        return None
+    state.answered = max(0, s.answered)
+    state.medians = [h.quantile_s() if h.n >= DEADLINE_BAND_MIN else None for h in state.sizes]
+    state.refresh()
+    state.first_token_timeouts = max(0, s.first_token_timeouts)
+    state.stall_timeouts = max(0, s.stall_timeouts)
+    return state
 
 
 class DeadlineLearner:
@@ -1353,7 +1562,7 @@ class DeadlineLearner:
         value = configured_s
         state = self.models.get(model)
         if bounds.adaptive and state is not None and state.stall.learned is not None:
-            value = bounds.clamp(state.stall.learned)
+            value = settled(configured_s, bounds.clamp(state.stall.learned), state.stall.n)
         return max(0.0, min(value, remaining_s))
 
     def worst_first_token(self, model: str, configured_s: float,
@@ -1363,9 +1572,7 @@ class DeadlineLearner:
         state = self.models.get(model)
         if state is None:
             return None
-        per_band = [state.first_token_s(i, configured_s, bounds)
-                    for i in range(len(DEADLINE_BAND_LABELS))]
-        return None if per_band[0] is None else max(v for v in per_band if v is not None)
+        return state.first_token_s(len(DEADLINE_BAND_LABELS) - 1, configured_s, bounds)
 
     def learned_stall(self, model: str) -> float | None:
         state = self.models.get(model)
@@ -1379,8 +1586,7 @@ class DeadlineLearner:
         sent; `max_gap_s` is its longest gap between outputs (None or 0: no gap seen)."""
         if not (math.isfinite(ttft_s) and ttft_s >= 0) or (state := self._state(model)) is None:
             return
-        state.answered += 1
-        state.first_token[token_band(est_tokens)].answer(ttft_s, now)
+        state.answer(ttft_s, token_band(est_tokens), now)
         if max_gap_s is not None and math.isfinite(max_gap_s) and max_gap_s > 0:
             state.stall.answer(max_gap_s, now)
         self.dirty = True
@@ -1388,12 +1594,12 @@ class DeadlineLearner:
     def observe_timeout(self, model: str, kind: Literal["first_token", "stall"],
                         waited_s: float, est_tokens: int, now: float) -> None:
         """An attempt abandoned after waiting `waited_s` for its first token (kind
-        "first_token") or for its next output (kind "stall"): censored, see DeadlineBand."""
+        "first_token") or for its next output (kind "stall"): censored, see
+        LearnedDeadline."""
         if not (math.isfinite(waited_s) and waited_s >= 0) or (state := self._state(model)) is None:
             return
         if kind == "first_token":
-            state.first_token_timeouts += 1
-            state.first_token[token_band(est_tokens)].timeout(waited_s, now)
+            state.first_token_timeout(waited_s, token_band(est_tokens), now)
         elif kind == "stall":
             state.stall_timeouts += 1
             state.stall.timeout(waited_s, now)
@@ -1404,29 +1610,15 @@ class DeadlineLearner:
     # -- status and state file -------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
-        """Per model: answered attempts, whether still in its cold start, and per
-        prompt-size band (those with answers) and for the stall deadline: answers, the
-        p99 seen (upper bin edge), the learned deadline (before a route's bounds), and
-        whether timeouts hold it from coming down."""
-        out = {}
-        for key, state in sorted(self.models.items()):
-            bands = [{"tokens": label, **band.snapshot()}
-                     for label, band in zip(DEADLINE_BAND_LABELS, state.first_token, strict=True)
-                     if band.n]
-            out[key] = {
-                "answered": state.answered, "cold": state.answered < DEADLINE_COLD_START,
-                "first_token": bands, "stall": state.stall.snapshot(),
-                "timeouts": {"first_token": state.first_token_timeouts,
-                             "stall": state.stall_timeouts},
-            }
-        return out
+        """Per model, for /status and `failoverd status` (see README, "Deadlines")."""
+        return {key: state.snapshot() for key, state in sorted(self.models.items())}
 
     def to_saved(self, now: float) -> dict[str, SavedModelDeadlines]:
         return {
             key: SavedModelDeadlines(
-                answered=s.answered, first_token=[_saved_band(b, now) for b in s.first_token],
-                stall=_saved_band(s.stall, now), first_token_timeouts=s.first_token_timeouts,
-                stall_timeouts=s.stall_timeouts)
+                answered=s.answered, sizes=[_saved_band(h, now) for h in s.sizes],
+                first_token=_saved_band(s.first_token, now), stall=_saved_band(s.stall, now),
+                first_token_timeouts=s.first_token_timeouts, stall_timeouts=s.stall_timeouts)
             for key, s in self.models.items()
         }
 
@@ -1436,17 +1628,9 @@ class DeadlineLearner:
         layout) starts over instead of failing the whole state file."""
         models = {}
         for key, s in list(saved.items())[:DEADLINE_MAX_MODELS]:
-            bands = [_restored_band(b, now) for b in s.first_token]
-            stall = _restored_band(s.stall, now)
-            if len(bands) != len(DEADLINE_BAND_LABELS) or stall is None or None in bands:
-                continue
-            state = ModelDeadlines()
-            state.answered = max(0, s.answered)
-            state.first_token = bands  # type: ignore[assignment]
-            state.stall = stall
-            state.first_token_timeouts = max(0, s.first_token_timeouts)
-            state.stall_timeouts = max(0, s.stall_timeouts)
-            models[key] = state
+            state = _restored_model(s, now)
+            if state is not None:
+                models[key] = state
         return cls(models)
 
 
