@@ -1055,12 +1055,16 @@ def cost_usd(model: ModelConfig, tokens_in: int | None, tokens_out: int | None) 
 # longest gap between outputs. Memory is fixed per model; an update is a pass over a
 # few histograms of DEADLINE_BINS bins, once per attempt, never per chunk.
 DEADLINE_QUANTILE = 0.99
-# 1.5 x p99 is above the p99.5 of any lognormal tail with sigma up to 1.6 (a p90 eight
-# times the median): at most about 0.5 % of healthy answers are cut. The bin's upper
-# edge adds up to 19 % on top.
+# Twice the p99 cuts at most ~0.3 % of a lognormal tail with sigma up to 1.6 (a p90
+# eight times the median), so the first-token and stall deadlines together stay under
+# the 0.5 % for false kills. The bin's upper edge adds up to 19 % on top.
 DEADLINE_MARGIN = 2.0
-# The share of healthy answers a deadline may cut (the target for false kills):
-# timeouts that may be healthy answers, above this share, lift the deadline.
+# Timeouts that may be healthy answers cut short (vouched_timeouts), when more than this
+# share of the answers (the target for false kills), lift the deadline to
+# DEADLINE_LIFT x the time they waited. 1.5 lets a model that thinks for a minute now
+# and then climb past it within hours, and lets a long-tailed model's hangs lift its
+# deadline at most ~1.5x above where its answers alone put it (bench/deadlines.py; 1
+# would climb too slowly for the thinker, 2 made the long-tailed model swing 2x).
 DEADLINE_CUT_SHARE = 0.005
 DEADLINE_LIFT = 1.5
 # SPEC section 10: the configured deadline applies until the model has this many
@@ -1088,10 +1092,10 @@ DEADLINE_BAND_LABELS = ("<2k", "2k-8k", "8k-32k", "32k-128k", ">=128k")
 DEADLINE_HALF_LIFE_ANSWERS = 1000
 DEADLINE_HALF_LIFE_S = 6 * 3600.0
 # Bursts. A learned deadline moves at most 10 % per update, and once it rests on
-# DEADLINE_MATURE answers, at most a factor 2 per DEADLINE_DOUBLING_S (up or down). A
-# slow minute's answers stay in the histogram for a while after it, so the cap, not the
-# histogram, keeps one slow minute from doubling a deadline; a degraded hour moves it by
-# up to 2x. bench/deadlines.py shows both.
+# DEADLINE_MATURE answers, at most a factor 2 per DEADLINE_DOUBLING_S (up or down). One
+# slow minute is a few samples of hundreds and moves a p99 little; where it does, the
+# cap keeps it from doubling a deadline, and a degraded hour moves it by up to 2x.
+# bench/deadlines.py shows both.
 DEADLINE_STEP = 1.1
 DEADLINE_MATURE = 100
 DEADLINE_DOUBLING_S = 3600.0
