@@ -1068,11 +1068,12 @@ DEADLINE_MARGIN = 2.0
 DEADLINE_CUT_SHARE = 0.005
 DEADLINE_LIFT = 1.5
 # SPEC section 10: the configured deadline applies until the model has this many
-# answered attempts.
+# answered attempts (and as many have taught its shift-free histogram, below).
 DEADLINE_COLD_START = 20
 # A prompt-size band gets its own shift once its median rests on this many answers;
 # until then prompts of that size keep the configured deadline (or a smaller band's,
-# if longer).
+# if longer), and teach only that median: unshifted, a 150k-token prompt's first token
+# would pass for a slow 1k-token one.
 DEADLINE_BAND_MIN = 10
 # Bins: four per octave (19 % wide), from 0.25 s (bin 0 also holds anything faster) to
 # 1024 s (the last bin holds anything slower); far past every bound in use.
@@ -1436,7 +1437,7 @@ class ModelDeadlines:
         value, own = bounds.clamp(raw[0]), raw[1]
         if not own:
             return max(configured_s, value)
-        return settled(configured_s, value, self.first_token.n)
+        return settled(configured_s, value, self.answered)
 
     def snapshot(self) -> dict[str, Any]:
         sizes = [{"tokens": label, "answered": h.n,
@@ -1576,7 +1577,11 @@ class DeadlineLearner:
         state = self.models.get(model)
         if state is None:
             return None
-        return state.first_token_s(len(DEADLINE_BAND_LABELS) - 1, configured_s, bounds)
+        per_band = [state.first_token_s(band, configured_s, bounds)
+                    for band in range(len(DEADLINE_BAND_LABELS))]
+        if all(v is None for v in per_band):
+            return None
+        return max(configured_s if v is None else v for v in per_band)
 
     def learned_stall(self, model: str) -> float | None:
         state = self.models.get(model)
