@@ -502,10 +502,12 @@ def test_check_uses_the_learned_deadlines():
 def test_check_counts_a_size_without_history_at_the_configured_deadline():
     learner = fo.DeadlineLearner()
     learn(learner, "a/m1", [2.0] * 100, tokens=1000)
+    learn(learner, "a/m1", [2.0] * 100, tokens=BIG, t0=100)
 
     lines, _ = check(CHECK.format(defaults=""), learner)
 
-    assert "first token 30 s (learned)" in lines[1]  # a 150k-token prompt would get 30 s
+    assert first_token(learner, BIG, model="a/m1") == 10.0
+    assert "first token 30 s (learned)" in lines[1]  # a 20k-token prompt would get 30 s
 
 
 def test_check_uses_pins_and_configured_deadlines_as_they_are():
