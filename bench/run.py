@@ -329,6 +329,7 @@ class Daemon:
             f.write(text.replace(f'socket = "{tmp}/fo.sock"', f'socket = "{self.socket}"'))
         self.log_path = os.path.join(tmp, f"daemon-{tag}.log")
         self.proc: subprocess.Popen[bytes] | None = None
+        self.env = DAEMON_ENV
 
     @property
     def pid(self) -> int:
@@ -351,7 +352,7 @@ class Daemon:
         self.proc = subprocess.Popen(
             pinned(0, [FAILOVERD, "serve", "--config", self.config, "--quiet"]),
             stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, preexec_fn=_die_with_parent,
-            cwd=self.tmp, env=DAEMON_ENV)
+            cwd=self.tmp, env=self.env)
         logf.close()
         _children.append(self.proc)
         deadline = t0 + timeout_s
@@ -511,6 +512,36 @@ def ratio(a: float, b: float) -> str:
 # Phases
 # ---------------------------------------------------------------------------
 
+# Run by Bench.observer_cost with the daemon's failoverd.py: the cost of the metrics
+# observer per request, as the time to write a request's rows with it minus without.
+OBSERVE_COST = """
+import time, failoverd as fo
+cfg = fo.Config(daemon=fo.DaemonConfig(ledger=""), routes={"r": fo.RouteConfig(chain=["a/m"])},
+                providers={"a": fo.ProviderConfig(base_url="http://127.0.0.1:9/v1")})
+d = fo.Daemon(cfg, ledger=fo.Ledger(None))
+rows = [fo.AttemptRow(ts="2026-01-02T03:04:05.678Z", request_id="0123456789abcdef", route="r",
+                      attempt=0, provider="a", model="m", outcome="ok", status=200,
+                      ttft_ms=812.4, latency_ms=3857.1, cost_usd=0.0008,
+                      first_token_deadline_s=30.0, stall_deadline_s=60.0),
+        fo.RequestRow(ts="2026-01-02T03:04:05.678Z", request_id="0123456789abcdef", route="r",
+                      outcome="ok", served_by="a/m", attempts=1, total_ms=3860.0,
+                      ttft_ms=812.4, status=200)]
+def best(n=20000):
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(n):
+            for row in rows:
+                d.ledger.write(row)
+        times.append((time.perf_counter() - t) / n)
+    return min(times)
+observers = list(d.ledger.observers)
+with_ = best()
+d.ledger.observers[:] = []
+without = best()
+print((with_ - without) * 1e6 if observers else float("nan"))
+"""
+
 
 class Bench:
     def __init__(self, p: Params, tmp: str, up: Upstream, config: str) -> None:
@@ -652,6 +683,61 @@ class Bench:
                         fmt_ms(v), baseline=f"{median(rps):.0f} req/s at 1 core",
                         spread=spread(per_req, lambda x: f"{x:.2f}"), target="<= 1.0 ms",
                         ok=v <= 1.0)
+
+    def observer_cost(self) -> float:
+        """What the metrics observer adds to writing one request's rows (an attempt and a
+        request row), timed in a process of its own on the daemon's core: microseconds."""
+        out = subprocess.run(pinned(0, [PYTHON, "-c", OBSERVE_COST]), capture_output=True,
+                             text=True, env=DAEMON_ENV, timeout=120, check=False)
+        if out.returncode:
+            raise BenchError(f"timing the metrics observer failed: {out.stderr[-2000:]}")
+        return float(out.stdout.split()[-1])
+
+    async def metrics_cost(self) -> None:
+        """CPU per request with metrics (the main daemon) and without (a second daemon
+        with FAILOVERD_METRICS=off, same config), alternating in each round; then what
+        one GET /metrics costs the daemon after all that traffic."""
+        d, dt = self.main()
+        p = self.p
+        off = Daemon(self.config, self.tmp, "nometrics")
+        off.env = {**(DAEMON_ENV or os.environ), "FAILOVERD_METRICS": "off"}
+        off.start()
+        on_ms: list[float] = []
+        off_ms: list[float] = []
+        try:
+            ot = off.target()
+            await lg.closed_loop(ot, lg.chat("fast", stream=False), concurrency=8,
+                                 total=p.warmup)
+            for _ in range(p.rounds):
+                for daemon, target, out in ((d, dt, on_ms), (off, ot, off_ms)):
+                    await quiesce(daemon)
+                    c0 = daemon.cpu()
+                    res = await lg.closed_loop(target, lg.chat("fast", stream=False),
+                                               concurrency=p.cpu_concurrency,
+                                               total=p.cpu_requests)
+                    out.append((daemon.cpu() - c0) / max(1, sum(r.ok for r in res)) * 1e3)
+            conn = await dt.connect()
+            await quiesce(d)
+            c0, size = d.cpu(), 0
+            for _ in range(20):
+                res = await asyncio.wait_for(conn.fetch(lg.get("/metrics"), keep_body=True), 30)
+                size = len(res.body)
+            scrape_ms = (d.cpu() - c0) / 20 * 1e3
+            conn.close()
+        finally:
+            self.relays_cpu += off.cpu() if off.alive() else 0.0  # not "other work" on core 0
+            off.stop()
+        diff = [a - b for a, b in zip(on_ms, off_ms, strict=True)]
+        self.report.add("1. metrics: CPU / request, on - off", f"{median(diff) * 1e3:.0f} us",
+                        baseline=f"{median(off_ms):.3f} ms/request with metrics off",
+                        ratio=ratio(median(on_ms), median(off_ms)),
+                        spread=spread([x * 1e3 for x in diff], lambda x: f"{x:.0f}"))
+        observer = self.observer_cost()
+        self.report.add("1. metrics: observer CPU / request (in-process)", f"{observer:.1f} us",
+                        baseline="attempt row + request row, best of 5 x 20000",
+                        ratio=f"{observer / 1e3 / median(off_ms):.1%} of a request")
+        self.note(f"GET /metrics after the run: {size / 1024:.1f} KiB of text, "
+                  f"{scrape_ms:.2f} ms of daemon CPU per scrape (mean of 20 in a row)")
 
     async def _paced_cpu(self, route: str, chunks: int, via: Relay | None = None
                          ) -> tuple[float, int, float]:
@@ -1050,6 +1136,7 @@ class Bench:
             await self.phase("start-up", self.startup, ["6. start-up"])
         main_phases = [
             ("cpu", "CPU per request", self.cpu_requests, ["1. CPU / request"]),
+            ("metrics", "what metrics cost", self.metrics_cost, ["1. metrics"]),
             ("c1", "added latency c=1", self.latency_c1, ["2. added TTFB c=1"]),
             ("chunks", "CPU per chunk", self.cpu_chunks, ["1. CPU / chunk"]),
             ("c64", f"added latency c={p.sessions}", self.latency_c64,
@@ -1093,7 +1180,8 @@ def machine() -> list[str]:
 
 
 PINNING = False
-PHASES = ("startup", "cpu", "c1", "chunks", "c64", "gaps", "recovery", "throughput", "memory")
+PHASES = ("startup", "cpu", "metrics", "c1", "chunks", "c64", "gaps", "recovery", "throughput",
+          "memory")
 
 
 def main() -> int:

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import msgspec
 import pytest
@@ -152,13 +153,24 @@ def test_check_without_a_readable_config_exits_1(tmp_path):
 # -- tail ---------------------------------------------------------------------------------
 
 
-def test_tail_prints_one_human_readable_line_per_row(ledger):
+@pytest.fixture
+def local_zone(monkeypatch):
+    """A local zone one hour east of UTC (a POSIX TZ string: no tzdata needed)."""
+    monkeypatch.setenv("TZ", "CET-1")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_tail_prints_one_human_readable_line_per_row_in_local_time(ledger, local_zone):
     result = run("tail", ledger)
 
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert len(lines) == len(ROWS)
-    assert all(line.startswith("03:04:05.678 ") for line in lines)
+    assert all(line.startswith("2026-01-02 04:04:05.678 CET ") for line in lines)
+    assert lines[3].endswith("(open until 2026-01-02 04:04:05.678 CET)")
     assert "attempt req1 desk #0 a/m1 first_token_timeout" in lines[0]
     assert "-- no output within 30 s" in lines[0]
     assert "attempt req1 desk #1 local/qwen/qwen3-8b ok status=200 ttft=80ms" in lines[1]
