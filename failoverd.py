@@ -1995,6 +1995,25 @@ class DeadlineLearner:
             return None
         return max(configured_s if v is None else v for v in per_band)
 
+    def first_token_quantile(self, model: str, est_tokens: int, q: float) -> float | None:
+        """The q-quantile of the model's first tokens for a prompt of this size: its size's
+        shift plus the q-quantile of the shift-free answers (SPEC section 9's
+        hedge_quantile). None while the model is cold or no size up to this one has a
+        median yet. Answers only: a hedge is started early, it cuts nothing."""
+        state = self.models.get(model)
+        if state is None or state.answered < DEADLINE_COLD_START:
+            return None
+        raw = state.raw[token_band(est_tokens)]
+        pooled = state.first_token
+        i = quantile_bin(pooled.answers, q, pooled.total)
+        if raw is None or i is None or pooled.learned is None:
+            return None
+        shift = raw[0] - pooled.learned
+        below = sum(pooled.answers[:i])
+        lo, hi = bin_upper_s(i - 1), bin_upper_s(i)
+        share = (q * pooled.total - below) / pooled.answers[i]
+        return shift + lo * (hi / lo) ** min(1.0, max(0.0, share))
+
     def learned_stall(self, model: str) -> float | None:
         state = self.models.get(model)
         return None if state is None else state.stall.learned

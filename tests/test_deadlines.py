@@ -97,6 +97,23 @@ def test_a_long_answer_gap_is_learned_for_the_stall_deadline_and_no_gap_teaches_
     assert learner.snapshot()["m"]["stall"]["answered"] == 100
 
 
+def test_the_first_token_quantile_for_hedging_comes_from_the_answers():
+    learner = fo.DeadlineLearner()
+    assert learner.first_token_quantile("m", 1000, 0.95) is None  # cold
+
+    for i in range(100):
+        learner.observe_answer("m", 2.0 if i % 10 else 8.0, 1000, None, 2.0 * i)
+        learner.observe_answer("m", 42.0 if i % 10 else 48.0, BIG, None, 2.0 * i + 1)
+
+    small, large = (learner.first_token_quantile("m", t, 0.5) for t in (1000, BIG))
+    assert 2.0 <= small < 2 ** 1.25  # the median of the 2 s answers, inside their bin
+    shift = learner.snapshot()["m"]["first_token"]["by_size"][-1]["shift_s"]
+    assert shift > 35.0
+    assert large == pytest.approx(small + shift, abs=0.01)  # plus the prefill shift
+    assert 8.0 <= learner.first_token_quantile("m", 1000, 0.95) < 2 ** 3.25
+    assert learner.first_token_quantile("m", 5000, 0.5) == pytest.approx(small)  # smaller's
+
+
 # -- prompt size -----------------------------------------------------------------------------
 
 
