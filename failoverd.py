@@ -155,6 +155,9 @@ class ModelConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     # Live spend cap (SPEC section 13): once the model's billed cost today (UTC), failed
     # attempts included, reaches this, its slots are skipped until UTC midnight.
     budget_usd_per_day: NonNegative | None = None
+    # Pins (SPEC section 10): this model's deadlines in every route, never learned.
+    first_token_timeout_s: Seconds | None = None
+    stall_timeout_s: Seconds | None = None
 
 
 class BreakerConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -208,6 +211,14 @@ class Timing(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     probe_hedge_after_s: NonNegative = 1.0
     # After commit, continue a broken answer on the next slot that can (SPEC section 11).
     continuation: bool = False
+    # SPEC section 10: learn each model's deadlines, within these bounds. 10 s is the
+    # floor below which a healthy first token is too often just a busy minute; 180 s is
+    # above the 94 s first-token p99 of the slowest thinking model in the field data.
+    adaptive_deadlines: bool = True
+    first_token_min_s: Seconds = 10.0
+    first_token_max_s: Seconds = 180.0
+    stall_min_s: Seconds = 10.0
+    stall_max_s: Seconds = 120.0
 
 
 class RouteShadow(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -243,6 +254,11 @@ class RouteConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     probe_hedge_after_s: NonNegative | None = None
     continuation: bool | None = None
     shadow: RouteShadow | None = None
+    adaptive_deadlines: bool | None = None
+    first_token_min_s: Seconds | None = None
+    first_token_max_s: Seconds | None = None
+    stall_min_s: Seconds | None = None
+    stall_max_s: Seconds | None = None
 
 
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -433,6 +449,32 @@ def config_errors(cfg: Config) -> list[str]:
                 f"daemon.client_cliff_s = {cliff:g}, or the client's "
                 "runtime cancels the turn before failoverd reports the failure"
             )
+    return errors + deadline_bound_errors(cfg)
+
+
+_DEADLINE_BOUNDS = (("first_token_min_s", "first_token_max_s"), ("stall_min_s", "stall_max_s"))
+
+
+def _bound_at(cfg: Config, where: str, rc: RouteConfig | None, key: str) -> tuple[str, float]:
+    """Where a route's (or the defaults') bound comes from, and its value."""
+    own = None if rc is None else getattr(rc, key)
+    return ("defaults", getattr(cfg.defaults, key)) if own is None else (where, own)
+
+
+def deadline_bound_errors(cfg: Config) -> list[str]:
+    """Each learned deadline's min must not exceed its max, in [defaults] and in every
+    route once the route's overrides are laid over the defaults."""
+    errors = []
+    tables: list[tuple[str, RouteConfig | None]] = [("defaults", None)]
+    tables += [(f"routes.{name}", rc) for name, rc in cfg.routes.items()]
+    for where, rc in tables:
+        for low_key, high_key in _DEADLINE_BOUNDS:
+            (low_at, low), (high_at, high) = (_bound_at(cfg, where, rc, k)
+                                              for k in (low_key, high_key))
+            if low > high and where in (low_at, high_at):  # else reported under defaults
+                errors.append(
+                    f"{low_at}.{low_key} = {low:g} is above {high_at}.{high_key} = {high:g}: "
+                    f"expected {low_key} <= {high_key}")
     return errors
 
 
@@ -593,22 +635,57 @@ def resolve_api_key(name: str, p: ProviderConfig, env: Mapping[str, str]) -> str
     return None
 
 
-def slot_budget(cfg: Config, route: Route, slot: Slot) -> float:
+def state_file_path(daemon: DaemonConfig) -> str:
+    """daemon.state_file; by default state.json beside the ledger; "" = no state file."""
+    if daemon.state_file is not None:
+        return daemon.state_file
+    return os.path.join(os.path.dirname(daemon.ledger), "state.json") if daemon.ledger else ""
+
+
+def worst_deadlines(cfg: Config, route: Route, slot: Slot, learned: DeadlineLearner | None
+                    ) -> tuple[tuple[float, str], tuple[float, str]]:
+    """The longest first-token and stall deadlines the slot may hold an attempt to, each
+    with where it comes from: "pinned" (the model's own), "configured" (the route's, not
+    adaptive), "learned" (the state file's, within the bounds) or "bound" (adaptive,
+    nothing learned yet: it may grow to first_token_max_s / stall_max_s)."""
+    sd = slot_deadlines(route.timing, cfg.models.get(slot.key, NO_MODEL))
+    ft_pin = cfg.models.get(slot.key, NO_MODEL).first_token_timeout_s is not None
+    stall_pin = cfg.models.get(slot.key, NO_MODEL).stall_timeout_s is not None
+    fixed = "pinned", "configured"
+    if not sd.first_token.adaptive:
+        first = sd.first_token_s, fixed[not ft_pin]
+    elif (w := learned and learned.worst_first_token(slot.key, sd.first_token_s,
+                                                     sd.first_token)) is not None:
+        first = math.ceil(w * 10) / 10, "learned"
+    else:
+        first = sd.first_token.high, "bound"
+    if not sd.stall.adaptive:
+        stall = sd.stall_s, fixed[not stall_pin]
+    elif (g := learned and learned.learned_stall(slot.key)) is not None:
+        stall = math.ceil(sd.stall.clamp(g) * 10) / 10, "learned"
+    else:
+        stall = sd.stall.high, "bound"
+    return first, stall
+
+
+def slot_budget(cfg: Config, route: Route, slot: Slot,
+                learned: DeadlineLearner | None = None) -> float:
     """The longest one slot can hold a request before the next starts.
 
-    Its first-token deadline, which runs from the start of the attempt and so covers
-    connecting too; where a same-slot retry is allowed, the retried failure was fast
-    (at most FAST_FAILURE_S), then a backoff of up to 1.5 x retry_backoff_s or a
-    Retry-After up to retry_after_max_s, then one more try.
+    Its first-token deadline (see worst_deadlines), which runs from the start of the
+    attempt and so covers connecting too; where a same-slot retry is allowed, the
+    retried failure was fast (at most FAST_FAILURE_S), then a backoff of up to 1.5 x
+    retry_backoff_s or a Retry-After up to retry_after_max_s, then one more try.
     """
     t = route.timing
-    once = t.first_token_timeout_s
+    once = worst_deadlines(cfg, route, slot, learned)[0][0]
     if t.retry_same:
         once += FAST_FAILURE_S + max(1.5 * t.retry_backoff_s, t.retry_after_max_s)
     return once
 
 
-def worst_case_first_byte(cfg: Config, route: Route) -> tuple[list[tuple[Slot, float]], float]:
+def worst_case_first_byte(cfg: Config, route: Route, learned: DeadlineLearner | None = None
+                          ) -> tuple[list[tuple[Slot, float]], float]:
     """Per slot, the latest moment it can start; and the latest first byte or error.
 
     The worst case is every slot failing just before its deadline without timing
@@ -617,32 +694,41 @@ def worst_case_first_byte(cfg: Config, route: Route) -> tuple[list[tuple[Slot, f
     starts, elapsed = [], 0.0
     for slot in route.slots:
         starts.append((slot, elapsed))
-        elapsed += slot_budget(cfg, route, slot)
+        elapsed += slot_budget(cfg, route, slot, learned)
     return starts, min(elapsed, route.timing.total_timeout_s)
 
 
-def check_report(cfg: Config) -> tuple[list[str], list[str]]:
+def check_report(cfg: Config, learned: DeadlineLearner | None = None
+                 ) -> tuple[list[str], list[str]]:
     """Lines describing each route's worst case, and warnings (not errors)."""
     lines, warnings = [], []
     cliff = cfg.daemon.client_cliff_s
     for name, rc in cfg.routes.items():
         route = resolve_route(cfg, name, rc)
         t = route.timing
-        starts, worst = worst_case_first_byte(cfg, route)
+        starts, worst = worst_case_first_byte(cfg, route, learned)
         margin = cliff - worst
+        deadlines = (f"first token {t.first_token_timeout_s:g} s, stall {t.stall_timeout_s:g} s"
+                     if not t.adaptive_deadlines else
+                     f"adaptive: first token {t.first_token_min_s:g}-{t.first_token_max_s:g} s, "
+                     f"stall {t.stall_min_s:g}-{t.stall_max_s:g} s, "
+                     f"{t.first_token_timeout_s:g} s / {t.stall_timeout_s:g} s until learned")
         lines.append(
             f"route {name}: {len(route.slots)} slot(s); worst case before first byte or error "
-            f"{worst:g} s (first token {t.first_token_timeout_s:g} s, stall "
-            f"{t.stall_timeout_s:g} s, total {t.total_timeout_s:g} s); client cliff {cliff:g} s, "
+            f"{worst:g} s ({deadlines}, total {t.total_timeout_s:g} s); client cliff {cliff:g} s, "
             f"margin {margin:g} s"
         )
+        fix = ("lower first_token_max_s, pin the slow models' first_token_timeout_s"
+               if t.adaptive_deadlines else "lower first_token_timeout_s")
         for slot, start in starts:
-            lines.append(f"    {slot.key:<40} starts by {start:g} s at the latest")
+            (first, first_how), (stall, stall_how) = worst_deadlines(cfg, route, slot, learned)
+            lines.append(f"    {slot.key:<40} first token {first:g} s ({first_how}), stall "
+                         f"{stall:g} s ({stall_how}); starts by {start:g} s at the latest")
             if start >= t.total_timeout_s:
                 warnings.append(
                     f"routes.{name}: {slot.key} is not reached if every earlier slot fails at "
                     f"its deadline (it would start at {start:g} s, total_timeout_s is "
-                    f"{t.total_timeout_s:g}); lower first_token_timeout_s or shorten the chain"
+                    f"{t.total_timeout_s:g}); {fix} or shorten the chain"
                 )
         if t.continuation and all(
                 cfg.models.get(s.key, NO_MODEL).prefill == "none" for s in route.slots[1:]):
@@ -1567,6 +1653,624 @@ def answer_fingerprint(acc: ChoiceAcc | None, key: bytes) -> dict[str, Any]:
         if acc is not None else []
     digest = hmac.new(key, text.encode(), hashlib.sha256).hexdigest()[:32]
     return {"answer_digest": digest, "answer_chars": len(text), "tool_names": tools}
+
+
+# Deadlines that know each model (SPEC section 10). A model's first tokens are
+# modelled as a prefill time that grows with the prompt plus a rest that does not. Per
+# prompt-size band, failoverd keeps a histogram of first-token times; the band's
+# median, less the smallest band's, is its prefill shift. All of the model's answers,
+# less their band's shift, go into one histogram (learning the tail from every answer,
+# not a fifth of them), and the first-token deadline for a prompt is its band's shift
+# plus DEADLINE_MARGIN x the 99th percentile of that histogram (read as the upper edge
+# of the bin holding it). The stall deadline is learned the same way from each answer's
+# longest gap between outputs. Memory is fixed per model; an update is a pass over a
+# few histograms of DEADLINE_BINS bins, once per attempt, never per chunk.
+DEADLINE_QUANTILE = 0.99
+# Twice the p99 cuts at most ~0.3 % of a lognormal tail with sigma up to 1.6 (a p90
+# eight times the median), so the first-token and stall deadlines together stay under
+# the issue's 0.5 % for false kills. The bin's upper edge adds up to 19 % on top.
+DEADLINE_MARGIN = 2.0
+# Timeouts that may be healthy answers cut short (vouched_timeouts), when more than this
+# share of the answers (the issue's target for false kills), lift the deadline to
+# DEADLINE_LIFT x the time they waited. 1.5 lets a model that thinks for a minute now
+# and then climb past it within hours, and lets a long-tailed model's hangs lift its
+# deadline at most ~1.5x above where its answers alone put it (bench/deadlines.py; 1
+# would climb too slowly for the thinker, 2 made the long-tailed model swing 2x).
+DEADLINE_CUT_SHARE = 0.005
+DEADLINE_LIFT = 1.5
+# SPEC section 10: the configured deadline applies until the model has this many
+# answered attempts (and as many have taught its shift-free histogram, below).
+DEADLINE_COLD_START = 20
+# A prompt-size band gets its own shift once its median rests on this many answers;
+# until then prompts of that size keep the configured deadline (or a smaller band's,
+# if longer), and teach only that median: unshifted, a 150k-token prompt's first token
+# would pass for a slow 1k-token one.
+DEADLINE_BAND_MIN = 10
+# Bins: four per octave (19 % wide), from 0.25 s (bin 0 also holds anything faster) to
+# 1024 s (the last bin holds anything slower); far past every bound in use.
+DEADLINE_BINS_PER_OCTAVE = 4
+DEADLINE_BIN_FLOOR_S = 0.25
+DEADLINE_BINS = 48
+# The lowest timeout bin, counted from the answers' p99 bin, that can lift a deadline:
+# DEADLINE_LIFT x its time must beat DEADLINE_MARGIN x the p99.
+DEADLINE_LIFT_BINS = math.ceil(DEADLINE_BINS_PER_OCTAVE * math.log2(DEADLINE_MARGIN
+                                                                   / DEADLINE_LIFT))
+# Prompt-size bands in estimated tokens: <2k, 2k-8k, 8k-32k, 32k-128k, 128k and more. A
+# band is 4x wide: a 150k-token prompt is not judged by a 1k-token prompt's clock.
+DEADLINE_TOKEN_BANDS = (2_000, 8_000, 32_000, 128_000)
+DEADLINE_BAND_LABELS = ("<2k", "2k-8k", "8k-32k", "32k-128k", ">=128k")
+# A sample weighs half after this many later samples in its histogram or this long,
+# whichever comes first: a busy model forgets by count, a quiet one by time.
+DEADLINE_HALF_LIFE_ANSWERS = 1000
+DEADLINE_HALF_LIFE_S = 6 * 3600.0
+# Bursts. A learned deadline moves at most 10 % per update, and once it rests on
+# DEADLINE_MATURE answers, at most a factor 2 per DEADLINE_DOUBLING_S (up or down). One
+# slow minute is a few samples of hundreds and moves a p99 little; where it does, the
+# cap keeps it from doubling a deadline, and a degraded hour moves it by up to 2x.
+# bench/deadlines.py shows both.
+DEADLINE_STEP = 1.1
+DEADLINE_MATURE = 100
+DEADLINE_DOUBLING_S = 3600.0
+_LOG_STEP = math.log(DEADLINE_STEP)
+_LOG2_PER_S = math.log(2) / DEADLINE_DOUBLING_S
+# Bare PROVIDER/MODEL requests may name any model; no more than this many are learned.
+DEADLINE_MAX_MODELS = 1000
+
+
+class DeadlineBounds(msgspec.Struct, frozen=True):
+    """How one kind of deadline is chosen for a slot: learned, within [low, high], when
+    adaptive; else the configured value."""
+
+    low: float
+    high: float
+    adaptive: bool = True
+
+    def clamp(self, seconds: float) -> float:
+        return min(self.high, max(self.low, seconds))
+
+
+class SlotDeadlines(msgspec.Struct, frozen=True):
+    first_token_s: float  # configured: the model's pin, else the route's
+    stall_s: float
+    first_token: DeadlineBounds
+    stall: DeadlineBounds
+
+
+def slot_deadlines(timing: Timing, model: ModelConfig) -> SlotDeadlines:
+    """SPEC section 10: a model's own deadline is a pin, in every route, never learned;
+    otherwise the route's applies until the model has learned its own."""
+    ft_pin, stall_pin = model.first_token_timeout_s, model.stall_timeout_s
+    return SlotDeadlines(
+        first_token_s=timing.first_token_timeout_s if ft_pin is None else ft_pin,
+        stall_s=timing.stall_timeout_s if stall_pin is None else stall_pin,
+        first_token=DeadlineBounds(timing.first_token_min_s, timing.first_token_max_s,
+                                   timing.adaptive_deadlines and ft_pin is None),
+        stall=DeadlineBounds(timing.stall_min_s, timing.stall_max_s,
+                             timing.adaptive_deadlines and stall_pin is None),
+    )
+
+
+def token_band(est_tokens: int) -> int:
+    band = 0
+    for edge in DEADLINE_TOKEN_BANDS:
+        if est_tokens < edge:
+            break
+        band += 1
+    return band
+
+
+def deadline_bin(seconds: float) -> int:
+    if seconds <= DEADLINE_BIN_FLOOR_S:
+        return 0
+    i = math.floor(DEADLINE_BINS_PER_OCTAVE * math.log2(seconds / DEADLINE_BIN_FLOOR_S))
+    return i if i < DEADLINE_BINS else DEADLINE_BINS - 1
+
+
+def bin_upper_s(i: int) -> float:
+    return DEADLINE_BIN_FLOOR_S * 2 ** ((i + 1) / DEADLINE_BINS_PER_OCTAVE)
+
+
+def quantile_bin(weights: list[float], q: float, total: float | None = None) -> int | None:
+    """The bin holding the q-quantile of a histogram (the lowest bin with no more than
+    1 - q of the weight above it); None if it is empty. Read from the top: a p99 is a
+    few bins down."""
+    total = sum(weights) if total is None else total
+    if total <= 0:
+        return None
+    above, allowed = 0.0, (1 - q) * total
+    for i in range(len(weights) - 1, -1, -1):
+        above += weights[i]
+        if above > allowed:
+            return i
+    return 0
+
+
+def vouched_timeouts(answers: list[float], timeouts: list[float], floor: int = 0,
+                     top: int = DEADLINE_BINS - 1) -> Iterator[tuple[int, float]]:
+    """(bin, weight) of the timeouts that may have been healthy answers cut short, from
+    the top bin down to `floor`.
+
+    A timeout after waiting w says only that no answer came within w: a hang, or a
+    healthy answer cut short. The answered tail tells which is plausible: a healthy
+    tail that reaches w has answers just below it, and one falling no slower than 1/t
+    puts no more beyond w than in the octave up to w. So a timeout bin counts as many
+    timeouts as there are answers in the octave up to it, each answer vouching for one
+    timeout at most. `top`: no timeout above this bin.
+    """
+    n = DEADLINE_BINS_PER_OCTAVE
+    spare = list(answers)
+    for j in range(top, floor - 1, -1):
+        if timeouts[j] <= 0:
+            continue
+        lo = max(0, j - n + 1)
+        near = sum(spare[lo:j + 1])
+        take = min(timeouts[j], near)
+        if take > 0:
+            for i in range(lo, j + 1):
+                spare[i] *= 1 - take / near
+            yield j, take
+
+
+def lift_bin(answers: list[float], timeouts: list[float], total: float, floor: int,
+             top: int = DEADLINE_BINS - 1) -> int | None:
+    """The highest bin (not below `floor`) at or above which the vouched timeouts are
+    more than DEADLINE_CUT_SHARE of the answers: a deadline there cuts too many."""
+    vouched = 0.0
+    for j, weight in vouched_timeouts(answers, timeouts, floor, top):
+        vouched += weight
+        if vouched > DEADLINE_CUT_SHARE * total:
+            return j
+    return None
+
+
+def settled(configured_s: float, learned_s: float, answers: int) -> float:
+    """A learned deadline shorter than the configured one takes over gradually: from
+    the cold start to DEADLINE_MATURE answers it moves from the configured value to the
+    learned one (geometrically). A p99 of 20 answers is their maximum, and a model that
+    thinks for a minute now and then may not have shown it yet. A longer one applies
+    at once."""
+    if learned_s >= configured_s:
+        return learned_s
+    share = (answers - DEADLINE_COLD_START) / (DEADLINE_MATURE - DEADLINE_COLD_START)
+    share = min(1.0, max(0.0, share))
+    return configured_s ** (1 - share) * learned_s ** share
+
+
+class Histogram:
+    """Decayed counts of durations in log-spaced bins, and the bin holding their
+    q-quantile, kept up to date as samples come (a streaming quantile). Pure: the
+    caller passes the time.
+
+    Decay is lazy: instead of shrinking every bin at each update, the weight a new
+    sample gets (`unit`) grows by the decay factor, and the bins are scaled back down
+    only when it gets large. Quantiles and shares are ratios, so both read the same.
+    """
+
+    __slots__ = ("q", "n", "answers", "total", "unit", "at", "qbin", "above")
+
+    def __init__(self, q: float) -> None:
+        self.q = q
+        self.n = 0  # samples ever (not decayed): the cold start counts these
+        self.answers = [0.0] * DEADLINE_BINS
+        self.total = 0.0
+        self.unit = 1.0  # the weight of a sample added now
+        self.at: float | None = None  # last update
+        self.qbin = 0  # the lowest bin with no more than 1 - q of the weight above it
+        self.above = 0.0  # the weight above qbin
+
+    def _decay(self, now: float, samples: int) -> None:
+        last, self.at = self.at, now
+        if last is not None:
+            halvings = (samples / DEADLINE_HALF_LIFE_ANSWERS
+                        + max(0.0, now - last) / DEADLINE_HALF_LIFE_S)
+            self.unit *= 2.0 ** (halvings if halvings < 200 else 200)  # 2^-200: forgotten
+            if self.unit > 1e12:
+                self._rescale(1 / self.unit)
+
+    def _rescale(self, f: float) -> None:
+        self.answers = [w * f for w in self.answers]
+        self.total = sum(self.answers)
+        self.unit *= f
+        self.above = sum(self.answers[self.qbin + 1:])
+
+    def add(self, seconds: float, now: float) -> None:
+        self._decay(now, 1)
+        i, unit = deadline_bin(seconds), self.unit
+        self.answers[i] += unit
+        self.total += unit
+        self.n += 1
+        if i > self.qbin:
+            self.above += unit
+        allowed = (1 - self.q) * self.total
+        while self.above > allowed and self.qbin < DEADLINE_BINS - 1:
+            self.qbin += 1
+            self.above -= self.answers[self.qbin]
+        while self.qbin > 0 and self.above + self.answers[self.qbin] <= allowed:
+            self.above += self.answers[self.qbin]
+            self.qbin -= 1
+
+    def quantile_s(self) -> float | None:
+        """The q-quantile, interpolated within its bin (log scale); None if empty."""
+        if self.total <= 0:
+            return None
+        i = self.qbin
+        below, w = self.total - self.above - self.answers[i], self.answers[i]
+        lo, hi = bin_upper_s(i - 1), bin_upper_s(i)
+        share = (self.q * self.total - below) / w if w > 0 else 1.0
+        return lo * (hi / lo) ** min(1.0, max(0.0, share))
+
+
+class LearnedDeadline(Histogram):
+    """A histogram of answers, one of timeouts, and the deadline learned from them.
+
+    Censoring. A timeout is a censored observation, "at least w", kept by the time
+    waited. Counting every timeout as an answer at w would let a model that hangs push
+    its deadline up a margin at a time, to the bound, and its hangs would be caught no
+    faster than with a fixed deadline. Ignoring timeouts would let a deadline that cuts
+    healthy slow answers (a thinking model's) learn only from the faster answers it let
+    through, and settle below them for good. Counting one as anything shorter than w
+    would teach a hanging model a shorter deadline. So timeouts count only as far as
+    the answered tail vouches for them (vouched_timeouts), and only when those are more
+    than DEADLINE_CUT_SHARE of the attempts: then they lift the deadline to
+    DEADLINE_LIFT x the time they waited. A model whose answers all come far below its
+    deadline, as a fast model's do, gains nothing from its hangs; a long-tailed one can
+    lift its deadline only as far as its answers reach. A timeout never lowers one.
+    """
+
+    __slots__ = ("timeouts", "timeouts_total", "timeouts_top", "learned", "moved")
+
+    def __init__(self) -> None:
+        super().__init__(DEADLINE_QUANTILE)
+        self.timeouts = [0.0] * DEADLINE_BINS
+        self.timeouts_total = 0.0
+        self.timeouts_top = -1  # the highest bin holding a timeout
+        self.learned: float | None = None  # raw: the caller clamps to its bounds
+        self.moved: float | None = None  # last move of `learned` (rate cap)
+
+    def _rescale(self, f: float) -> None:
+        super()._rescale(f)
+        self.timeouts = [w * f for w in self.timeouts]
+        self.timeouts_total = sum(self.timeouts)
+
+    def answer(self, seconds: float, now: float) -> None:
+        self.add(seconds, now)
+        self._learn(now, may_fall=True)
+
+    def timeout(self, waited: float, now: float) -> None:
+        self._decay(now, 0)
+        i = deadline_bin(waited)
+        self.timeouts[i] += self.unit
+        self.timeouts_total += self.unit
+        self.timeouts_top = max(self.timeouts_top, i)
+        self._learn(now, may_fall=False)
+
+    def _learn(self, now: float, *, may_fall: bool) -> None:
+        if self.n < DEADLINE_COLD_START:
+            return
+        target = DEADLINE_MARGIN * bin_upper_s(self.qbin)
+        # Vouched timeouts are at most all timeouts: often too few to look at.
+        floor = self.qbin + DEADLINE_LIFT_BINS
+        if self.timeouts_top >= floor and self.timeouts_total > DEADLINE_CUT_SHARE * self.total:
+            lift = lift_bin(self.answers, self.timeouts, self.total, floor, self.timeouts_top)
+            if lift is not None:
+                target = max(target, DEADLINE_LIFT * bin_upper_s(lift))
+        if self.learned is None or self.moved is None:
+            self.learned, self.moved = target, now
+            return
+        step = _LOG_STEP
+        if self.n >= DEADLINE_MATURE:
+            step = min(step, _LOG2_PER_S * max(0.0, now - self.moved))
+        change = math.log(target / self.learned)
+        change = step if change > step else change if change > -step else -step
+        if change > 0 or may_fall:
+            self.learned *= math.exp(change)
+        self.moved = now
+
+    def snapshot(self) -> dict[str, Any]:
+        counted = sum(w for _, w in vouched_timeouts(self.answers, self.timeouts))
+        weight = self.total + counted
+        return {"answered": self.n,
+                "p99_s": round(bin_upper_s(self.qbin), 2) if self.total > 0 else None,
+                "learned_s": None if self.learned is None else round(self.learned, 2),
+                "timeouts_counted": round(counted / weight, 4) if weight else 0.0}
+
+
+class ModelDeadlines:
+    """What failoverd has learned about one model's deadlines."""
+
+    __slots__ = ("answered", "sizes", "medians", "first_token", "stall",
+                 "first_token_timeouts", "stall_timeouts", "shifts", "raw")
+
+    def __init__(self) -> None:
+        bands = len(DEADLINE_BAND_LABELS)
+        self.answered = 0
+        self.sizes = [Histogram(0.5) for _ in range(bands)]  # first tokens by size
+        # Per size band, its median first token; None while it rests on fewer than
+        # DEADLINE_BAND_MIN answers.
+        self.medians: list[float | None] = [None] * bands
+        self.first_token = LearnedDeadline()  # first tokens less their band's shift
+        self.stall = LearnedDeadline()
+        self.first_token_timeouts = 0
+        self.stall_timeouts = 0
+        # Kept by refresh(). Per size band, its prefill shift: how much later its median
+        # first token comes than the smallest band's with a median, never less than a
+        # smaller band's; None for a band without a median yet.
+        self.shifts: list[float | None] = [None] * bands
+        # Per size band: its shift plus the learned deadline, from the largest band up to
+        # it that has a median, and whether that is the band itself; None: none has.
+        self.raw: list[tuple[float, bool] | None] = [None] * bands
+
+    def refresh(self) -> None:
+        learned, ref, shift = self.first_token.learned, None, 0.0
+        best: tuple[float, bool] | None = None
+        shifts: list[float | None] = []
+        raw: list[tuple[float, bool] | None] = []
+        for median in self.medians:
+            if median is None:
+                shifts.append(None)
+                raw.append(None if best is None else (best[0], False))
+                continue
+            if ref is None:
+                ref = median
+            elif median - ref > shift:
+                shift = median - ref
+            shifts.append(shift)
+            best = None if learned is None else (shift + learned, True)
+            raw.append(best)
+        self.shifts, self.raw = shifts, raw
+
+    def answer(self, ttft_s: float, band: int, now: float) -> None:
+        self.answered += 1
+        shift = self.shifts[band]
+        h = self.sizes[band]
+        h.add(ttft_s, now)
+        if h.n >= DEADLINE_BAND_MIN:
+            self.medians[band] = h.quantile_s()
+        if shift is not None:  # else this size teaches only its median, for now
+            self.first_token.answer(ttft_s - shift if ttft_s > shift else 0.0, now)
+        self.refresh()
+
+    def first_token_timeout(self, waited_s: float, band: int, now: float) -> None:
+        self.first_token_timeouts += 1
+        shift = self.shifts[band]
+        if shift is not None:
+            self.first_token.timeout(waited_s - shift if waited_s > shift else 0.0, now)
+            self.refresh()
+
+    def first_token_s(self, band: int, configured_s: float,
+                      bounds: DeadlineBounds) -> float | None:
+        """The learned first-token deadline for a prompt-size band; None while cold.
+        Never shorter than a smaller prompt's (shifts only grow with size); a band
+        without a median of its own yet keeps the configured deadline if longer."""
+        raw = self.raw[band]
+        if self.answered < DEADLINE_COLD_START or raw is None:
+            return None
+        value, own = bounds.clamp(raw[0]), raw[1]
+        if not own:
+            return max(configured_s, value)
+        return settled(configured_s, value, self.answered)
+
+    def snapshot(self) -> dict[str, Any]:
+        sizes = [{"tokens": label, "answered": h.n,
+                  "median_s": None if median is None else round(median, 2),
+                  "shift_s": None if shift is None else round(shift, 2)}
+                 for label, h, median, shift in zip(DEADLINE_BAND_LABELS, self.sizes,
+                                                    self.medians, self.shifts, strict=True)
+                 if h.n]
+        return {
+            "answered": self.answered, "cold": self.answered < DEADLINE_COLD_START,
+            "first_token": {**self.first_token.snapshot(), "by_size": sizes},
+            "stall": self.stall.snapshot(),
+            "timeouts": {"first_token": self.first_token_timeouts, "stall": self.stall_timeouts},
+        }
+
+
+class SavedDeadlineBand(msgspec.Struct, kw_only=True):
+    """One histogram in the state file (a size band's, or a learned deadline's)."""
+
+    n: int = 0
+    age_s: float | None = None  # since the last update, when saved
+    answers: dict[int, float] = {}  # bin -> weight; empty bins left out
+    timeouts: dict[int, float] = {}
+    learned: float | None = None
+    moved_age_s: float | None = None
+
+
+class SavedModelDeadlines(msgspec.Struct, kw_only=True):
+    """One model's learned deadlines in the state file."""
+
+    answered: int = 0
+    sizes: list[SavedDeadlineBand] = []
+    first_token: SavedDeadlineBand = msgspec.field(default_factory=SavedDeadlineBand)
+    stall: SavedDeadlineBand = msgspec.field(default_factory=SavedDeadlineBand)
+    first_token_timeouts: int = 0
+    stall_timeouts: int = 0
+
+
+def _sparse(weights: list[float], unit: float) -> dict[int, float]:
+    """Weights in samples (the latest weighs 1); empty bins left out."""
+    return {i: round(w / unit, 4) for i, w in enumerate(weights) if w / unit >= 1e-4}
+
+
+def _age(t: float | None, now: float) -> float | None:
+    return None if t is None else max(0.0, now - t)
+
+
+def _saved_band(h: Histogram, now: float) -> SavedDeadlineBand:
+    saved = SavedDeadlineBand(n=h.n, age_s=_age(h.at, now), answers=_sparse(h.answers, h.unit))
+    if isinstance(h, LearnedDeadline):
+        saved.timeouts, saved.learned = _sparse(h.timeouts, h.unit), h.learned
+        saved.moved_age_s = _age(h.moved, now)
+    return saved
+
+
+def _finite(x: float | None, low: float = 0.0) -> bool:
+    return x is None or (math.isfinite(x) and x >= low)
+
+
+def _restore_band(h: Histogram, s: SavedDeadlineBand, now: float) -> bool:
+    """Fill `h` from the state file; False if the entry does not fit."""
+    weights = [*s.answers.items(), *s.timeouts.items()]
+    if s.n < 0 or not all(0 <= i < DEADLINE_BINS and _finite(w) for i, w in weights) or not (
+            _finite(s.learned, 1e-3) and _finite(s.age_s) and _finite(s.moved_age_s)):
+        return False
+    h.n = s.n
+    h.at = None if s.age_s is None else now - s.age_s
+    for i, w in s.answers.items():
+        h.answers[i] = w
+    h.total = sum(h.answers)
+    h.qbin = quantile_bin(h.answers, h.q, h.total) or 0
+    h.above = sum(h.answers[h.qbin + 1:])
+    if isinstance(h, LearnedDeadline):
+        for i, w in s.timeouts.items():
+            h.timeouts[i] = w
+        h.timeouts_total = sum(h.timeouts)
+        h.timeouts_top = max(s.timeouts, default=-1)
+        h.learned = s.learned
+        h.moved = None if s.moved_age_s is None else now - s.moved_age_s
+    return True
+
+
+def _restored_model(s: SavedModelDeadlines, now: float) -> ModelDeadlines | None:
+    state = ModelDeadlines()
+    parts = list(zip(state.sizes, s.sizes, strict=False))
+    parts += [(state.first_token, s.first_token), (state.stall, s.stall)]
+    if len(s.sizes) != len(state.sizes) or not all(_restore_band(h, b, now) for h, b in parts):
+        return None
+    state.answered = max(0, s.answered)
+    state.medians = [h.quantile_s() if h.n >= DEADLINE_BAND_MIN else None for h in state.sizes]
+    state.refresh()
+    state.first_token_timeouts = max(0, s.first_token_timeouts)
+    state.stall_timeouts = max(0, s.stall_timeouts)
+    return state
+
+
+class DeadlineLearner:
+    """Per-model first-token and stall deadlines learned from answered attempts (SPEC
+    section 10). Pure: no I/O, no clock; every `now` is the caller's monotonic clock
+    (the daemon's trio clock), and saved state stores ages, not times."""
+
+    def __init__(self, models: dict[str, ModelDeadlines] | None = None) -> None:
+        self.models: dict[str, ModelDeadlines] = dict(models or {})
+        self.dirty = False  # changed since the state file was written
+
+    def _state(self, model: str) -> ModelDeadlines | None:
+        state = self.models.get(model)
+        if state is None and len(self.models) < DEADLINE_MAX_MODELS:
+            state = self.models[model] = ModelDeadlines()
+        return state
+
+    # -- what applies --------------------------------------------------------------
+
+    def first_token_deadline(self, model: str, est_tokens: int, configured_s: float,
+                             bounds: DeadlineBounds, remaining_s: float) -> float:
+        """Seconds from sending the request to the first meaningful output."""
+        value = configured_s
+        state = self.models.get(model)
+        if bounds.adaptive and state is not None:
+            learned = state.first_token_s(token_band(est_tokens), configured_s, bounds)
+            value = value if learned is None else learned
+        return max(0.0, min(value, remaining_s))
+
+    def stall_deadline(self, model: str, configured_s: float, bounds: DeadlineBounds,
+                       remaining_s: float) -> float:
+        """The longest gap allowed between meaningful outputs."""
+        value = configured_s
+        state = self.models.get(model)
+        if bounds.adaptive and state is not None and state.stall.learned is not None:
+            value = settled(configured_s, bounds.clamp(state.stall.learned), state.stall.n)
+        return max(0.0, min(value, remaining_s))
+
+    def worst_first_token(self, model: str, configured_s: float,
+                          bounds: DeadlineBounds) -> float | None:
+        """The longest first-token deadline any prompt size gets now; None while the
+        model has learned nothing (then only the bounds say how long it may grow)."""
+        state = self.models.get(model)
+        if state is None:
+            return None
+        per_band = [state.first_token_s(band, configured_s, bounds)
+                    for band in range(len(DEADLINE_BAND_LABELS))]
+        if all(v is None for v in per_band):
+            return None
+        return max(configured_s if v is None else v for v in per_band)
+
+    def first_token_quantile(self, model: str, est_tokens: int, q: float) -> float | None:
+        """The q-quantile of the model's first tokens for a prompt of this size: its size's
+        shift plus the q-quantile of the shift-free answers (SPEC section 9's
+        hedge_quantile). None while the model is cold or no size up to this one has a
+        median yet. Answers only: a hedge is started early, it cuts nothing."""
+        state = self.models.get(model)
+        if state is None or state.answered < DEADLINE_COLD_START:
+            return None
+        raw = state.raw[token_band(est_tokens)]
+        pooled = state.first_token
+        i = quantile_bin(pooled.answers, q, pooled.total)
+        if raw is None or i is None or pooled.learned is None:
+            return None
+        shift = raw[0] - pooled.learned
+        below = sum(pooled.answers[:i])
+        lo, hi = bin_upper_s(i - 1), bin_upper_s(i)
+        share = (q * pooled.total - below) / pooled.answers[i]
+        return shift + lo * (hi / lo) ** min(1.0, max(0.0, share))
+
+    def learned_stall(self, model: str) -> float | None:
+        state = self.models.get(model)
+        return None if state is None else state.stall.learned
+
+    # -- learning --------------------------------------------------------------------
+
+    def observe_answer(self, model: str, ttft_s: float, est_tokens: int,
+                       max_gap_s: float | None, now: float) -> None:
+        """An attempt that answered: its first token came `ttft_s` after the request was
+        sent; `max_gap_s` is its longest gap between outputs (None or 0: no gap seen)."""
+        if not (math.isfinite(ttft_s) and ttft_s >= 0) or (state := self._state(model)) is None:
+            return
+        state.answer(ttft_s, token_band(est_tokens), now)
+        if max_gap_s is not None and math.isfinite(max_gap_s) and max_gap_s > 0:
+            state.stall.answer(max_gap_s, now)
+        self.dirty = True
+
+    def observe_timeout(self, model: str, kind: Literal["first_token", "stall"],
+                        waited_s: float, est_tokens: int, now: float) -> None:
+        """An attempt abandoned after waiting `waited_s` for its first token (kind
+        "first_token") or for its next output (kind "stall"): censored, see
+        LearnedDeadline."""
+        if not (math.isfinite(waited_s) and waited_s >= 0) or (state := self._state(model)) is None:
+            return
+        if kind == "first_token":
+            state.first_token_timeout(waited_s, token_band(est_tokens), now)
+        elif kind == "stall":
+            state.stall_timeouts += 1
+            state.stall.timeout(waited_s, now)
+        else:
+            raise ValueError(f"observe_timeout: kind {kind!r}, expected 'first_token' or 'stall'")
+        self.dirty = True
+
+    # -- status and state file -------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """Per model, for /status and `failoverd status` (see README, "Deadlines")."""
+        return {key: state.snapshot() for key, state in sorted(self.models.items())}
+
+    def to_saved(self, now: float) -> dict[str, SavedModelDeadlines]:
+        return {
+            key: SavedModelDeadlines(
+                answered=s.answered, sizes=[_saved_band(h, now) for h in s.sizes],
+                first_token=_saved_band(s.first_token, now), stall=_saved_band(s.stall, now),
+                first_token_timeouts=s.first_token_timeouts, stall_timeouts=s.stall_timeouts)
+            for key, s in self.models.items()
+        }
+
+    @classmethod
+    def from_saved(cls, saved: Mapping[str, SavedModelDeadlines], now: float) -> DeadlineLearner:
+        """Restore; a model whose entry does not fit (a damaged file, another bin
+        layout) starts over instead of failing the whole state file."""
+        models = {}
+        for key, s in list(saved.items())[:DEADLINE_MAX_MODELS]:
+            state = _restored_model(s, now)
+            if state is not None:
+                models[key] = state
+        return cls(models)
 
 
 # ---------------------------------------------------------------------------
@@ -3224,6 +3928,23 @@ class SavedState(msgspec.Struct, kw_only=True):
     # Spend today (SPEC section 13): live per model, shadows per route.
     spend: SavedSpend = msgspec.field(default_factory=lambda: SavedSpend())
     shadow_spend: SavedSpend = msgspec.field(default_factory=lambda: SavedSpend())
+    deadlines: dict[str, SavedModelDeadlines] = {}
+
+
+def read_learned_deadlines(path: str) -> tuple[DeadlineLearner | None, str]:
+    """For `check`: the deadlines a state file holds, and a line saying where they came
+    from (or why there are none)."""
+    if not path:
+        return None, "learned deadlines: none (daemon.state_file is off)"
+    try:
+        with open(path, "rb") as f:
+            state = msgspec.json.decode(f.read(), type=SavedState)
+    except FileNotFoundError:
+        return None, f"learned deadlines: none yet (no state file at {path})"
+    except (OSError, msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as e:
+        return None, f"learned deadlines: none (state file {path} is unreadable: {e})"
+    learned = DeadlineLearner.from_saved(state.deadlines, 0.0)
+    return learned, f"learned deadlines: {len(learned.models)} model(s) from {path}"
 
 
 BreakerKey = tuple[str, str]  # (scope, key): ("provider", "a"), ("model", "a/m1"), ...
@@ -6817,7 +7538,10 @@ def check_cmd(config_path: str | None, no_keys: bool) -> None:
     """Validate the config and print each route's worst case against client_cliff_s."""
     path = _config_path(config_path)
     cfg = _load_or_exit(path)
-    lines, warnings = check_report(cfg)
+    # The worst case uses the deadlines the daemon has learned (SPEC section 10).
+    learned, learned_from = read_learned_deadlines(state_file_path(cfg.daemon))
+    lines, warnings = check_report(cfg, learned)
+    lines.append(learned_from)
     problems = host_errors(cfg)
     for name, p in cfg.providers.items() if not no_keys else ():
         try:

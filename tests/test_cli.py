@@ -20,6 +20,7 @@ client_cliff_s = 660
 
 [defaults]
 retry_same = 0
+adaptive_deadlines = false
 
 [providers.a]
 base_url = "http://a.test/v1"

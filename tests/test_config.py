@@ -278,6 +278,7 @@ client_cliff_s = 660
 [defaults]
 first_token_timeout_s = 30
 retry_same = 0
+adaptive_deadlines = false
 
 [providers.a]
 base_url = "http://a.test/v1"
@@ -383,7 +384,7 @@ ADVERSARIAL = [
                          [pytest.param(*case[1:], id=case[0]) for case in ADVERSARIAL])
 async def test_check_latest_start_holds_against_slow_failing_upstreams(
         harness, autojump_clock, chain, scripts, t_last):
-    h = harness(scripts, routes={"r": chain})
+    h = harness(scripts, routes={"r": chain}, adaptive_deadlines=False)
     reported = dict((slot.key, start) for slot, start in
                     fo.worst_case_first_byte(h.d.cfg, h.d.routes["r"])[0])
 
