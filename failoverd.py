@@ -4272,6 +4272,15 @@ class Snapshot:
 RESTART_KEYS = ("socket", "socket_mode", "tcp")
 
 
+def trio_time() -> float:
+    """trio's clock; outside trio.run (a tool, a test saving state), the monotonic clock
+    it is based on."""
+    try:
+        return trio.current_time()
+    except RuntimeError:
+        return time.monotonic()
+
+
 class Daemon:
     """Everything the daemon knows, passed down; there is no module-level state."""
 
@@ -4293,6 +4302,7 @@ class Daemon:
         self.retired: list[Snapshot] = []  # older generations still in use
         self.health = Health(self)
         self.estimator = Estimator()
+        self.deadlines = DeadlineLearner()  # SPEC section 10
         self.throttle = Throttle()
         self.hedges: dict[str, HedgeWindow] = collections.defaultdict(HedgeWindow)
         self.prefill_unable: dict[str, str] = {}  # see SavedState.prefill_unable
@@ -4382,6 +4392,7 @@ class Daemon:
         if restored:
             log.warning("restored %d open breaker(s) from %s", restored, self.state_path)
         self.restore_divisors(state.divisors)
+        self.deadlines = DeadlineLearner.from_saved(state.deadlines, trio.current_time())
         self.prefill_unable = dict(state.prefill_unable)
         self.spend = Spend(state.spend.day, state.spend.spent)
         self.shadow_spend = Spend(state.shadow_spend.day, state.shadow_spend.spent)
@@ -4393,11 +4404,12 @@ class Daemon:
         return {k: round(v, 4) for k, v in sorted(self.estimator.divisors.items())}
 
     async def autosave(self) -> None:
-        """Persist learned divisors once a minute when they changed."""
+        """Persist learned divisors and deadlines once a minute when they changed."""
         while True:
             await trio.sleep(STATE_SAVE_EVERY_S)
-            if self.estimator.dirty or self.spend.dirty or self.shadow_spend.dirty:
-                self.estimator.dirty = False
+            if self.estimator.dirty or self.deadlines.dirty or self.spend.dirty \
+                    or self.shadow_spend.dirty:
+                self.estimator.dirty = self.deadlines.dirty = False
                 self.save_state()
 
     def save_state(self) -> None:
@@ -4406,6 +4418,7 @@ class Daemon:
             return
         state = SavedState(saved_at=utc_timestamp(), breakers=self.health.saved(),
                            divisors=self.divisors(), prefill_unable=self.prefill_unable,
+                           deadlines=self.deadlines.to_saved(trio_time()),
                            spend=SavedSpend(day=self.spend.day, spent=self.spend.spent),
                            shadow_spend=SavedSpend(day=self.shadow_spend.day,
                                                    spent=self.shadow_spend.spent))
@@ -4646,6 +4659,7 @@ class Daemon:
             "breakers": self.health.snapshot(),
             "routes": route_view(self, now), "time": utc_timestamp(),
             "token_divisors": self.divisors(),
+            "deadlines": self.deadlines.snapshot(),
             "budgets": self.budgets(),
             "shadow": self.shadows.status(),
             "ledger": {"path": self.ledger.path, "dropped_rows": self.ledger.dropped},
@@ -4816,9 +4830,6 @@ class Attempt:
         self.tokens: tuple[int | None, int | None] = (None, None)  # in, out (see _row)
         self.credential = req.snap.credential(slot.provider)
         self.model_cfg = req.snap.model_cfg(slot)
-        timing = req.route.timing
-        self.first_token_s = timing.first_token_timeout_s
-        self.stall_s = timing.stall_timeout_s
         self.scope = trio.CancelScope()
         self.armed = "first_token"
         self.cancel_reason: str | None = None  # set by whoever cancels it on purpose
@@ -4834,6 +4845,13 @@ class Attempt:
         d = req.d
         self.reserve = output_reserve(req.body, self.model_cfg)
         self.estimate = d.estimator.estimate(slot.key, req.body_size)
+        # This slot's deadlines (SPEC section 10): the model's pin, else learned from its
+        # history within the bounds, else the route's; arm() clips them by the total.
+        sd = slot_deadlines(req.route.timing, self.model_cfg)
+        self.configured = (sd.first_token_s, sd.stall_s)
+        self.first_token_s = d.deadlines.first_token_deadline(
+            slot.key, self.estimate, sd.first_token_s, sd.first_token, math.inf)
+        self.stall_s = d.deadlines.stall_deadline(slot.key, sd.stall_s, sd.stall, math.inf)
         d.throttle.add(slot.key, self.t.began, self.estimate + self.reserve, self.model_cfg)
         window = self.model_cfg.context_window
         # A model that truncates silently may only be trusted once its usage is in:
@@ -4914,10 +4932,17 @@ class Attempt:
 
     def _timeout_text(self) -> str:
         st = self.st
+        ft, stall = self.configured
         if self.armed == "first_token":
-            text = f"no output within first_token_timeout_s = {self.first_token_s:g} s"
+            text = (f"no output within first_token_timeout_s = {ft:g} s"
+                    if self.first_token_s == ft else
+                    f"no output within {self.first_token_s:g} s, the first-token deadline "
+                    "learned for this model")
         elif self.armed == "stall":
-            text = f"no output for stall_timeout_s = {self.stall_s:g} s after output began"
+            text = (f"no output for stall_timeout_s = {stall:g} s after output began"
+                    if self.stall_s == stall else
+                    f"no output for {self.stall_s:g} s after output began, the stall deadline "
+                    "learned for this model")
         else:
             text = f"total_timeout_s = {self.req.route.timing.total_timeout_s:g} s ran out"
         # Before the first token every decoded frame was empty; after it, only comments count.
@@ -4949,6 +4974,7 @@ class Attempt:
             f.error = scrub(f.error, req.snap.secrets)
         self.failure = f
         self._row()
+        self._learn_deadlines(f)
         # A probe's verdict closes or reopens its breakers; one that proved nothing is
         # released in run()'s finally.
         req.record(self, f)
@@ -4956,6 +4982,18 @@ class Attempt:
             log.info("request %s: %s %s (%s)", req.request_id, self.slot.key, f.outcome, f.error)
         if not self.detached:
             req.attempt_ended(self)
+
+    def _learn_deadlines(self, f: Failure | None) -> None:
+        """Teach the model's deadlines: answers are observations, its own timeouts are
+        censored ones (a deadline is never pulled down by them; see LearnedDeadline)."""
+        learner, t, now = self.req.d.deadlines, self.t, trio.current_time()
+        key = self.slot.key
+        if f is None and t.ttft is not None:
+            learner.observe_answer(key, t.ttft, self.estimate, t.max_gap or None, now)
+        elif f is not None and f.outcome == "first_token_timeout":
+            learner.observe_timeout(key, "first_token", now - t.began, self.estimate, now)
+        elif f is not None and f.outcome == "stall_timeout":
+            learner.observe_timeout(key, "stall", self.stall_s, self.estimate, now)
 
     def _tripwire(self) -> Failure | None:
         """A silently truncating model that reports a prompt filling its window has
@@ -5200,7 +5238,9 @@ class Attempt:
             except ClientGone:
                 raise Failure("client_disconnected", _CLIENT_GONE) from None
         self.writing = False
-        self.arm(upstream_deadline + (trio.current_time() - before), kind)
+        waited = trio.current_time() - before
+        self.arm(upstream_deadline + waited, kind)
+        self.t.last += waited  # gaps are the upstream's own: not time spent on the client
 
 
 class Request:
@@ -5356,7 +5396,14 @@ class Request:
         return math.inf if delay is None else newest.t.began + delay
 
     def hedge_delay(self, a: Attempt) -> float | None:
-        return self.route.timing.hedge_after_s
+        """hedge_quantile: the model's learned first-token quantile for this prompt's
+        size, never below hedge_min_s; until it is learned, hedge_after_s (if set)."""
+        t = self.route.timing
+        if t.hedge_quantile is not None:
+            q = self.d.deadlines.first_token_quantile(a.slot.key, a.estimate, t.hedge_quantile)
+            if q is not None:
+                return max(t.hedge_min_s, q)
+        return t.hedge_after_s
 
     async def hedge(self, newest: Attempt) -> Attempt | None:
         self.extra_used = True
@@ -7843,7 +7890,7 @@ class _Margins:
 class _SlotAudit:
     __slots__ = ("position", "n", "ok", "skipped", "hangs", "long_waits", "failovers",
                  "retries", "hedges_lost", "held_s", "cost", "failed_cost", "latency", "ttft",
-                 "served", "points")
+                 "served", "points", "deadlines")
 
     def __init__(self, position: int) -> None:
         self.position = position  # the lowest attempt index seen: its place in the chain
@@ -7854,6 +7901,7 @@ class _SlotAudit:
         self.ttft: list[float] = []
         self.served = _Margins()
         self.points: list[tuple[float, float, str]] = []  # (unix time, latency s, outcome)
+        self.deadlines: tuple[float | None, float | None] = (None, None)  # the latest rows'
 
     def report(self, key: str) -> dict[str, Any]:
         n = self.n
@@ -7867,6 +7915,7 @@ class _SlotAudit:
             "failed_held_s": round(self.held_s, 3), "failovers": self.failovers,
             "retries": self.retries, "cost_usd": round(self.cost, 6),
             "failed_cost_usd": round(self.failed_cost, 6), "served": self.served.report(),
+            "first_token_deadline_s": self.deadlines[0], "stall_deadline_s": self.deadlines[1],
         }
 
 
@@ -7989,6 +8038,8 @@ class Audit:
         latency = (row.latency_ms or 0.0) / 1000
         hang = row.outcome in HANG_OUTCOMES
         slot.n += 1
+        if row.first_token_deadline_s is not None:  # as of the latest attempt
+            slot.deadlines = (row.first_token_deadline_s, row.stall_deadline_s)
         slot.ok += row.outcome == "ok"
         slot.hedges_lost += row.outcome == "hedge_lost"
         slot.hangs += hang
@@ -8100,14 +8151,14 @@ def _audit_tables(route: dict[str, Any], threshold: float) -> list[Any]:
                                    ("ok%", "right"), ("hangs", "right"),
                                    (f">={threshold:g}s", "right"), ("failovers", "right"),
                                    ("failed held s", "right"), ("cost $", "right")])
-    latency = _table("latency, s (nearest rank over n)", [
+    latency = _table("latency, s (nearest rank over n); the deadline the latest attempt had", [
         ("#", "right"), ("model", "left"), ("", "left"), ("n", "right"), ("p50", "right"),
-        ("p90", "right"), ("p99", "right"), ("max", "right")])
+        ("p90", "right"), ("p99", "right"), ("max", "right"), ("deadline", "right")])
     margins = _table("the slowest request, s", [
         ("#", "right"), ("model", "left"), ("requests", "right"), ("slowest", "right"),
         ("to total_timeout_s", "right"), ("to cliff", "right")])
     whole = route["latency_s"]
-    latency.add_row("", "all requests", "", *_dist_cells(whole))
+    latency.add_row("", "all requests", "", *_dist_cells(whole), _secs(route["total_timeout_s"]))
     margins.add_row("", "all requests", f"{route['requests']:,}", _secs(route["slowest_s"]),
                     _margin(route, "margin_to_total_s"), _margin(route, "margin_to_cliff_s"))
     for m in route["models"]:
@@ -8116,8 +8167,10 @@ def _audit_tables(route: dict[str, Any], threshold: float) -> list[Any]:
                          "-" if m["success_pct"] is None else f"{m['success_pct']:.1f}",
                          str(m["hangs"]), str(m["hangs_over_threshold"]), str(m["failovers"]),
                          _secs(m["failed_held_s"]), f"{m['cost_usd']:.4f}")
-        latency.add_row(pos, m["model"], "answer", *_dist_cells(m["latency_s"]))
-        latency.add_row("", "", "first token", *_dist_cells(m["ttft_s"]))
+        latency.add_row(pos, m["model"], "answer", *_dist_cells(m["latency_s"]), "")
+        latency.add_row("", "", "first token", *_dist_cells(m["ttft_s"]),
+                        _secs(m["first_token_deadline_s"]))
+        latency.add_row("", "", "longest gap", "", "", "", "", "", _secs(m["stall_deadline_s"]))
         served = m["served"]
         margins.add_row(pos, m["model"], f"{served['requests']:,}", _secs(served["slowest_s"]),
                         _margin(served, "margin_to_total_s"), _margin(served, "margin_to_cliff_s"))
@@ -8457,9 +8510,26 @@ def format_status(status: dict[str, Any], width: int | None = None,
             for k, v in sorted(divisors.items()):
                 table.add_row(k, f"{v:.2f}")
             console.print(table)
+        if status.get("deadlines"):
+            console.print(_deadlines_table(status["deadlines"]))
         for table in _budget_tables(status):
             console.print(table)
     return [line.rstrip() for line in captured.get().splitlines()]
+
+
+def _deadlines_table(deadlines: dict[str, Any]) -> Any:
+    """What each model's deadlines have learned (SPEC section 10); "-": nothing yet."""
+    table = _table("deadlines learned (first token, stall)", [
+        ("model", "left"), ("answers", "right"), ("first token s", "right"),
+        ("p99 s", "right"), ("stall s", "right"), ("timeouts", "right"), ("", "left")],
+        wrap=("model",))
+    for model, d in sorted(deadlines.items()):
+        ft, stall, timeouts = d["first_token"], d["stall"], d["timeouts"]
+        table.add_row(model, str(d["answered"]), _secs(ft["learned_s"]), _secs(ft["p99_s"]),
+                      _secs(stall["learned_s"]),
+                      f"{timeouts['first_token']}/{timeouts['stall']}",
+                      "cold: the configured deadlines apply" if d["cold"] else "")
+    return table
 
 
 def _budget_tables(status: dict[str, Any]) -> list[Any]:
