@@ -4242,7 +4242,7 @@ class Snapshot:
     reload never changes or breaks a request in flight; a retired snapshot's pools are
     closed after its last request (those the newer generation still uses are kept)."""
 
-    __slots__ = ("cfg", "keys", "secrets", "routes", "pools", "users")
+    __slots__ = ("cfg", "keys", "secrets", "routes", "pools", "users", "credentials")
 
     def __init__(self, cfg: Config, keys: Mapping[str, str | None],
                  pools: dict[str, PoolShards]) -> None:
@@ -4252,6 +4252,7 @@ class Snapshot:
         self.routes = {name: resolve_route(cfg, name, rc) for name, rc in cfg.routes.items()}
         self.pools = pools
         self.users = 0  # requests under way on this snapshot
+        self.credentials: dict[str, str] = {}  # provider -> credential_key, filled on use
 
     def route_for(self, model: str) -> Route | None:
         route = self.routes.get(model)
@@ -4265,7 +4266,11 @@ class Snapshot:
         return self.cfg.models.get(slot.key, NO_MODEL)
 
     def credential(self, provider: str) -> str:
-        return credential_key(provider, self.keys.get(provider))
+        """The breaker key of a provider's credential, hashed once per generation."""
+        cred = self.credentials.get(provider)
+        if cred is None:
+            cred = self.credentials[provider] = credential_key(provider, self.keys.get(provider))
+        return cred
 
 
 # [daemon] keys a reload cannot apply: the listeners are opened once, at start.
