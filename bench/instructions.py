@@ -1,234 +1,154 @@
-"""Instructions per relayed chunk, counted by valgrind (callgrind): a figure that does
-not move with the host's speed, for the per-chunk path where CPU time is too noisy.
+"""The engine's own cost per request and per relayed chunk, counted in instructions.
 
-    .venv/bin/python bench/instructions.py                      # the working failoverd.py
-    .venv/bin/python bench/instructions.py --daemon-file /tmp/old.py
-    .venv/bin/python bench/instructions.py --relay raw          # the bare trio relay
-    .venv/bin/python bench/instructions.py --profile out.txt    # also the hottest functions
+    python bench/instructions.py                       # this checkout's failoverd.py
+    python bench/instructions.py --ab OLD.py NEW.py    # two daemon files, side by side
+    python bench/instructions.py --cpu                 # process CPU time instead (fast, noisy)
 
-The daemon (or a reference relay from relays.py) runs under `valgrind --tool=callgrind`
-with collection on; the fake upstream and the load generator run outside it. Two bursts
-of S paced streams, one of C deltas and one of B, are counted separately (callgrind's
-counters are zeroed before and dumped after each burst), and the per-chunk figure is
-(Ir_C / S - Ir_B / S) / (C - B), as in run.py's CPU figure. Unlike there, both bursts
-last as long (the short one is paced C / B times slower), so work that follows time
-rather than chunks (the daemon's 10 ms lag probe) cancels out: under valgrind the load
-must be light (8 streams, a delta every 50 ms, one event per read as in the real run),
-and the probe would otherwise count as a large part of each chunk. Only user-space
-instructions are counted, not the kernel's. Instructions are not time (a cache miss
-costs more than an add); they tell code paths apart, not machines.
+Each workload runs in its own process under `valgrind --tool=callgrind`, which counts
+the instructions Python executes: the same figure for the same code and inputs whatever
+else the machine is doing, so an A/B of two daemon files needs no quiet machine. The
+workload is in-process: requests go over kernel socket pairs to `handle_connection`
+(the front end, the race, the relay's one-write fast path, the ledger), and the
+upstream is an httpx2 MockTransport playing pre-built SSE bytes. So the figures are
+failoverd's own work above the upstream HTTP client; the full system (httpcore, the
+kernel, a real upstream) is `bench/run.py`'s.
+
+Per request: a non-streaming request of 4 content deltas, (cost of N+W requests - cost
+of W requests) / N. Per chunk: streams of 100 and of 10 deltas, the difference divided
+by 90 deltas per stream. Start-up (imports, config) cancels out of both differences.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import glob
+import importlib.util
+import json
 import os
 import re
 import shutil
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import loadgen as lg  # noqa: E402
-import run  # noqa: E402
-
-
-def callgrind_total(path: str) -> int:
-    """The instructions (Ir) in one callgrind dump."""
-    with open(path) as f:
-        for line in f:
-            if line.startswith(("summary:", "totals:")):
-                return int(line.split()[1])
-    raise RuntimeError(f"no totals in {path}")
+HERE = os.path.dirname(os.path.abspath(__file__))
+WARMUP = 20  # requests run in every workload, before and in the base count
+REQUESTS = 200  # the measured non-streaming requests
+STREAMS = 40  # streams per chunk workload
 
 
-class Counted:
-    """A process under callgrind whose counters are zeroed and dumped on demand."""
-
-    def __init__(self, argv: list[str], out_dir: str, env: dict[str, str] | None) -> None:
-        self.out = os.path.join(out_dir, "callgrind.out")
-        self.proc = subprocess.Popen(
-            ["valgrind", "--tool=callgrind", f"--callgrind-out-file={self.out}.%p",
-             "--dump-instr=no", "--compress-strings=no", *argv],
-            stdout=subprocess.DEVNULL, stderr=open(os.path.join(out_dir, "vg.log"), "wb"),  # noqa: SIM115
-            env=env, preexec_fn=run._die_with_parent)
-        run._children.append(self.proc)
-
-    def control(self, flag: str) -> None:
-        subprocess.run(["callgrind_control", flag, str(self.proc.pid)], check=True,
-                       capture_output=True, timeout=120)
-
-    def dumps(self) -> list[str]:
-        return sorted(glob.glob(f"{self.out}.{self.proc.pid}.*"), key=os.path.getmtime)
-
-    def dump(self) -> tuple[int, str]:
-        before = set(self.dumps())
-        self.control("-d")
-        for _ in range(600):
-            new = [p for p in self.dumps() if p not in before]
-            if new:
-                time.sleep(0.2)  # let it finish writing
-                return callgrind_total(new[-1]), new[-1]
-            time.sleep(0.1)
-        raise RuntimeError("callgrind did not dump")
+def load(path: str):
+    spec = importlib.util.spec_from_file_location("failoverd", path)
+    fo = importlib.util.module_from_spec(spec)
+    sys.modules["failoverd"] = fo
+    spec.loader.exec_module(fo)
+    return fo
 
 
-async def burst(target: lg.Target, model: str, streams: int, pace_ms: int) -> int:
-    b = lg.Burst(target, lg.chat(model, stream=True), streams, spread_s=pace_ms / 1000)
-    await b.connect()
-    await b.send()
-    res = await b.wait(600)
-    b.close()
-    return sum(r.ok for r in res)
+def sse_body(fo, deltas: int) -> bytes:
+    steps = fo.token_script([" tok"] * deltas)[1:]
+    return b"".join(fo.script_bytes(s) for s in steps)
 
 
-async def per_request(counted: Counted, target: lg.Target, model: str,
-                      p: argparse.Namespace) -> list[float]:
-    """Instructions per non-streaming request (closed loop, 8 connections)."""
-    req = lg.chat(model, stream=False)
-    await lg.closed_loop(target, req, concurrency=8, total=p.requests // 2)  # warm-up
-    out = []
-    for _ in range(p.rounds):
-        await asyncio.sleep(1.0)
-        counted.control("-z")
-        res = await lg.closed_loop(target, req, concurrency=8, total=p.requests)
-        total, _ = counted.dump()
-        ok = sum(r.ok for r in res)
-        out.append(total / max(1, ok))
-        print(f"  round: {out[-1]:,.0f} instructions per request ({ok} ok)", file=sys.stderr)
-    return out
+async def workload(fo, kind: str, n: int, deltas: int) -> None:
+    import socket
+
+    import trio
+
+    body = sse_body(fo, deltas)
+    hx = getattr(fo, "httpx2", None) or fo.httpx  # daemon files from before httpx2, too
+
+    def handle(request):
+        return hx.Response(200, headers={"content-type": "text/event-stream"}, content=body)
+
+    tmp = tempfile.mkdtemp(prefix="fo-instr-")
+    cfg = fo.Config(daemon=fo.DaemonConfig(ledger=os.path.join(tmp, "ledger.jsonl")),
+                    providers={"up": fo.ProviderConfig(base_url="http://up.test/v1")},
+                    routes={"r": fo.RouteConfig(chain=["up/m"])})
+    d = fo.Daemon(cfg, ledger=fo.Ledger(cfg.daemon.ledger),
+                  transport=hx.MockTransport(handle))
+    stream = kind == "stream"
+    payload = json.dumps({"model": "r", "stream": stream,
+                          "messages": [{"role": "user", "content": "hello"}]}).encode()
+    raw = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json"
+           b"\r\ncontent-length: %d\r\n\r\n" % len(payload)) + payload
+    async with trio.open_nursery() as nursery:
+        d.background = nursery
+        for _ in range(n):
+            a, b = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            client, server = trio.SocketStream(a), trio.SocketStream(b)
+            nursery.start_soon(fo.handle_connection, d, server, fo.Peer(1, 1))
+            await client.send_all(raw)
+            got = b""
+            end = b"0\r\n\r\n" if stream else b"}"
+            while not got.endswith(end):
+                data = await client.receive_some(65536)
+                if not data:
+                    break
+                got += data
+            await client.aclose()
+        nursery.cancel_scope.cancel()
+    d.ledger.close()
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
-async def measure(counted: Counted, target: lg.Target, models: tuple[str, str],
-                  p: argparse.Namespace) -> list[float]:
-    for _ in range(2):  # warm-up: imports, pools, caches
-        await burst(target, models[0], p.streams, p.pace)
-    per_chunk = []
-    for _ in range(p.rounds):
-        totals = []
-        for model in models:
-            await asyncio.sleep(1.0)
-            counted.control("-z")
-            ok = await burst(target, model, p.streams, p.pace)
-            if ok < p.streams:
-                print(f"warning: {p.streams - ok} of {p.streams} {model} streams failed",
-                      file=sys.stderr)
-            total, _ = counted.dump()
-            totals.append(total / max(1, ok))
-        per_chunk.append((totals[0] - totals[1]) / (p.chunks - p.base))
-        print(f"  round: {per_chunk[-1]:,.0f} instructions per chunk "
-              f"({totals[0]:,.0f} / {totals[1]:,.0f} per stream)", file=sys.stderr)
-    return per_chunk
+def run_here(path: str, kind: str, n: int, deltas: int) -> float:
+    """Run one workload in this process; its process CPU seconds."""
+    import trio
+
+    fo = load(path)
+    start = time.process_time()
+    trio.run(workload, fo, kind, n, deltas)
+    return time.process_time() - start
 
 
-def profile(dump: str, top: int) -> str:
-    """callgrind_annotate's inclusive view of the last burst, hottest functions first."""
-    out = subprocess.run(["callgrind_annotate", "--inclusive=yes", dump], capture_output=True,
-                         text=True, timeout=300).stdout
-    lines = [ln for ln in out.splitlines() if re.match(r"\s*[\d,]+ ", ln)]
-    return "\n".join(lines[:top])
+def measure(path: str, kind: str, n: int, deltas: int, callgrind: bool) -> float:
+    """Instructions (callgrind) or CPU seconds of one workload, in a fresh process."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", path, kind, str(n), str(deltas)]
+    if not callgrind:
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        return float(out.stdout.strip().splitlines()[-1])
+    with tempfile.TemporaryDirectory() as tmp:
+        out_file = os.path.join(tmp, "cg.out")
+        subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out_file}",
+                        *cmd], capture_output=True, text=True, check=True)
+        with open(out_file) as f:
+            m = re.search(r"^summary:\s+(\d+)", f.read(), re.M)
+        assert m, "callgrind wrote no summary"
+        return float(m.group(1))
 
 
-async def main_async(p: argparse.Namespace, tmp: str) -> int:
-    up = run.Upstream()
-    models = (f"bench-paced-{p.chunks}-{p.pace}",
-              f"bench-paced-{p.base}-{p.pace * p.chunks // p.base}")
-    if p.relay:
-        sock = os.path.join(tmp, "relay.sock")
-        counted = Counted([run.PYTHON, os.path.join(run.BENCH, "relays.py"), p.relay,
-                           str(up.port), sock], tmp, None)
-        target = lg.Target("relay", unix=sock)
-        label = f"{p.relay} relay"
-    else:
-        source = run.snapshot_daemon(tmp, p.daemon_file)
-        params = run.Params(chunk_count=p.chunks, chunk_base=p.base, pace_ms=p.pace)
-        config = never_shed(run.write_config(tmp, up.port, params))
-        sock = os.path.join(tmp, "fo.sock")
-        counted = Counted([run.PYTHON, run.FAILOVERD, "serve", "--config", config, "--quiet"],
-                          tmp, run.DAEMON_ENV)
-        target = lg.Target("failoverd", unix=sock)
-        models = (f"up/{models[0]}", f"up/{models[1]}")  # PROVIDER/MODEL: a one-slot route
-        label = source
-    for _ in range(1200):  # start-up under valgrind takes a while
-        if ready(sock, bool(p.relay)):
-            break
-        await asyncio.sleep(0.1)
-    else:
-        raise run.BenchError("the process under valgrind did not start")
-    if p.requests:
-        fast = "up/bench-fast-4" if not p.relay else "bench-fast-4"
-        v = statistics.median(await per_request(counted, target, fast, p))
-        print(f"{label}: {v:,.0f} instructions per non-streaming request (bench-fast-4, "
-              f"closed loop c=8, median of {p.rounds} rounds of {p.requests})")
-        return 0
-    per_chunk = await measure(counted, target, models, p)
-    v = sorted(per_chunk)[len(per_chunk) // 2]
-    print(f"{label}: {v:,.0f} instructions per relayed chunk (median of {len(per_chunk)} "
-          f"rounds: {', '.join(f'{x:,.0f}' for x in per_chunk)}); {p.streams} streams x "
-          f"{p.chunks} chunks @ {p.pace} ms vs {p.base} @ {p.pace * p.chunks // p.base} ms")
-    if p.profile:
-        p.profile_text = profile(counted.dumps()[-2], p.top)
-    return 0
+def figures(path: str, callgrind: bool) -> dict[str, float]:
+    base = measure(path, "plain", WARMUP, 4, callgrind)
+    plain = measure(path, "plain", WARMUP + REQUESTS, 4, callgrind)
+    short = measure(path, "stream", STREAMS, 10, callgrind)
+    long = measure(path, "stream", STREAMS, 100, callgrind)
+    return {"per request": (plain - base) / REQUESTS,
+            "per chunk": (long - short) / (STREAMS * 90)}
 
 
-def never_shed(config: str) -> str:
-    """Under valgrind the event loop always runs late: switch the shedder off."""
-    with open(config) as f:
-        text = f.read().replace("[daemon]\n", "[daemon]\nshed_lag_s = 0\n", 1)
-    with open(config, "w") as f:
-        f.write(text)
-    return config
-
-
-def ready(sock: str, relay: bool) -> bool:
-    if not relay:
-        return run._healthz(sock)
-    s = socket.socket(socket.AF_UNIX)
-    try:
-        s.connect(sock)
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
-
-
-def main() -> int:
+def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--daemon-file", default=os.path.join(run.ROOT, "failoverd.py"))
-    ap.add_argument("--relay", choices=("raw", "httpx2"), help="count a reference relay instead")
-    ap.add_argument("--streams", type=int, default=8)
-    ap.add_argument("--chunks", type=int, default=60)
-    ap.add_argument("--base", type=int, default=10)
-    ap.add_argument("--pace", type=int, default=50, help="ms between deltas")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--requests", type=int, default=0, metavar="N",
-                    help="count per non-streaming request instead (N per round)")
-    ap.add_argument("--profile", metavar="PATH", help="write callgrind_annotate's top functions")
-    ap.add_argument("--top", type=int, default=60)
-    p = ap.parse_args()
-    if not shutil.which("valgrind"):
-        print("error: valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
-        return 2
-    tmp = tempfile.mkdtemp(prefix="failoverd-instr-")
-    try:
-        code = asyncio.run(main_async(p, tmp))
-        if p.profile:
-            with open(p.profile, "w") as f:
-                f.write(p.profile_text + "\n")
-        return code
-    finally:
-        for child in reversed(run._children):
-            run._kill(child, 10)
-        shutil.rmtree(tmp, ignore_errors=True)
+    ap.add_argument("--ab", nargs=2, metavar=("OLD", "NEW"), help="compare two daemon files")
+    ap.add_argument("--cpu", action="store_true", help="process CPU time, not instructions")
+    ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        path, kind, n, deltas = args.child
+        print(run_here(path, kind, int(n), int(deltas)))
+        return
+    callgrind = not args.cpu
+    if callgrind and shutil.which("valgrind") is None:
+        sys.exit("valgrind is not installed (apt install valgrind), or pass --cpu")
+    files = args.ab or [os.path.join(os.path.dirname(HERE), "failoverd.py")]
+    unit = "instructions" if callgrind else "CPU us"
+    scale = 1.0 if callgrind else 1e6
+    results = [figures(f, callgrind) for f in files]
+    for name in results[0]:
+        cells = [f"{r[name] * scale:12,.0f}" for r in results]
+        ratio = f"  new/old {results[1][name] / results[0][name]:.3f}" if len(results) == 2 else ""
+        print(f"{name:<12} {unit}: {'  '.join(cells)}{ratio}")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

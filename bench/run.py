@@ -41,10 +41,11 @@ import loadgen as lg  # noqa: E402
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
-VENV_BIN = os.path.join(ROOT, ".venv", "bin")
-FAILOVERD = os.path.join(VENV_BIN, "failoverd")
-PYTHON = os.path.join(VENV_BIN, "python") if os.path.exists(
-    os.path.join(VENV_BIN, "python")) else sys.executable
+# The interpreter this script runs under (in the venv failoverd is installed in), and
+# the `failoverd` script next to it, or `python -m failoverd` where there is none.
+PYTHON = sys.executable
+_SCRIPT = os.path.join(os.path.dirname(PYTHON), "failoverd")
+FAILOVERD = [_SCRIPT] if os.access(_SCRIPT, os.X_OK) else [PYTHON, "-m", "failoverd"]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MS = 1_000_000  # ns per ms
 FIRST_TOKEN_S = 2.0
@@ -332,6 +333,7 @@ class Daemon:
             f.write(text.replace(f'socket = "{tmp}/fo.sock"', f'socket = "{self.socket}"'))
         self.log_path = os.path.join(tmp, f"daemon-{tag}.log")
         self.proc: subprocess.Popen[bytes] | None = None
+        self.env = DAEMON_ENV
 
     @property
     def pid(self) -> int:
@@ -352,9 +354,9 @@ class Daemon:
         logf = open(self.log_path, "wb")  # noqa: SIM115 (the child holds it)
         t0 = time.perf_counter()
         self.proc = subprocess.Popen(
-            pinned(0, [FAILOVERD, "serve", "--config", self.config, "--quiet"]),
+            pinned(0, [*FAILOVERD, "serve", "--config", self.config, "--quiet"]),
             stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, preexec_fn=_die_with_parent,
-            cwd=self.tmp, env=DAEMON_ENV)
+            cwd=self.tmp, env=self.env)
         logf.close()
         _children.append(self.proc)
         deadline = t0 + timeout_s
@@ -440,6 +442,73 @@ class Relay:
         _kill(self.proc)
 
 
+class HostileUpstream:
+    """An upstream that answers every request 200 application/json with a body of
+    HOSTILE_BODY bytes, made up as it goes, once `concurrent` requests are in (so that
+    many attempts meet their bodies at once). It counts what each connection took."""
+
+    def __init__(self, concurrent: int) -> None:
+        self.concurrent = concurrent
+        self.server: asyncio.Server | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        self.waiting = 0
+        self.all_in = asyncio.Event()
+        self.sent: list[int] = []
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sent = 0
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next((int(line.split(b":")[1]) for line in head.lower().split(b"\r\n")
+                           if line.startswith(b"content-length:")), 0)
+            await reader.readexactly(length)
+            self.waiting += 1
+            if self.waiting >= self.concurrent:
+                self.all_in.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.all_in.wait(), 10)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
+                         b"%d\r\n\r\n{\"choices\":[{\"message\":{\"content\":\"" % HOSTILE_BODY)
+            filler = b"x" * (256 * 1024)
+            while sent < HOSTILE_BODY:
+                writer.write(filler)
+                await writer.drain()
+                sent += len(filler)
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass  # the daemon hung up: what it would not read
+        finally:
+            self.sent.append(sent)
+            writer.close()
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+# The hostile upstream's body: as big as the issue's fault run sent.
+HOSTILE_BODY = 2 * 1024**3
+
+
+def write_hostile_config(tmp: str, port: int, up_port: int) -> str:
+    """Route `hostile`: the hostile upstream, then the fake upstream; `fast` for warm-up."""
+    path = os.path.join(tmp, "failoverd-hostile-base.toml")
+    with open(path, "w") as f:
+        f.write("\n".join([
+            "[daemon]", f'socket = "{tmp}/fo.sock"', f'ledger = "{tmp}/ledger-hostile.jsonl"',
+            "shutdown_grace_s = 1", "shed_lag_s = 0", "state_file = \"\"", "",
+            "[providers.evil]", f'base_url = "http://127.0.0.1:{port}/v1"', "",
+            "[providers.up]", f'base_url = "http://127.0.0.1:{up_port}/v1"', "",
+            "[routes.hostile]", 'chain = ["evil/bench-huge", "up/bench-fast-4"]', "",
+            "[routes.fast]", 'chain = ["up/bench-fast-4"]', ""]))
+    return path
+
+
 async def quiesce(d: Daemon | Relay, max_s: float = 10.0) -> None:
     """Wait until the daemon uses (almost) no CPU: at most one clock tick per 100 ms."""
     last = d.cpu()
@@ -513,6 +582,36 @@ def ratio(a: float, b: float) -> str:
 # ---------------------------------------------------------------------------
 # Phases
 # ---------------------------------------------------------------------------
+
+# Run by Bench.observer_cost with the daemon's failoverd.py: the cost of the metrics
+# observer per request, as the time to write a request's rows with it minus without.
+OBSERVE_COST = """
+import time, failoverd as fo
+cfg = fo.Config(daemon=fo.DaemonConfig(ledger=""), routes={"r": fo.RouteConfig(chain=["a/m"])},
+                providers={"a": fo.ProviderConfig(base_url="http://127.0.0.1:9/v1")})
+d = fo.Daemon(cfg, ledger=fo.Ledger(None))
+rows = [fo.AttemptRow(ts="2026-01-02T03:04:05.678Z", request_id="0123456789abcdef", route="r",
+                      attempt=0, provider="a", model="m", outcome="ok", status=200,
+                      ttft_ms=812.4, latency_ms=3857.1, cost_usd=0.0008,
+                      first_token_deadline_s=30.0, stall_deadline_s=60.0),
+        fo.RequestRow(ts="2026-01-02T03:04:05.678Z", request_id="0123456789abcdef", route="r",
+                      outcome="ok", served_by="a/m", attempts=1, total_ms=3860.0,
+                      ttft_ms=812.4, status=200)]
+def best(n=20000):
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(n):
+            for row in rows:
+                d.ledger.write(row)
+        times.append((time.perf_counter() - t) / n)
+    return min(times)
+observers = list(d.ledger.observers)
+with_ = best()
+d.ledger.observers[:] = []
+without = best()
+print((with_ - without) * 1e6 if observers else float("nan"))
+"""
 
 
 class Bench:
@@ -701,6 +800,61 @@ class Bench:
                                                               strict=True)],
                                       lambda x: f"{x:.1f}x"),
                         target="<= 10x", ok=big <= 10 * small)
+
+    def observer_cost(self) -> float:
+        """What the metrics observer adds to writing one request's rows (an attempt and a
+        request row), timed in a process of its own on the daemon's core: microseconds."""
+        out = subprocess.run(pinned(0, [PYTHON, "-c", OBSERVE_COST]), capture_output=True,
+                             text=True, env=DAEMON_ENV, timeout=120, check=False)
+        if out.returncode:
+            raise BenchError(f"timing the metrics observer failed: {out.stderr[-2000:]}")
+        return float(out.stdout.split()[-1])
+
+    async def metrics_cost(self) -> None:
+        """CPU per request with metrics (the main daemon) and without (a second daemon
+        with FAILOVERD_METRICS=off, same config), alternating in each round; then what
+        one GET /metrics costs the daemon after all that traffic."""
+        d, dt = self.main()
+        p = self.p
+        off = Daemon(self.config, self.tmp, "nometrics")
+        off.env = {**(DAEMON_ENV or os.environ), "FAILOVERD_METRICS": "off"}
+        off.start()
+        on_ms: list[float] = []
+        off_ms: list[float] = []
+        try:
+            ot = off.target()
+            await lg.closed_loop(ot, lg.chat("fast", stream=False), concurrency=8,
+                                 total=p.warmup)
+            for _ in range(p.rounds):
+                for daemon, target, out in ((d, dt, on_ms), (off, ot, off_ms)):
+                    await quiesce(daemon)
+                    c0 = daemon.cpu()
+                    res = await lg.closed_loop(target, lg.chat("fast", stream=False),
+                                               concurrency=p.cpu_concurrency,
+                                               total=p.cpu_requests)
+                    out.append((daemon.cpu() - c0) / max(1, sum(r.ok for r in res)) * 1e3)
+            conn = await dt.connect()
+            await quiesce(d)
+            c0, size = d.cpu(), 0
+            for _ in range(20):
+                res = await asyncio.wait_for(conn.fetch(lg.get("/metrics"), keep_body=True), 30)
+                size = len(res.body)
+            scrape_ms = (d.cpu() - c0) / 20 * 1e3
+            conn.close()
+        finally:
+            self.relays_cpu += off.cpu() if off.alive() else 0.0  # not "other work" on core 0
+            off.stop()
+        diff = [a - b for a, b in zip(on_ms, off_ms, strict=True)]
+        self.report.add("1. metrics: CPU / request, on - off", f"{median(diff) * 1e3:.0f} us",
+                        baseline=f"{median(off_ms):.3f} ms/request with metrics off",
+                        ratio=ratio(median(on_ms), median(off_ms)),
+                        spread=spread([x * 1e3 for x in diff], lambda x: f"{x:.0f}"))
+        observer = self.observer_cost()
+        self.report.add("1. metrics: observer CPU / request (in-process)", f"{observer:.1f} us",
+                        baseline="attempt row + request row, best of 5 x 20000",
+                        ratio=f"{observer / 1e3 / median(off_ms):.1%} of a request")
+        self.note(f"GET /metrics after the run: {size / 1024:.1f} KiB of text, "
+                  f"{scrape_ms:.2f} ms of daemon CPU per scrape (mean of 20 in a row)")
 
     async def _paced_cpu(self, route: str, chunks: int, via: Relay | None = None
                          ) -> tuple[float, int, float]:
@@ -1122,6 +1276,47 @@ class Bench:
                         spread=spread(peak, lambda x: f"{x:.1f}"), target="<= 150 MB",
                         ok=v <= 150)
 
+    # -- 7. an upstream that sends a huge JSON body ----------------------------------------
+
+    async def hostile(self) -> None:
+        """Peak RSS (VmHWM) of a fresh daemon while 20 attempts at once meet an upstream
+        answering 200 application/json with a 2 GB body, each failing over to `up`."""
+        p, n = self.p, 20
+        evil = HostileUpstream(n)
+        port = await evil.start()
+        config = write_hostile_config(self.tmp, port, self.up.port)
+        idle, peak, answered, taken = [], [], [], []
+        try:
+            for r in range(p.heavy_rounds):
+                d = Daemon(config, self.tmp, f"hostile{r}")
+                try:
+                    d.start()
+                    warm = await lg.closed_loop(d.target(), lg.chat("fast", stream=False),
+                                                concurrency=1, total=1)
+                    if not all(x.ok for x in warm):
+                        raise BenchError("the hostile-upstream daemon did not serve route fast")
+                    idle.append(proc_status_mb(d.pid, "VmHWM"))
+                    evil.reset()
+                    res = await lg.closed_loop(d.target(), lg.chat("hostile", stream=False),
+                                               concurrency=n, total=n, timeout_s=60)
+                    peak.append(proc_status_mb(d.pid, "VmHWM"))
+                    answered.append(sum(x.ok for x in res))
+                    taken += evil.sent
+                    log(f"  round {r}: VmHWM {idle[-1]:.1f} -> {peak[-1]:.1f} MB, "
+                        f"{answered[-1]}/{n} answered by the fallback, {evil.waiting} attempts "
+                        f"met the body at once")
+                finally:
+                    d.stop()
+        finally:
+            evil.stop()
+        v, base = median(peak), median(idle)
+        self.report.add(f"7. peak RSS, {n} attempts at once meeting a 2 GB JSON body",
+                        f"{v:.1f} MB", baseline=f"{base:.1f} MB before (+{v - base:.0f} MB); "
+                        f"{median(answered):.0f}/{n} failed over; the upstream got "
+                        f"{median(taken) / 2**20:.1f} MiB out before the daemon hung up",
+                        spread=spread(peak, lambda x: f"{x:.0f}"), target="<= +150 MB",
+                        ok=v - base <= 150)
+
     # -- all ------------------------------------------------------------------------------
 
     async def run(self, only: set[str]) -> None:
@@ -1130,6 +1325,7 @@ class Bench:
             await self.phase("start-up", self.startup, ["6. start-up"])
         main_phases = [
             ("cpu", "CPU per request", self.cpu_requests, ["1. CPU / request"]),
+            ("metrics", "what metrics cost", self.metrics_cost, ["1. metrics"]),
             ("c1", "added latency c=1", self.latency_c1, ["2. added TTFB c=1"]),
             ("chunks", "CPU per chunk", self.cpu_chunks, ["1. CPU / chunk"]),
             ("c64", f"added latency c={p.sessions}", self.latency_c64,
@@ -1152,6 +1348,8 @@ class Bench:
             self.d = None
         if "memory" in only:
             await self.phase("memory", self.memory, ["4. memory"])
+        if "hostile" in only:
+            await self.phase("hostile upstream", self.hostile, ["7. peak RSS"])
 
 
 def machine() -> list[str]:
@@ -1173,7 +1371,8 @@ def machine() -> list[str]:
 
 
 PINNING = False
-PHASES = ("startup", "cpu", "c1", "chunks", "c64", "gaps", "recovery", "throughput", "memory")
+PHASES = ("startup", "cpu", "metrics", "c1", "chunks", "c64", "gaps", "recovery", "throughput",
+          "memory", "hostile")
 
 
 def main() -> int:
@@ -1207,8 +1406,10 @@ def main() -> int:
         os.sched_setaffinity(0, {1})
     else:
         print("warning: fewer than 2 CPUs or no taskset: nothing is pinned", file=sys.stderr)
-    if not os.path.exists(FAILOVERD):
-        print(f"error: {FAILOVERD} not found; run `pip install -e .` in {ROOT}", file=sys.stderr)
+    if subprocess.run([PYTHON, "-c", "import failoverd, h11, httpx2, trio"],
+                      capture_output=True).returncode:
+        print(f"error: {PYTHON} cannot import failoverd; run the bench with the python of the "
+              f"venv failoverd is installed in (`pip install -e .` in {ROOT})", file=sys.stderr)
         return 2
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -1267,7 +1468,7 @@ def main() -> int:
         print()
         print(table)
         if args.markdown:
-            cmd = " ".join([".venv/bin/python", "bench/run.py", *sys.argv[1:]])
+            cmd = " ".join(["python", "bench/run.py", *sys.argv[1:]])
             with open(args.markdown, "w") as f:
                 f.write("# failoverd benchmark results\n\n## Machine\n\n```\n"
                         + "\n".join(info) + "\n```\n\n## Command\n\n```sh\n"

@@ -11,14 +11,15 @@ The same with curl:
          -d '{"model": "desk", "messages": [{"role": "user", "content": "Say hello."}]}'
 """
 
+import importlib
 import sys
 
 import openai
 
-try:  # openai >= 3 ships its own httpx fork; older releases use httpx itself
-    import httpx2 as httpx
-except ImportError:
-    import httpx
+# The SDK's own HTTP library: httpx for openai 1.x and 2.x, its fork httpx2 for 3.x. The
+# transport must come from the same one, so ask the SDK's client class which it is (both
+# may be installed side by side; which one imports says nothing).
+httpx = importlib.import_module(openai.DefaultHttpxClient.__base__.__module__.split(".")[0])
 
 socket_path = sys.argv[1] if len(sys.argv) > 1 else "/run/failoverd/failoverd.sock"
 route = sys.argv[2] if len(sys.argv) > 2 else "desk"

@@ -4,12 +4,14 @@
   (the same step format as `failoverd.FakeUpstream`) in trio time, so deadline tests
   run under `autojump_clock` with exact times.
 - `Harness`: a Daemon on that transport, a ledger in tmp_path, and `chat()` that
-  speaks HTTP/1.1 to `failoverd.handle_connection` over `memory_stream_pair()`.
+  speaks HTTP/1.1 to `failoverd.handle_connection` over a kernel socket pair (the
+  production relay path), or over `memory_stream_pair()` with `memory=True`.
 """
 
 from __future__ import annotations
 
 import random
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -58,6 +60,15 @@ def make_config(
     )
 
 
+def socket_pair(buffer: int | None = None) -> tuple[trio.SocketStream, trio.SocketStream]:
+    """A kernel Unix socket pair; small buffers make a client that stops reading block."""
+    a, b = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    for s in (a, b) if buffer else ():
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)
+    return trio.SocketStream(a), trio.SocketStream(b)
+
+
 class _ScriptStream(httpx2.AsyncByteStream):
     def __init__(self, upstream: MockUpstreams, key: str, steps: fo.Script) -> None:
         self.upstream = upstream
@@ -77,7 +88,8 @@ class _ScriptStream(httpx2.AsyncByteStream):
 
 class MockUpstreams:
     """Scripts keyed by "provider/model". A value is one script, a list of scripts (one
-    per call, the last repeating), or a function of the trio time returning a script."""
+    per call, the last repeating), a function of the trio time returning a script, or a
+    `failoverd.ContinuingModel` (which reads the request body)."""
 
     def __init__(self, scripts: dict[str, Any] | None = None) -> None:
         self.scripts: dict[str, Any] = dict(scripts or {})
@@ -89,10 +101,13 @@ class MockUpstreams:
     def keys_called(self) -> list[str]:
         return [key for _, key in self.calls]
 
-    def _script(self, key: str) -> fo.Script:
+    def _script(self, key: str, body: dict[str, Any]) -> fo.Script:
         entry = self.scripts.get(key)
         if entry is None:
             raise AssertionError(f"no script for {key}")
+        if isinstance(entry, fo.ContinuingModel):
+            n = sum(1 for _, k in self.calls if k == key) - 1  # this call is in already
+            return entry(str(body.get("model")), body, n)
         if callable(entry):
             return entry(trio.current_time())
         if entry and isinstance(entry[0], list):  # one script per call
@@ -106,7 +121,7 @@ class MockUpstreams:
         key = f"{provider}/{body['model']}"
         self.calls.append((trio.current_time(), key))
         self.requests.append(request)
-        steps = list(self._script(key))
+        steps = list(self._script(key, body))
         while steps and steps[0][0] in ("sleep", "hang", "refuse", "connect_timeout"):
             step = steps.pop(0)
             if step[0] == "refuse":
@@ -213,8 +228,12 @@ class Harness:
         self.nursery = nursery
         self.ledger_path = ledger_path
 
-    async def send(self, raw: bytes, peer: fo.Peer | None = None) -> ClientResult:
-        client, server = trio.testing.memory_stream_pair()
+    async def send(self, raw: bytes, peer: fo.Peer | None = None, *,
+                   memory: bool = False) -> ClientResult:
+        """One request over a kernel socket pair, the path production takes (the
+        relay's one-write fast path and the final write need a real socket), or over
+        a memory stream."""
+        client, server = trio.testing.memory_stream_pair() if memory else socket_pair()
         self.nursery.start_soon(fo.handle_connection, self.d, server, peer or fo.Peer(4242, 1000))
         result = ClientResult()
         result.t_start = trio.current_time()
@@ -223,10 +242,11 @@ class Harness:
         await client.aclose()
         return result
 
-    async def chat(self, route: str = "r", *, stream: bool = False, **extra: Any) -> ClientResult:
+    async def chat(self, route: str = "r", *, stream: bool = False, memory: bool = False,
+                   **extra: Any) -> ClientResult:
         body = {"model": route, "stream": stream,
                 "messages": [{"role": "user", "content": "hello"}], **extra}
-        return await self.send(http_request(body))
+        return await self.send(http_request(body), memory=memory)
 
     def rows(self, kind: str | None = None) -> list[dict[str, Any]]:
         with open(self.ledger_path, "rb") as f:
@@ -256,6 +276,23 @@ async def harness(tmp_path, nursery):
         return Harness(cfg, MockUpstreams(scripts), str(tmp_path / "ledger.jsonl"), nursery)
 
     return make
+
+
+@pytest.fixture
+def busy_loop_scripts(monkeypatch, autojump_clock):
+    """Scripts may hold ("jump", seconds): time passes with no checkpoint, as on an
+    event loop busy elsewhere."""
+    play = fo.play_script
+
+    async def play_with_jumps(script):
+        for step in script:
+            if step[0] == "jump":
+                autojump_clock.jump(step[1])
+                continue
+            async for piece in play([step]):
+                yield piece
+
+    monkeypatch.setattr(fo, "play_script", play_with_jumps)
 
 
 def ok_script(text: str = "hi there", **kw: Any) -> fo.Script:

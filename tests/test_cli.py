@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import msgspec
 import pytest
@@ -19,6 +20,7 @@ client_cliff_s = 660
 
 [defaults]
 retry_same = 0
+adaptive_deadlines = false
 
 [providers.a]
 base_url = "http://a.test/v1"
@@ -151,13 +153,24 @@ def test_check_without_a_readable_config_exits_1(tmp_path):
 # -- tail ---------------------------------------------------------------------------------
 
 
-def test_tail_prints_one_human_readable_line_per_row(ledger):
+@pytest.fixture
+def local_zone(monkeypatch):
+    """A local zone one hour east of UTC (a POSIX TZ string: no tzdata needed)."""
+    monkeypatch.setenv("TZ", "CET-1")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_tail_prints_one_human_readable_line_per_row_in_local_time(ledger, local_zone):
     result = run("tail", ledger)
 
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert len(lines) == len(ROWS)
-    assert all(line.startswith("03:04:05.678 ") for line in lines)
+    assert all(line.startswith("2026-01-02 04:04:05.678 CET ") for line in lines)
+    assert lines[3].endswith("(open until 2026-01-02 04:04:05.678 CET)")
     assert "attempt req1 desk #0 a/m1 first_token_timeout" in lines[0]
     assert "-- no output within 30 s" in lines[0]
     assert "attempt req1 desk #1 local/qwen/qwen3-8b ok status=200 ttft=80ms" in lines[1]
@@ -257,3 +270,40 @@ def test_tail_follow_continues_in_the_new_file_after_rotation(ledger, monkeypatc
     assert result.exit_code == 0, result.output
     printed = [msgspec.json.decode(line) for line in result.stdout.splitlines()]
     assert printed == [msgspec.to_builtins(row) for row in [*ROWS, ROWS[3]]]
+
+
+def test_check_reports_host_errors_and_every_key_problem(config, tmp_path):
+    text = GOOD.replace('ledger = "{ledger}"', f'ledger = "{tmp_path}/typo/ledger.jsonl"\n'
+                        f'socket = "{tmp_path}/nodir/fo.sock"')
+
+    result = run("check", "--config", config(text))
+
+    assert result.exit_code == 1
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert [e.split(" =")[0] for e in errors] == [
+        "error: daemon.socket", "error: daemon.ledger", "error: providers.a.api_key_env: "
+        "environment variable FAILOVERD_TEST_A_KEY is not set; export it or use api_key_file / "
+        "credential"]
+
+
+def test_check_without_the_services_credentials_suggests_no_keys(config, monkeypatch):
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    path = config(GOOD.replace('api_key_env = "FAILOVERD_TEST_A_KEY"', 'credential = "a"'))
+
+    result = run("check", "--config", path)
+
+    assert result.exit_code == 1
+    assert "providers.a.credential: $CREDENTIALS_DIRECTORY is not set" in result.output
+    assert "run `failoverd check --no-keys`" in result.output
+    assert run("check", "--config", path, "--no-keys").exit_code == 0
+
+
+def test_serve_refuses_to_start_in_a_mistyped_ledger_directory(config, tmp_path):
+    path = config(GOOD.replace('ledger = "{ledger}"', f'ledger = "{tmp_path}/typo/l.jsonl"'))
+
+    result = run("serve", "--config", path, env=KEYS)
+
+    assert result.exit_code == 1
+    assert (f"cannot start:\n  daemon.ledger = '{tmp_path}/typo/l.jsonl': directory "
+            in result.output)
+    assert not (tmp_path / "typo").exists()

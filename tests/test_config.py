@@ -278,6 +278,7 @@ client_cliff_s = 660
 [defaults]
 first_token_timeout_s = 30
 retry_same = 0
+adaptive_deadlines = false
 
 [providers.a]
 base_url = "http://a.test/v1"
@@ -383,7 +384,7 @@ ADVERSARIAL = [
                          [pytest.param(*case[1:], id=case[0]) for case in ADVERSARIAL])
 async def test_check_latest_start_holds_against_slow_failing_upstreams(
         harness, autojump_clock, chain, scripts, t_last):
-    h = harness(scripts, routes={"r": chain})
+    h = harness(scripts, routes={"r": chain}, adaptive_deadlines=False)
     reported = dict((slot.key, start) for slot, start in
                     fo.worst_case_first_byte(h.d.cfg, h.d.routes["r"])[0])
 
@@ -394,3 +395,138 @@ async def test_check_latest_start_holds_against_slow_failing_upstreams(
     assert key == chain[-1]
     assert t_called == pytest.approx(t_last)
     assert t_called <= reported[key]
+
+
+# -- every error at once, with the key it meant -------------------------------------------
+
+
+def test_two_typos_in_two_sections_are_both_reported_with_the_key_meant():
+    message = config_error(edited('socket_mode = "0660"', 'socket_mod = "0660"')
+                           .replace("first_token_timeout_s = 30", "first_token_timeot_s = 30"))
+
+    assert "daemon.socket_mod: unknown key; did you mean 'socket_mode'?" in message
+    assert ("routes.desk.first_token_timeot_s: unknown key; did you mean "
+            "'first_token_timeout_s'?") in message
+
+
+def test_a_misspelt_section_suggests_the_section_meant():
+    message = config_error(edited("[routes.desk]", "[route.desk]") + "[breaker]\nwindow_s = 9\n")
+
+    assert "[route]: unknown section; did you mean 'routes'?" in message
+    assert "[breaker]: unknown section; did you mean 'breakers'?" in message
+
+
+def test_an_unknown_key_with_no_near_match_lists_the_keys():
+    message = config_error(edited("client_cliff_s = 660", "client_cliff_s = 660\nzzz = 1"))
+
+    assert "daemon.zzz: unknown key; expected one of " in message
+    assert ", client_cliff_s, " in message
+
+
+def test_every_bad_value_of_one_table_is_reported():
+    message = config_error(edited("client_cliff_s = 660", 'client_cliff_s = "soon"\n'
+                                  'head_timeout_s = -1\nsocket_mod = "0600"'))
+
+    assert "Expected `float`, got `str` - at `daemon.client_cliff_s`" in message
+    assert "Expected `float` > 0.0 - at `daemon.head_timeout_s`" in message
+    assert "daemon.socket_mod: unknown key" in message
+    assert "missing required" not in message
+
+
+def test_a_rejected_provider_is_not_reported_again_as_undeclared():
+    message = config_error(edited('"https://api.x.ai/v1"', '"api.x.ai/v1"'))
+
+    assert "base_url = 'api.x.ai/v1': expected an http:// or https:// URL" in message
+    assert "not declared" not in message
+    assert "'xai/grok-4.3'" not in message
+
+
+def test_errors_in_tables_and_across_them_come_together():
+    message = config_error(edited('"openrouter/minimax/minimax-m3"', '"openruoter/minimax-m3"')
+                           .replace("stall_timeout_s = 60", 'stall_timeout_s = "60s"'))
+
+    assert "routes.desk.stall_timeout_s" in message
+    assert "routes.desk.chain[1] = 'openruoter/minimax-m3': provider 'openruoter'" in message
+
+
+# -- the default total follows a short cliff -----------------------------------------------
+
+
+def test_a_cliff_below_the_default_total_moves_the_default_total_below_it():
+    cfg = fo.parse_config('[daemon]\nclient_cliff_s = 200\n[providers.a]\nbase_url = "http://a"\n'
+                          '[routes.r]\nchain = ["a/m"]\n')
+
+    assert cfg.defaults.total_timeout_s == 180  # CLIFF_MARGIN = 10 % below the cliff
+    assert fo.resolve_route(cfg, "r", cfg.routes["r"]).timing.total_timeout_s == 180
+
+
+def test_a_cliff_above_the_default_total_leaves_it_alone():
+    cfg = fo.parse_config("[daemon]\nclient_cliff_s = 310\n")
+
+    assert cfg.defaults.total_timeout_s == fo.Timing().total_timeout_s
+
+
+def test_an_explicit_default_total_over_the_cliff_is_still_an_error():
+    message = config_error("[daemon]\nclient_cliff_s = 200\n[defaults]\ntotal_timeout_s = 250\n")
+
+    assert "defaults.total_timeout_s = 250: must be below daemon.client_cliff_s = 200" in message
+
+
+# -- the host: socket path and directories ------------------------------------------------
+
+
+def test_a_relative_socket_path_is_an_error():
+    message = config_error('[daemon]\nsocket = "run/failoverd.sock"\n')
+
+    assert "daemon.socket = 'run/failoverd.sock': expected an absolute path" in message
+
+
+def test_a_socket_path_over_107_bytes_is_an_error_naming_its_length():
+    long = "/run/" + "x" * 122 + ".sock"  # 132 bytes: bind() would fail with no errno
+    assert len(long) == 132
+
+    message = config_error(f'[daemon]\nsocket = "{long}"\n')
+
+    assert "132 bytes, over the 107 a Unix socket path can have" in message
+    assert fo.parse_config(f'[daemon]\nsocket = "/{"x" * 106}"\n')  # 107 bytes: fine
+
+
+def host_config(tmp_path, **daemon: str) -> fo.Config:
+    paths = {"socket": str(tmp_path / "fo.sock"), "ledger": str(tmp_path / "ledger.jsonl"),
+             **daemon}
+    return fo.Config(daemon=fo.DaemonConfig(**paths))
+
+
+def test_host_check_passes_when_the_directories_exist(tmp_path):
+    assert fo.host_errors(host_config(tmp_path)) == []
+
+
+def test_host_check_names_a_missing_socket_and_ledger_directory(tmp_path):
+    cfg = host_config(tmp_path, socket=str(tmp_path / "nope" / "fo.sock"),
+                      ledger=str(tmp_path / "failoverdd" / "ledger.jsonl"))
+
+    errors = fo.host_errors(cfg)
+
+    assert [e.split(":")[0] for e in errors] == [
+        f"daemon.socket = '{tmp_path}/nope/fo.sock'",
+        f"daemon.ledger = '{tmp_path}/failoverdd/ledger.jsonl'"]
+    assert f"directory {tmp_path}/failoverdd does not exist; create it or fix the path" in errors[1]
+    assert fo.host_errors(cfg, socket=False) == errors[1:]  # socket activation: not ours
+
+
+def test_the_units_own_directories_may_be_missing(tmp_path, monkeypatch):
+    monkeypatch.setattr(fo, "SYSTEMD_DIRECTORIES", (str(tmp_path / "run"), str(tmp_path / "lib")))
+    cfg = host_config(tmp_path, socket=str(tmp_path / "run" / "fo.sock"),
+                      ledger=str(tmp_path / "lib" / "ledger.jsonl"))
+
+    assert fo.host_errors(cfg) == []
+    ledger = fo.Ledger(cfg.daemon.ledger)  # made as StateDirectory= would have
+    ledger.close()
+    assert (tmp_path / "lib").is_dir()
+
+
+def test_the_ledger_never_creates_a_mistyped_directory(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        fo.Ledger(str(tmp_path / "failoverdd" / "ledger.jsonl"))
+
+    assert not (tmp_path / "failoverdd").exists()

@@ -62,10 +62,17 @@ class Rig:
         self._stopped = trio.Event()
         self._sdk_clients: list[openai.OpenAI] = []
 
-    async def start(self, scripts: dict[str, fo.Script], chain: list[str],
-                    **timing: float) -> fo.FakeUpstream:
-        """Serve route `desk` = `chain` (PROVIDER/MODEL slots); returns the upstream."""
-        self.upstream = upstream = fo.FakeUpstream(lambda model, body, n: scripts[model])
+    async def start(self, scripts: dict[str, Any], chain: list[str],
+                    models: dict[str, fo.ModelConfig] | None = None,
+                    **timing: Any) -> fo.FakeUpstream:
+        """Serve route `desk` = `chain` (PROVIDER/MODEL slots); returns the upstream. A
+        script may be a function of (model, body, n), such as a ContinuingModel."""
+
+        def play(model: str, body: dict[str, Any], n: int) -> fo.Script:
+            script = scripts[model]
+            return script(model, body, n) if callable(script) else script
+
+        self.upstream = upstream = fo.FakeUpstream(play)
         await self.nursery.start(upstream.serve)
         cfg = fo.Config(
             daemon=fo.DaemonConfig(socket=self.sock, ledger=self.ledger_path,
@@ -73,6 +80,7 @@ class Rig:
             defaults=fo.Timing(**{**TIMING, **timing}),
             providers={slot.split("/")[0]: fo.ProviderConfig(base_url=upstream.base_url)
                        for slot in chain},
+            models=models or {},
             routes={ROUTE: fo.RouteConfig(chain=chain)},
         )
         self.d = fo.Daemon(cfg, ledger=fo.Ledger(self.ledger_path))
@@ -154,6 +162,19 @@ def chunk_text(chunk: Any) -> str:
     return "".join(c.delta.content or "" for c in chunk.choices)
 
 
+def stream_text(client: openai.OpenAI) -> Callable[[], tuple[str, BaseException | None]]:
+    def call() -> tuple[str, BaseException | None]:
+        seen = []
+        try:
+            for chunk in client.chat.completions.create(model=ROUTE, messages=MESSAGES,
+                                                        stream=True):
+                seen.append(chunk_text(chunk))
+        except openai.APIError as e:
+            return "".join(seen), e
+        return "".join(seen), None
+    return call
+
+
 async def test_streaming_request_fails_over_from_hung_upstream_to_healthy_one(rig):
     await rig.start({"stuck": HUNG, "healthy": healthy(["Hello", " from", " good"])},
                     ["hung/stuck", "good/healthy"])
@@ -212,23 +233,11 @@ async def test_non_streaming_request_fails_over_from_http_500_with_fallback_usag
 async def test_upstream_cut_after_commit_makes_sdk_stream_raise(rig):
     upstream = await rig.start({"cuts-out": CUTS_OUT, "healthy": healthy(["never", " sent"])},
                                ["cuts/cuts-out", "good/healthy"])
-    client = rig.sdk()
-
-    def call() -> tuple[list[str], BaseException | None]:
-        seen = []
-        try:
-            for chunk in client.chat.completions.create(model=ROUTE, messages=MESSAGES,
-                                                        stream=True):
-                seen.append(chunk_text(chunk))
-        except openai.APIError as e:
-            return seen, e
-        return seen, None
-
     with trio.fail_after(5):
-        seen, error = await in_thread(call)
+        seen, error = await in_thread(stream_text(rig.sdk()))
         await rig.settled()
 
-    assert "".join(seen) == "The answer is"  # the tokens before the cut reached the client
+    assert seen == "The answer is"  # the tokens before the cut reached the client
     assert isinstance(error, openai.APIError), "a truncated stream must not end cleanly"
     assert "truncated" in error.message
     (attempt,) = rig.rows(fo.AttemptRow)  # committed: no failover after the first token
@@ -237,6 +246,43 @@ async def test_upstream_cut_after_commit_makes_sdk_stream_raise(rig):
     request = rig.request_row()
     assert (request.outcome, request.served_by) == ("error", None)
     assert request.status >= 500
+
+
+CANONICAL = ["The", " answer", " is", " ", "forty", "-two", "."]
+
+
+async def test_an_answer_cut_after_commit_is_continued_for_the_sdk(rig):
+    upstream = await rig.start(
+        {"cuts": fo.ContinuingModel(CANONICAL, cut_after=4, gap=0.02),
+         "continues": fo.ContinuingModel(CANONICAL, prefill="prefix", gap=0.02)},
+        ["a/cuts", "b/continues"], models={"b/continues": fo.ModelConfig(prefill="prefix")},
+        continuation=True)
+    with trio.fail_after(5):
+        text, error = await in_thread(stream_text(rig.sdk()))
+        await rig.settled()
+    assert error is None
+    assert text == "".join(CANONICAL)  # one answer: nothing lost or repeated at the seam
+    assert upstream.requests[1]["messages"][-1] == {"role": "assistant",
+                                                    "content": "The answer is", "prefix": True}
+    assert [(o, row.continued) for (_, o, _), row in
+            zip(rig.outcomes(), rig.rows(fo.AttemptRow), strict=True)] == \
+        [("truncated", False), ("ok", True)]
+    assert rig.request_row().continued
+
+
+async def test_a_fallback_that_rejects_the_prefill_is_never_what_the_sdk_sees(rig):
+    await rig.start(
+        {"cuts": fo.ContinuingModel(CANONICAL, cut_after=4, gap=0.02),
+         "rejects": fo.ContinuingModel(CANONICAL, prefill="vllm", rejects=True)},
+        ["a/cuts", "b/rejects"], models={"b/rejects": fo.ModelConfig(prefill="vllm")},
+        continuation=True)
+    with trio.fail_after(5):
+        text, error = await in_thread(stream_text(rig.sdk()))
+        await rig.settled()
+    assert text == "The answer is "
+    assert isinstance(error, openai.APIError)
+    assert "a/cuts failed mid-stream: truncated" in error.message
+    assert [o for _, o, _ in rig.outcomes()] == ["truncated", "prefill_rejected"]
 
 
 async def test_client_disconnect_closes_upstream_connection_at_once(rig):
@@ -306,3 +352,26 @@ async def test_demo_command_runs_and_shows_failover():
     assert result.returncode == 0, out + result.stderr.decode()
     assert "first_token_timeout" in out
     assert "good/healthy" in out
+
+
+async def test_the_example_client_talks_to_failoverd_with_the_installed_openai(tmp_path):
+    """examples/openai_client.py, as a user runs it: the transport it builds is the one
+    the installed SDK uses (httpx2 under openai 3.x, httpx under 1.x and 2.x)."""
+    upstream = fo.FakeUpstream(lambda model, body, n: fo.token_script(["one", " two"]))
+    sock = os.path.join(tempfile.mkdtemp(dir="/tmp"), "fo.sock")
+    example = os.path.join(os.path.dirname(os.path.dirname(__file__)), "examples",
+                           "openai_client.py")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(upstream.serve)
+        cfg = fo.Config(daemon=fo.DaemonConfig(socket=sock, ledger=str(tmp_path / "l.jsonl")),
+                        providers={"up": fo.ProviderConfig(base_url=upstream.base_url)},
+                        routes={"desk": fo.RouteConfig(chain=["up/m"])})
+        d = fo.Daemon(cfg, ledger=fo.Ledger(cfg.daemon.ledger))
+        await nursery.start(fo.serve, d, [await fo.open_unix_listener(sock, "0600")])
+        with trio.fail_after(60):
+            done = await trio.run_process([sys.executable, example, sock, "desk"],
+                                          capture_stdout=True, capture_stderr=True, check=False)
+        nursery.cancel_scope.cancel()
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout.decode().splitlines() == [
+        "sim-1 (served by up/m, 1 attempt(s)): one two", "one two"]

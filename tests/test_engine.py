@@ -493,6 +493,78 @@ def test_anthropic_request_translation():
     assert out["tool_choice"] == {"type": "any"}
 
 
+def test_anthropic_request_translation_of_parts_tool_results_and_roles():
+    """The output of the translation before it became typed (issue 10), kept exactly."""
+    body = {"messages": [
+        {"role": "system", "content": "a"},
+        {"role": "developer", "content": [
+            {"type": "text", "text": "b"},
+            {"type": "image_url", "image_url": {"url": "http://x/y.png"}},
+            {"type": "text", "text": "c"}]},
+        {"role": "user", "content": [
+            {"type": "text", "text": "look"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+            {"type": "image_url", "image_url": {"url": "https://e/i.jpg", "detail": "high"}},
+            {"type": "input_audio", "input_audio": {"data": "x", "format": "wav"}}]},
+        {"role": "assistant", "content": "let me check", "tool_calls": [
+            {"id": "t1", "type": "function", "function": {"name": "wx", "arguments": '{"c":1}'}},
+            {"id": "t2", "type": "function", "function": {"name": "wy", "arguments": "no"}}]},
+        {"role": "tool", "tool_call_id": "t1", "content": "sunny"},
+        {"role": "tool", "tool_call_id": "t2", "content": [{"type": "text", "text": "rain"}]},
+        {"role": "ipython", "content": "x"}],
+        "max_completion_tokens": 50, "max_tokens": 100, "top_p": 0.9, "stop": ["a", "b"],
+        "tools": [{"type": "function", "function": {"name": "a", "description": None}},
+                  {"type": "custom", "custom": {"name": "c"}}],
+        "tool_choice": {"type": "function", "function": {"name": "a"}}}
+
+    out = fo.anthropic_body("m", body, fo.ModelConfig())
+
+    assert out == {
+        "model": "m", "stream": True, "max_tokens": 50, "system": "a\n\nb  c", "top_p": 0.9,
+        "stop_sequences": ["a", "b"],
+        "messages": [
+            {"role": "user", "content": [
+                {"type": "text", "text": "look"},
+                {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                             "data": "AAAA"}},
+                {"type": "image", "source": {"type": "url", "url": "https://e/i.jpg"}}]},
+            {"role": "assistant", "content": [
+                {"type": "text", "text": "let me check"},
+                {"type": "tool_use", "id": "t1", "name": "wx", "input": {"c": 1}},
+                {"type": "tool_use", "id": "t2", "name": "wy", "input": {}}]},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "t1", "content": "sunny"},
+                {"type": "tool_result", "tool_use_id": "t2",
+                 "content": [{"type": "text", "text": "rain"}]}]},
+            {"role": "ipython", "content": "x"}],
+        "tools": [{"name": "a", "description": None, "input_schema": {"type": "object"}}],
+        "tool_choice": {"type": "tool", "name": "a"},
+    }
+
+
+@pytest.mark.parametrize(("event", "data", "outcome"), [
+    (b"message", b'{"type": "future_kind", "x": 1}', None),  # added later: ignored
+    (b"message", b'{"type": "content_block_delta", "index": 0, "delta": {'
+                 b'"type": "signature_delta", "signature": "abc"}}', None),
+    (b"error", b'{"type": "future_kind", "error": "boom"}', "upstream_error_event"),
+    (b"error", b'{"error": {"type": "overloaded_error", "message": "m"}}',
+     "upstream_error_event"),
+    (b"message", b'{"type": "content_block_delta", "index": "x"}', "protocol_error"),
+    (b"message", b'{"type": 5}', "protocol_error"),
+    (b"message", b"[1, 2]", "protocol_error"),
+    (b"message", b"not json", "protocol_error"),
+])
+def test_anthropic_events_failoverd_does_not_know_or_cannot_read(event, data, outcome):
+    st = fo.StreamState(assemble=False, want_usage=False)
+    if outcome is None:
+        assert fo.AnthropicAdapter.on_event(event, data, st) is None
+        assert not st.progress
+        return
+    with pytest.raises(fo.Failure) as e:
+        fo.AnthropicAdapter.on_event(event, data, st)
+    assert e.value.outcome == outcome
+
+
 # -- policy (pure) --------------------------------------------------------------
 
 @pytest.mark.parametrize(("status", "body", "outcome"), [

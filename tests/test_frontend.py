@@ -154,6 +154,35 @@ BAD_REQUESTS = [
      "method_not_allowed", None, ["GET", "/v1/chat/completions"]),
     ("bad chunked framing", CHAT_HEAD + b"transfer-encoding: chunked\r\n\r\nzz\r\n", 400,
      "bad_http", None, ["malformed HTTP request"]),
+    # Wrong types anywhere failoverd reads: a 400 naming the field, no upstream called.
+    ("stream as a string", http_request({**GOOD, "stream": "true"}), 400, "invalid_value",
+     "stream", ["'stream'", "bool", "str"]),
+    ("content a number", http_request({**GOOD, "messages": [
+        {"role": "system", "content": "hi"}, {"role": "user", "content": 5}]}), 400,
+     "invalid_value", "messages[1].content", ["'messages[1].content'", "got `int`"]),
+    ("tool_calls of numbers", http_request({**GOOD, "messages": [
+        {"role": "assistant", "content": None, "tool_calls": [1]}]}), 400, "invalid_value",
+     "messages[0].tool_calls[0]", ["object"]),
+    ("image_url a string", http_request({**GOOD, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": "x"}]}]}), 400, "invalid_value",
+     "messages[0].content[0].image_url", ["object"]),
+    ("a text part without text", http_request({**GOOD, "messages": [{"role": "user", "content": [
+        {"type": "text"}]}]}), 400, "invalid_value", "messages[0].content[0]", ["'text'"]),
+    ("a part without a type", http_request({**GOOD, "messages": [{"role": "user", "content": [
+        {"text": "hi"}]}]}), 400, "invalid_value", "messages[0].content[0]", ["`type`"]),
+    ("role a number", http_request({**GOOD, "messages": [{"role": 3, "content": "x"}]}), 400,
+     "invalid_value", "messages[0].role", ["str"]),
+    ("a message that is not an object", http_request({**GOOD, "messages": ["hello"]}), 400,
+     "invalid_value", "messages[0]", ["object"]),
+    ("max_tokens a string", http_request({**GOOD, "max_tokens": "10"}), 400, "invalid_value",
+     "max_tokens", ["int"]),
+    ("max_tokens negative", http_request({**GOOD, "max_tokens": -1}), 400, "invalid_value",
+     "max_tokens", [">= 0"]),
+    ("stop a number", http_request({**GOOD, "stop": 5}), 400, "invalid_value", "stop", []),
+    ("tools not objects", http_request({**GOOD, "tools": ["f"]}), 400, "invalid_value",
+     "tools[0]", []),
+    ("stream_options not an object", http_request({**GOOD, "stream_options": True}), 400,
+     "invalid_value", "stream_options", []),
 ]
 
 
@@ -214,6 +243,50 @@ async def test_chunked_body_growing_over_limit_gets_413_without_waiting_for_the_
     message = error_of(msgspec.json.decode(raw.split(b"\r\n\r\n", 1)[1]), code="body_too_large")
     assert "daemon.max_body_bytes = 1000" in message
     await assert_still_serving(h)
+
+
+def head_of(size: int) -> bytes:
+    """A GET /healthz head of exactly `size` bytes."""
+    start, end = b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-pad: ", b"\r\n\r\n"
+    return start + b"p" * (size - len(start) - len(end)) + end
+
+
+@pytest.mark.parametrize(("size", "status"), [
+    (fo.MAX_HEAD_BYTES, 200), (fo.MAX_HEAD_BYTES + 1, 431), (100 * 1024, 431),
+    (127 * 1024, 431), (1024 * 1024, 431)])
+async def test_request_heads_are_limited_to_64_kib(h, autojump_clock, size, status):
+    """h11 checks its limit only on a head still incomplete: one sent in a single write
+    used to pass up to ~128 KiB, whatever the limit said."""
+    conn = Conn(h)
+    h.nursery.start_soon(conn.send, head_of(size))
+
+    result = await conn.response()
+
+    assert result.status == status
+    if status == 431:
+        assert error_of(result.json, code="bad_http")
+        assert result.headers["connection"] == "close"
+
+
+@pytest.mark.parametrize(("size", "status"), [(fo.MAX_HEAD_BYTES, 200),
+                                              (fo.MAX_HEAD_BYTES + 464, 431)])
+async def test_a_head_sent_in_two_writes_is_held_to_the_same_limit(h, autojump_clock, size,
+                                                                   status):
+    """The second read must not take the head past the limit in one go either."""
+    conn = Conn(h)
+    head = head_of(size)
+    await conn.send(head[:1000])
+    await trio.sleep(1)
+    h.nursery.start_soon(conn.send, head[1000:])
+
+    assert (await conn.response()).status == status
+
+
+async def test_a_head_within_the_limit_behind_a_pipelined_request_is_served(h, autojump_clock):
+    conn = Conn(h)
+    await conn.send(head_of(200) + head_of(fo.MAX_HEAD_BYTES))
+    first, second = await conn.response(), await conn.response()
+    assert (first.status, second.status) == (200, 200)
 
 
 async def test_head_sent_byte_by_byte_slower_than_head_timeout_gets_408_at_the_deadline(

@@ -7,8 +7,7 @@ keys, and a ledger that cannot be reopened.
 
 from __future__ import annotations
 
-import socket
-
+import conftest
 import h11
 import pytest
 import trio
@@ -22,11 +21,7 @@ import failoverd as fo
 
 def socket_pair(buffer: int = 8192) -> tuple[trio.SocketStream, trio.SocketStream]:
     """A kernel socket pair with small buffers, so a client that stops reading blocks us."""
-    a, b = trio.socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    for s in (a, b):
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)
-    return trio.SocketStream(a), trio.SocketStream(b)
+    return conftest.socket_pair(buffer)
 
 
 async def read_all(stream: trio.SocketStream) -> bytes:
@@ -199,6 +194,7 @@ def test_keys_that_cannot_go_into_a_header_are_rejected_at_load(key, tmp_path):
 
 async def test_failed_ledger_reopen_keeps_the_daemon_writing(tmp_path, caplog):
     path = tmp_path / "logs" / "ledger.jsonl"
+    path.parent.mkdir()  # failoverd creates no directory but its own (SYSTEMD_DIRECTORIES)
     cfg = make_config({"r": ["a/m1"]}, ledger=str(path))
     d = fo.Daemon(cfg, ledger=fo.Ledger(str(path)))
     (tmp_path / "logs").rename(tmp_path / "logs.1")  # rotated away ...
@@ -211,7 +207,10 @@ async def test_failed_ledger_reopen_keeps_the_daemon_writing(tmp_path, caplog):
     assert (tmp_path / "logs.1" / "ledger.jsonl").read_bytes().endswith(b'"status":200,'
                                                                         b'"stream":false,'
                                                                         b'"client_pid":null,'
-                                                                        b'"client_uid":null}\n')
+                                                                        b'"client_uid":null,'
+                                                                        b'"total_timeout_s":null,'
+                                                                        b'"client_cliff_s":null,'
+                                                                        b'"continued":false}\n')
 
 
 class RecordingReply(fo.Reply):
@@ -224,8 +223,13 @@ class RecordingReply(fo.Reply):
     async def send(self, data: bytes) -> None:
         self.calls.append("send")
 
-    async def finish(self, data: bytes) -> None:
+    async def finish(self, data: bytes, settle) -> None:
         self.calls.append("finish")
+        settle(True)
+
+    async def respond(self, status, headers, body, settle) -> None:
+        self.calls.append("respond")
+        settle(True)
 
     def abort(self) -> None:
         self.calls.append("abort")
@@ -237,17 +241,17 @@ async def test_output_handled_after_the_deadline_fired_ends_the_attempt(harness,
     attempt as that timeout: nothing is written, nothing is silently dropped."""
     h = harness({"a/m1": ok_script()})
     reply = RecordingReply()
-    ex = fo.Exchange(h.d, h.d.routes["r"], {"messages": [{"role": "user", "content": "x"}]},
-                     stream=True, peer=fo.Peer(), reply=reply, request_id="r1", body_size=60)
-    st = fo.StreamState(assemble=False, want_usage=False)
-    with trio.CancelScope() as scope:
-        scope.cancel()  # the deadline fired while the token sat in the run queue
-        st.progress = True
-        with pytest.raises(fo.Failure) as e:
-            await ex._digested(fo.Slot("a", "m1"), st, fo.Metrics(0.0), scope, b'{"choices":[]}')
+    req = fo.Request(h.d, h.d.snap, h.d.routes["r"],
+                     {"messages": [{"role": "user", "content": "x"}]}, stream=True,
+                     peer=fo.Peer(), reply=reply, request_id="r1", body_size=60)
+    attempt = fo.Attempt(req, fo.Slot("a", "m1"), claim=(), hedge=False, retry=False)
+    attempt.scope.cancel()  # the deadline fired while the token sat in the run queue
+    attempt.st.progress = True
+    with pytest.raises(fo.Failure) as e:
+        await attempt._digested(b'{"choices":[]}')
     assert e.value.outcome == "first_token_timeout"
     assert reply.calls == []
-    assert not ex.committed
+    assert not req.committed
 
 
 # -- overload: shed fast instead of queueing ------------------------------------------
@@ -298,7 +302,7 @@ async def test_overloaded_daemon_sheds_its_share_of_new_requests_at_once(
     assert r.t_first == 0.0  # refused at once,
     assert len(h.upstreams.calls) == calls  # no upstream touched
     assert "shed (overloaded now: refusing 95% of new requests, 50% of new streams)" in \
-        "\n".join(fo.format_status(h.d.status()))
+        "\n".join(fo.format_status(h.d.status(), width=200))
     h.d.shed_share = 0.0
     assert (await h.chat()).text == "a"
 
@@ -335,9 +339,9 @@ async def test_an_idle_daemon_probes_its_loop_rarely(harness, autojump_clock, nu
     # a request beginning wakes the idle probe: from then on it probes at the busy pace
     h.d.shed_share = h.d.shed_share_streams = h.d.loop_lag = 0.0  # calm again
     await trio.sleep(0.02)  # the probe goes back to its idle pace
-    h.d.begin(fo.Exchange(h.d, h.d.routes["r"], {"messages": []}, stream=False,
-                          peer=fo.Peer(pid=None, uid=None), reply=fo.Reply(),
-                          request_id="x", body_size=0))
+    h.d.begin(fo.Request(h.d, h.d.snap, h.d.routes["r"], {"messages": []}, stream=False,
+                         peer=fo.Peer(pid=None, uid=None), reply=fo.Reply(),
+                         request_id="x", body_size=0))
     await trio.sleep(0.001)
     autojump_clock.jump(0.05)  # a busy probe (0.01 s) now sees 0.04 s of lateness
     await trio.sleep(0.001)
@@ -347,20 +351,9 @@ async def test_an_idle_daemon_probes_its_loop_rarely(harness, autojump_clock, nu
 # -- a late event loop and slow clients while relaying ------------------------------------
 
 async def test_late_event_loop_never_turns_a_lost_frame_into_a_complete_answer(
-        harness, autojump_clock, monkeypatch):
+        harness, autojump_clock, busy_loop_scripts):
     """The stall deadline passes while the loop is busy; the next read brings the last
     content, the finish and [DONE] at once. The client must not get [DONE] after a hole."""
-    play = fo.play_script
-
-    async def play_with_jumps(script):
-        for step in script:
-            if step[0] == "jump":  # time passes with no checkpoint: a busy event loop
-                autojump_clock.jump(step[1])
-                continue
-            async for piece in play([step]):
-                yield piece
-
-    monkeypatch.setattr(fo, "play_script", play_with_jumps)
     tail = b"".join(fo.script_bytes(s) for s in (
         ("sse", fo.sse_chunk(" LOST")), ("sse", fo.sse_chunk(finish="stop")), ("sse", "[DONE]")))
     script = [("head", 200, {}), ("sse", fo.sse_chunk("hello")), ("jump", 11.0), ("raw", tail)]
@@ -493,7 +486,7 @@ async def test_a_client_gone_while_its_fallback_waits_leaves_the_queue(harness, 
     assert len(h.d.fallbacks) == 1
     status = h.d.status()
     assert status["fallbacks_waiting"] == 1
-    assert "1 next attempt(s) waiting their turn" in "\n".join(fo.format_status(status))
+    assert "1 next attempt(s) waiting their turn" in "\n".join(fo.format_status(status, width=200))
     await client.aclose()
     await trio.sleep(0.1)
     assert len(h.d.fallbacks) == 0

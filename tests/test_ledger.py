@@ -4,6 +4,7 @@ a full disk costs rows but never a request, and API keys never reach the file.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 
@@ -139,6 +140,92 @@ async def test_full_disk_does_not_stop_requests(tmp_path, nursery, failoverd_log
     assert len([r for r in failoverd_log.records if r.levelno == logging.ERROR]) == 1
 
 
+class FillingDisk:
+    """os.write for one descriptor as a disk with `free` bytes left: a write takes what
+    fits (a short write), then ENOSPC. Space comes back when `free` is raised."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, fd: int, free: int) -> None:
+        self.fd, self.free = fd, free
+        self._write = os.write
+        monkeypatch.setattr(fo.os, "write", self.write)
+
+    def write(self, fd: int, data) -> int:
+        if fd != self.fd:
+            return self._write(fd, data)
+        if self.free <= 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        n = self._write(fd, bytes(data)[:self.free])
+        self.free -= n
+        return n
+
+
+def test_a_row_torn_by_a_full_disk_is_cut_off_before_the_next_row(path, monkeypatch):
+    """The disk fills mid-row, then space comes back: the torn row is gone, not glued
+    to the next one, so every line of the file is a whole row."""
+    ledger = fo.Ledger(path)
+    ledger.write(ROWS[0])
+    disk = FillingDisk(monkeypatch, ledger.fd, free=25)
+    ledger.write(ROWS[1])  # 25 bytes of it reach the file, then the disk is full
+    # A reader (tail -f, jq) sees only whole rows meanwhile.
+    assert [row for _, row in fo.read_ledger(path)] == [ROWS[0]]
+    ledger.write(ROWS[2])  # nothing fits
+    disk.free = 10**9  # space is freed
+    ledger.write(ROWS[3])
+    ledger.close()
+
+    assert [row for _, row in fo.read_ledger(path)] == [ROWS[0], ROWS[3]]
+    with open(path, "rb") as f:
+        assert f.read().endswith(b"}\n")
+    assert ledger.dropped == 2
+
+
+def test_a_short_write_that_completes_loses_nothing(path, monkeypatch):
+    """A write cut short by a signal, not a full disk: the rest follows, the row is whole."""
+    ledger = fo.Ledger(path)
+    disk = FillingDisk(monkeypatch, ledger.fd, free=25)
+    real = disk.write
+
+    def short_once(fd, data):
+        n = real(fd, data)
+        disk.free = 10**9
+        return n
+
+    monkeypatch.setattr(fo.os, "write", short_once)
+    ledger.write(ROWS[0])
+    ledger.write(ROWS[1])
+    ledger.close()
+
+    assert [row for _, row in fo.read_ledger(path)] == ROWS[:2]
+    assert ledger.dropped == 0
+
+
+def test_a_row_stays_dropped_until_the_torn_one_can_be_cut_then_rotation_cuts_it(
+        path, monkeypatch):
+    """If even the cut fails (an I/O error), no row is appended to the torn one; the
+    cut is retried before each row, and on the rotated file when the ledger reopens."""
+    ledger = fo.Ledger(path)
+    ledger.write(ROWS[0])
+    real_ftruncate = os.ftruncate
+
+    def broken_ftruncate(fd, length):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(fo.os, "ftruncate", broken_ftruncate)
+    disk = FillingDisk(monkeypatch, ledger.fd, free=25)
+    ledger.write(ROWS[1])  # torn, and the cut fails
+    disk.free = 10**9
+    ledger.write(ROWS[2])  # not glued to the torn row: dropped
+    monkeypatch.setattr(fo.os, "ftruncate", real_ftruncate)
+    os.rename(path, path + ".1")
+    ledger.reopen()
+    ledger.write(ROWS[3])
+    ledger.close()
+
+    assert [row for _, row in fo.read_ledger(path + ".1")] == ROWS[:1]
+    assert [row for _, row in fo.read_ledger(path)] == ROWS[3:]
+    assert ledger.dropped == 2
+
+
 def error_json(text: str) -> bytes:
     return msgspec.json.encode({"error": {"message": text, "type": "invalid_request_error",
                                           "code": None, "param": None}})
@@ -193,6 +280,14 @@ SCRUB = [
      "HTTP 500: upstream overloaded, retry later"),
     ("words that merely contain sk-", "risk-assessment and task-management", (),
      "risk-assessment and task-management"),
+    ("the start of a known key, cut off at the end", "bad key Zq9dk2LmPa0s",
+     ("Zq9dk2LmPa0sXw8QQr7T",), "bad key [redacted]"),
+    ("the end of a known key, cut off at the start", "Xw8QQr7T was refused",
+     ("Zq9dk2LmPa0sXw8QQr7T",), "[redacted] was refused"),
+    ("a piece from the middle of a known key", "key ...dk2LmPa0sXw... revoked",
+     ("Zq9dk2LmPa0sXw8QQr7T",), "key ...[redacted]... revoked"),
+    ("a piece shorter than 8 characters stays", "id Zq9dk2L", ("Zq9dk2LmPa0sXw8QQr7T",),
+     "id Zq9dk2L"),
 ]
 
 
@@ -200,3 +295,55 @@ SCRUB = [
                          [pytest.param(*case[1:], id=case[0]) for case in SCRUB])
 def test_scrub(text, known, scrubbed):
     assert fo.scrub(text, known) == scrubbed
+
+
+CANARY = "Zq9dk2LmPa0sXw8QQr7TtYu3VvBn1MmC"  # a key of no known shape: only `known` finds it
+
+
+def fragments(secret: str, n: int = 8) -> list[str]:
+    return [secret[i:i + n] for i in range(len(secret) - n + 1)]
+
+
+@pytest.mark.parametrize("before_cut", [5, 8, 20, len(CANARY) - 1, len(CANARY) + 10])
+async def test_no_fragment_of_a_key_at_the_cut_reaches_anyone(
+        harness, autojump_clock, failoverd_log, tmp_path, before_cut):
+    """The upstream echoes the key so that the 300-character cut of its message falls
+    inside it: no 8-character piece of it reaches the ledger, the log, /status,
+    state.json or the client."""
+    message = "x" * (300 - before_cut) + CANARY + " is not a valid key"
+    h = harness({"a/m1": [("respond", 401, {}, error_json(message))]}, routes={"r": ["a/m1"]})
+    h.d.snap.keys = {"a": CANARY}
+    h.d.snap.secrets = [CANARY]
+
+    reply = await h.chat()
+    status = await h.send(b"GET /status HTTP/1.1\r\nhost: x\r\n\r\n")
+
+    assert reply.status == 502
+    assert h.rows("breaker")[0]["reason"].startswith("credential isolated: HTTP 401: xxx")
+    places = {"ledger": read_text(h.ledger_path), "log": failoverd_log.text,
+              "client": reply.body.decode(), "status": status.body.decode(),
+              "state.json": (tmp_path / "state.json").read_text()}
+    assert all("xxxx" in text for text in places.values())  # the message got there
+    leaks = {where: piece for where, text in places.items() for piece in fragments(CANARY)
+             if piece in text}
+    assert leaks == {}
+    # Scrubbed before the cut: not even a shorter piece is left at the end of the message.
+    assert not [where for where, text in places.items() if CANARY[:5] in text]
+
+
+def test_state_file_is_created_0640_like_the_ledger(tmp_path):
+    """Breaker reasons quote upstream errors: the state file is no more readable than the
+    ledger, even where a crash left a world-readable .tmp behind."""
+    (tmp_path / "state.json.tmp").write_text("{}")
+    os.chmod(tmp_path / "state.json.tmp", 0o644)
+    old_umask = os.umask(0o022)
+    try:
+        d = fo.Daemon(make_config({"r": ["a/m1"]}), ledger=fo.Ledger(str(tmp_path / "l.jsonl")))
+        d.save_state()
+    finally:
+        os.umask(old_umask)
+
+    assert oct(os.stat(tmp_path / "l.jsonl").st_mode & 0o777) == "0o640"
+    assert oct(os.stat(tmp_path / "state.json").st_mode & 0o777) == "0o640"
+    assert not (tmp_path / "state.json.tmp").exists()
+    assert msgspec.json.decode((tmp_path / "state.json").read_bytes())["version"] == 1

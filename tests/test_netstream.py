@@ -284,7 +284,7 @@ async def test_upstream_tls_is_verified_against_the_system_store_or_ssl_cert_fil
     else:
         monkeypatch.delenv("SSL_CERT_FILE", raising=False)
     d = https_daemon(server.port, tmp_path)
-    pool = d.transports["a"].pools[0]
+    pool = d.snap.pools["a"].pools[0]
     url = f"https://127.0.0.1:{server.port}/v1/chat/completions"
     with trio.fail_after(10):
         if verified:

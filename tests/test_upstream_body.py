@@ -23,8 +23,14 @@ import httpx2
 import msgspec
 import pytest
 import trio
-from conftest import ClientResult, FixedJitter, http_request, make_config, read_response
-from test_hardening import socket_pair
+from conftest import (
+    ClientResult,
+    FixedJitter,
+    http_request,
+    make_config,
+    read_response,
+    socket_pair,
+)
 
 import failoverd as fo
 
