@@ -151,7 +151,9 @@ async def main_async(p: argparse.Namespace, tmp: str) -> int:
         params = run.Params(chunk_count=p.chunks, chunk_base=p.base, pace_ms=p.pace)
         config = never_shed(run.write_config(tmp, up.port, params))
         sock = os.path.join(tmp, "fo.sock")
-        counted = Counted([run.PYTHON, run.FAILOVERD, "serve", "--config", config, "--quiet"],
+        # valgrind runs the interpreter, with the `failoverd` script or `-m failoverd`
+        entry = run.FAILOVERD if run.FAILOVERD[0] == run.PYTHON else [run.PYTHON, *run.FAILOVERD]
+        counted = Counted([*entry, "serve", "--config", config, "--quiet"],
                           tmp, run.DAEMON_ENV)
         target = lg.Target("failoverd", unix=sock)
         models = (f"up/{models[0]}", f"up/{models[1]}")  # PROVIDER/MODEL: a one-slot route
