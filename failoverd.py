@@ -17,12 +17,12 @@ __version__ = "0.1.0"
 import collections
 import contextlib
 import datetime as _dt
-import difflib
-import email.utils
 import errno
+import functools
 import gc
 import hashlib
 import hmac
+import importlib.util
 import logging
 import math
 import os
@@ -33,25 +33,60 @@ import secrets as _secrets
 import select
 import signal
 import socket as _socket
-import ssl
 import stat
 import struct
 import sys
-import tempfile
 import time
-import tomllib
+import types
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Annotated, Any, Literal
 
 import click
-import h11
-import httpcore2
-import httpx2
 import msgspec
-import trio
 
 log = logging.getLogger("failoverd")
+
+
+def _library(name: str) -> types.ModuleType:
+    """`import name`, run at the module's first attribute access rather than here: the
+    commands that never serve or call an upstream (tail, audit, check) do not pay for
+    the network libraries: `failoverd tail` starts in about a third of the time and
+    memory (bench/tail.py)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"failoverd needs the package {name!r}; reinstall failoverd")
+    spec.loader = importlib.util.LazyLoader(spec.loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+h11 = _library("h11")
+httpcore2 = _library("httpcore2")
+httpx2 = _library("httpx2")
+trio = _library("trio")
+# The same for the standard library's heavier modules that `tail` never needs.
+difflib = _library("difflib")
+email_utils = _library("email.utils")
+ssl = _library("ssl")
+tempfile = _library("tempfile")
+tomllib = _library("tomllib")
+
+
+class _NoTaskStatus:
+    """trio.TASK_STATUS_IGNORED for the defaults of functions that may be started with
+    nursery.start (which passes its own) or called directly: a name from trio there
+    would load trio at import."""
+
+    def started(self, value: Any = None) -> None:
+        pass
+
+
+TASK_STATUS_IGNORED: Any = _NoTaskStatus()
 
 # ---------------------------------------------------------------------------
 # Config
@@ -1016,7 +1051,7 @@ def parse_retry_after(headers: Mapping[str, str], now_epoch: float) -> float | N
             return max(0.0, float(ra))
         except ValueError:
             with contextlib.suppress(TypeError, ValueError):
-                when = email.utils.parsedate_to_datetime(ra)
+                when = email_utils.parsedate_to_datetime(ra)
                 return max(0.0, when.timestamp() - now_epoch)
     resets = [
         d
@@ -3686,9 +3721,11 @@ class Seam:
         return _json_encode(chunk)
 
 
-class _BoundedStream(httpcore2.AsyncNetworkStream):
-    """httpcore's read/write, bounded by a timeout scope only when httpcore gives a
-    timeout; subclasses implement the unbounded `_read` and `_write`."""
+class _BoundedStream:
+    """httpcore2's network stream interface (read, write, aclose, start_tls,
+    get_extra_info: duck-typed, httpcore2 only calls them), its read and write bounded
+    by a timeout scope only when httpcore2 gives a timeout; subclasses implement the
+    unbounded `_read` and `_write`."""
 
     __slots__ = ()
 
@@ -3836,8 +3873,9 @@ def _socket_info(stream: trio.SocketStream, info: str) -> Any:
     return None
 
 
-class NetBackend(httpcore2.AsyncNetworkBackend):
-    """httpcore's connection pools connect through this (see NetStream)."""
+class NetBackend:
+    """httpcore2's connection pools connect through this (see NetStream): its network
+    backend interface, duck-typed like _BoundedStream's."""
 
     async def connect_tcp(
         self, host: str, port: int, timeout: float | None = None,  # noqa: ASYNC109 (httpcore's interface)
@@ -3859,32 +3897,36 @@ class NetBackend(httpcore2.AsyncNetworkBackend):
         await trio.sleep(seconds)
 
 
-# httpcore2's exceptions as the httpx2 ones the engine catches (httpx2's own table is
-# in a private module). Base classes are listed so that nothing maps to a vaguer type.
-_HTTPX_ERRORS: dict[type[Exception], type[httpx2.TransportError]] = {
-    httpcore2.ConnectTimeout: httpx2.ConnectTimeout, httpcore2.ReadTimeout: httpx2.ReadTimeout,
-    httpcore2.WriteTimeout: httpx2.WriteTimeout, httpcore2.PoolTimeout: httpx2.PoolTimeout,
-    httpcore2.TimeoutException: httpx2.TimeoutException,
-    httpcore2.ConnectError: httpx2.ConnectError, httpcore2.ReadError: httpx2.ReadError,
-    httpcore2.WriteError: httpx2.WriteError, httpcore2.NetworkError: httpx2.NetworkError,
-    httpcore2.RemoteProtocolError: httpx2.RemoteProtocolError,
-    httpcore2.LocalProtocolError: httpx2.LocalProtocolError,
-    httpcore2.ProtocolError: httpx2.ProtocolError,
-    httpcore2.UnsupportedProtocol: httpx2.UnsupportedProtocol,
-    httpcore2.ProxyError: httpx2.ProxyError,
-}
-_HTTPCORE_ERRORS = tuple(_HTTPX_ERRORS)
+@functools.cache
+def _httpx_errors() -> dict[type[Exception], type[httpx2.TransportError]]:
+    """httpcore2's exceptions as the httpx2 ones the engine catches (httpx2's own table
+    is in a private module). Base classes are listed so that nothing maps to a vaguer
+    type. Built on first use, like everything that touches the network libraries."""
+    return {
+        httpcore2.ConnectTimeout: httpx2.ConnectTimeout,
+        httpcore2.ReadTimeout: httpx2.ReadTimeout,
+        httpcore2.WriteTimeout: httpx2.WriteTimeout, httpcore2.PoolTimeout: httpx2.PoolTimeout,
+        httpcore2.TimeoutException: httpx2.TimeoutException,
+        httpcore2.ConnectError: httpx2.ConnectError, httpcore2.ReadError: httpx2.ReadError,
+        httpcore2.WriteError: httpx2.WriteError, httpcore2.NetworkError: httpx2.NetworkError,
+        httpcore2.RemoteProtocolError: httpx2.RemoteProtocolError,
+        httpcore2.LocalProtocolError: httpx2.LocalProtocolError,
+        httpcore2.ProtocolError: httpx2.ProtocolError,
+        httpcore2.UnsupportedProtocol: httpx2.UnsupportedProtocol,
+        httpcore2.ProxyError: httpx2.ProxyError,
+    }
 
 
 def _httpx_error(e: Exception) -> httpx2.TransportError:
-    return _HTTPX_ERRORS.get(type(e), httpx2.TransportError)(str(e) or type(e).__name__)
+    return _httpx_errors().get(type(e), httpx2.TransportError)(str(e) or type(e).__name__)
 
 
-class UpstreamTransport(httpx2.AsyncBaseTransport):
+class UpstreamTransport:
     """One httpcore2 connection pool, connecting through NetBackend, behind httpx2's
-    transport interface: an httpx2.Request in, an httpx2.Response out, httpcore2's
-    errors as httpx2's. httpcore2 does the rest: connections, TLS, keep-alive, the
-    request, the response head, and bodies other than streamed replies (H11Body)."""
+    transport interface (handle_async_request and aclose, duck-typed): an httpx2.Request
+    in, an httpx2.Response out, httpcore2's errors as httpx2's. httpcore2 does the rest:
+    connections, TLS, keep-alive, the request, the response head, and bodies other than
+    streamed replies (H11Body)."""
 
     __slots__ = ("pool",)
 
@@ -3903,47 +3945,56 @@ class UpstreamTransport(httpx2.AsyncBaseTransport):
             headers=request.headers.raw, content=request.stream, extensions=request.extensions)
         try:
             resp = await self.pool.handle_async_request(core)
-        except _HTTPCORE_ERRORS as e:
+        except tuple(_httpx_errors()) as e:
             raise _httpx_error(e) from None
-        return httpx2.Response(resp.status, headers=resp.headers, stream=PoolStream(resp.stream),
+        return httpx2.Response(resp.status, headers=resp.headers,
+                               stream=pool_stream_type()(resp.stream),
                                extensions=resp.extensions)
 
     async def aclose(self) -> None:
         await self.pool.aclose()
 
 
-class PoolStream(httpx2.AsyncByteStream):
-    """A response body from an UpstreamTransport: httpcore2's stream, its errors as
-    httpx2's; closing it gives the connection back to the pool (or closes it)."""
+@functools.cache
+def pool_stream_type() -> type:
+    """PoolStream: httpx2 reads a body only from an httpx2.AsyncByteStream subclass, so
+    the class is made on first use (see _library)."""
 
-    __slots__ = ("core",)
+    class PoolStream(httpx2.AsyncByteStream):
+        """A response body from an UpstreamTransport: httpcore2's stream, its errors as
+        httpx2's; closing it gives the connection back to the pool (or closes it)."""
 
-    def __init__(self, core: Any) -> None:
-        self.core = core  # httpcore2's PoolByteStream
+        __slots__ = ("core",)
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        try:
-            async for part in self.core:
-                yield part
-        except _HTTPCORE_ERRORS as e:
-            raise _httpx_error(e) from None
+        def __init__(self, core: Any) -> None:
+            self.core = core  # httpcore2's PoolByteStream
 
-    async def aclose(self) -> None:
-        await self.core.aclose()
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            try:
+                async for part in self.core:
+                    yield part
+            except tuple(_httpx_errors()) as e:
+                raise _httpx_error(e) from None
 
-    def h11_body(self, *, chunked: bool) -> H11Body | None:
-        """The body read straight from the HTTP/1.1 connection that received the head,
-        or None if this response did not come over one (its layout below is
-        httpcore2's; anything unexpected there keeps httpcore2's own reader)."""
-        conn = getattr(getattr(self.core, "_stream", None), "_connection", None)
-        if not isinstance(conn, httpcore2.AsyncHTTP11Connection):
-            return None
-        state = getattr(conn, "_h11_state", None)
-        net = getattr(conn, "_network_stream", None)
-        if (isinstance(state, h11.Connection) and isinstance(net, _BoundedStream)
-                and state.their_state is h11.SEND_BODY):
-            return H11Body(state, net, chunked=chunked)
+        async def aclose(self) -> None:
+            await self.core.aclose()
+
+    return PoolStream
+
+
+def h11_body(core: Any, *, chunked: bool) -> H11Body | None:
+    """The body of a PoolStream's httpcore2 stream read straight from the HTTP/1.1
+    connection that received the head, or None if it did not come over one (its
+    layout below is httpcore2's; anything unexpected there keeps httpcore2's reader)."""
+    conn = getattr(getattr(core, "_stream", None), "_connection", None)
+    if not isinstance(conn, httpcore2.AsyncHTTP11Connection):
         return None
+    state = getattr(conn, "_h11_state", None)
+    net = getattr(conn, "_network_stream", None)
+    if (isinstance(state, h11.Connection) and isinstance(net, _BoundedStream)
+            and state.their_state is h11.SEND_BODY):
+        return H11Body(state, net, chunked=chunked)
+    return None
 
 
 # As httpcore2 reads: one read(2) of up to 64 KiB.
@@ -4017,7 +4068,8 @@ def upstream_body(resp: httpx2.Response) -> AsyncIterator[bytes] | httpx2.AsyncB
     stream = resp.stream
     # h11 frames a body by chunks exactly when the head names a transfer-encoding.
     chunked = "transfer-encoding" in resp.headers
-    body = stream.h11_body(chunked=chunked) if isinstance(stream, PoolStream) else None
+    body = h11_body(stream.core, chunked=chunked) if isinstance(
+        stream, pool_stream_type()) else None
     return stream if body is None else body
 
 
@@ -7020,7 +7072,7 @@ def admit_connection(d: Daemon) -> bool:
 
 async def serve(
     d: Daemon, listeners: list[trio.abc.Listener[Any]], *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[None] = TASK_STATUS_IGNORED,
 ) -> None:
     """Accept until `d.shutdown` is set, then drain in-flight requests within the grace."""
 
@@ -7156,7 +7208,7 @@ async def _watchdog(interval: float) -> None:
 
 async def _serve_then_stop(
     d: Daemon, listeners: list[trio.abc.Listener[Any]], helpers: trio.CancelScope, *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[None] = TASK_STATUS_IGNORED,
 ) -> None:
     await serve(d, listeners, task_status=task_status)
     helpers.cancel()
@@ -7322,7 +7374,7 @@ class FakeUpstream:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
-    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(self, *, task_status: trio.TaskStatus[None] = TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
         self.port = listeners[0].socket.getsockname()[1]
         task_status.started()

@@ -58,15 +58,19 @@ def build_ledger(path: str, rows: int) -> None:
 
 
 def run_child(argv: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MB) of one command, its output discarded."""
-    t = time.perf_counter()
-    p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(p.pid, 0)
-    wall = time.perf_counter() - t
-    p.returncode = os.waitstatus_to_exitcode(status)
-    if p.returncode:
-        raise SystemExit(f"{argv} exited {p.returncode}: {p.stderr.read().decode()}")
-    p.stderr.close()
+    """(wall seconds, peak RSS in MB) of one command, its output discarded. Spawned with
+    posix_spawn (no copy of this process, which holds the ledgers it built: a forked
+    child's peak RSS would start at this process's size)."""
+    with open(os.devnull, "wb") as null, tempfile.TemporaryFile() as err:
+        t = time.perf_counter()
+        pid = os.posix_spawn(argv[0], argv, os.environ, file_actions=[
+            (os.POSIX_SPAWN_DUP2, null.fileno(), 1), (os.POSIX_SPAWN_DUP2, err.fileno(), 2)])
+        _, status, usage = os.wait4(pid, 0)
+        wall = time.perf_counter() - t
+        code = os.waitstatus_to_exitcode(status)
+        if code:
+            err.seek(0)
+            raise SystemExit(f"{argv} exited {code}: {err.read().decode()}")
     return wall, usage.ru_maxrss / 1024
 
 
@@ -93,6 +97,11 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--keep", metavar="DIR", help="build the ledgers in DIR and keep them")
     args = ap.parse_args()
+    # What an installed failoverd imports is its compiled .pyc; where Python is told not
+    # to write one (PYTHONDONTWRITEBYTECODE), every child would compile the file again.
+    # (In a child: compiling the big file would leave this process, which forks the
+    # measured ones, larger.)
+    subprocess.run([sys.executable, "-m", "py_compile", fo.__file__], check=True)
     if not os.path.exists(FAILOVERD):
         print(f"error: {FAILOVERD} not found; run this with the python of the venv failoverd is "
               f"installed in (`pip install -e .` in {ROOT})", file=sys.stderr)

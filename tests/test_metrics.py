@@ -228,13 +228,15 @@ async def test_metrics_on_the_unix_socket_and_the_tcp_listener(tmp_path):
 
 
 def test_cli_commands_and_the_module_do_not_import_the_daemons_extras(tmp_path):
-    """(rich is not checked: httpx 0.x imports it for its own CLI whenever it is
-    installed; failoverd imports it only inside the commands that draw tables.)"""
+    """Neither the metrics and report extras nor the network libraries (loaded on first
+    use: failoverd's _library) are loaded by importing failoverd or by `tail`. A module
+    still waiting for its first use is a _LazyModule (type() does not load it)."""
     path = tmp_path / "ledger.jsonl"
     path.write_text("")
     code = ("import sys, failoverd\n"
-            "loaded = lambda: sorted(m for m in ('prometheus_client', 'pygal') "
-            "if m in sys.modules)\n"
+            "loaded = lambda: sorted(m for m in ('prometheus_client', 'pygal', 'rich', 'trio', "
+            "'httpx2', 'httpcore2', 'h11', 'anyio', 'ssl', 'tomllib') if m in sys.modules "
+            "and type(sys.modules[m]).__name__ != '_LazyModule')\n"
             "print('import', loaded())\n"
             "from click.testing import CliRunner\n"
             f"r = CliRunner().invoke(failoverd.cli, ['tail', {str(path)!r}])\n"
