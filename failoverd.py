@@ -4249,9 +4249,12 @@ class Health:
         claim = []
         for key in breaker_keys(slot, credential):
             b = self.breakers.get(key)
-            if b is not None and b.state != "closed":
-                self._apply(key, b.force_probe(reason))
-                claim.append(key)
+            if b is None or b.state == "closed":
+                continue
+            if b.state == "half_open" and b.probing:
+                continue  # another request's probe is in flight: it keeps the verdict
+            self._apply(key, b.force_probe(reason))
+            claim.append(key)
         return tuple(claim)
 
     def blocked_until(self, slot: Slot, credential: str | None = None) -> float:
@@ -4512,6 +4515,16 @@ class Snapshot:
 
 # [daemon] keys a reload cannot apply: the listeners are opened once, at start.
 RESTART_KEYS = ("socket", "socket_mode", "tcp")
+
+
+async def in_background(work: Callable[[], Awaitable[None]], what: str) -> None:
+    """Work in the daemon's own nursery (probes that outlive their request, shadows,
+    alerts): an exception there would stop the daemon, so it is logged and ends only
+    this piece of work."""
+    try:
+        await work()
+    except Exception:
+        log.exception("%s failed; the daemon goes on", what)
 
 
 def trio_time() -> float:
@@ -5066,6 +5079,7 @@ class Attempt:
         self.claim = claim  # half-open probes held
         self.probe = bool(claim)
         self.hedge = hedge  # started beside a running attempt (a hedge or a probe's race)
+        self.raced = False  # a probe that has had the next slot started beside it
         self.retried = retry  # the slot's one retry (SPEC section 5)
         # The committed attempt that broke, and how, when this one continues its answer.
         self.continues = continues
@@ -5111,12 +5125,16 @@ class Attempt:
         except trio.Cancelled:  # the request is torn down around it (client gone, shutdown)
             if self.writing:
                 self.req.reply.abort()
-            reason = self.cancel_reason or self.req.cancel_reason  # a loser stays a loser
+            # A loser stays a loser; a detached probe outlived its request's reason.
+            reason = self.cancel_reason or ("shutdown" if self.req.d.draining
+                                            else self.req.cancel_reason)
             self.failure = Failure(reason, CANCEL_TEXT[reason])
             raise
         finally:
             self._end()
             self.req.d.health.release(self.claim)
+            if self.detached:
+                self.req.d.release(self.req.snap)
 
     async def _run(self) -> None:
         self.arm(self.t.began + self.first_token_s, "first_token")
@@ -5153,6 +5171,7 @@ class Attempt:
         token proves the slot or its first-token deadline fails it: a probe that hangs
         keeps the slot out, one that is only slower than the fallback brings it back."""
         self.detached = True
+        self.req.snap.users += 1  # its pools stay open until it ends (see run)
         self.arm(self.t.began + self.first_token_s, "first_token")
 
     def stop(self, reason: str) -> None:
@@ -5194,13 +5213,28 @@ class Attempt:
         return text + (f"; {ignored} heartbeat(s) or empty frame(s) ignored" if ignored else "")
 
     def _end(self) -> None:
-        """Once, on every path: settle the outcome, write the row, tell the breakers
-        and the request."""
+        """Once, on every path: settle the outcome, write the row, teach the deadlines,
+        tell the breakers and the request."""
         if self.ended:
             return
         self.ended = True
-        req, d = self.req, self.req.d
-        f = self.failure
+        req = self.req
+        self.failure = f = self._settle()
+        self._row()
+        self._learn_deadlines(f)
+        # A probe's verdict closes or reopens its breakers; one that proved nothing is
+        # released in run()'s finally.
+        req.record(self, f)
+        if f is not None and f.outcome not in ("client_disconnected", "hedge_lost"):
+            log.info("request %s: %s %s (%s)", req.request_id, self.slot.key, f.outcome, f.error)
+        if not self.detached:
+            req.attempt_ended(self)
+
+    def _settle(self) -> Failure | None:
+        """The attempt's final outcome, and what it teaches the token estimator: an
+        answer's reported prompt size, or an overflow; a truncation the tripwire suspects
+        or a refused prefill turns into its own outcome. Errors leave here scrubbed."""
+        req, d, f = self.req, self.req.d, self.failure
         if f is None:
             f = self._tripwire()
             if f is None and self.st.tokens_in:
@@ -5216,16 +5250,7 @@ class Attempt:
             req.min_window = max(req.min_window, window or reported or self.estimate)
         if f is not None:
             f.error = scrub(f.error, req.snap.secrets)
-        self.failure = f
-        self._row()
-        self._learn_deadlines(f)
-        # A probe's verdict closes or reopens its breakers; one that proved nothing is
-        # released in run()'s finally.
-        req.record(self, f)
-        if f is not None and f.outcome not in ("client_disconnected", "hedge_lost"):
-            log.info("request %s: %s %s (%s)", req.request_id, self.slot.key, f.outcome, f.error)
-        if not self.detached:
-            req.attempt_ended(self)
+        return f
 
     def _learn_deadlines(self, f: Failure | None) -> None:
         """Teach the model's deadlines: answers are observations, its own timeouts are
@@ -5413,9 +5438,10 @@ class Attempt:
     async def _digested(self, frame: bytes | None) -> None:
         """After an event: move the deadline on progress, commit, relay.
 
-        Nothing is dropped: if the deadline fired before this event could be handled
+        No output is dropped: if the deadline fired before this event could be handled
         (a late event loop), the attempt ends as that timeout, so the client gets a
-        failover or an in-band error, never an answer with a hole in it.
+        failover or an in-band error, never an answer with a hole in it. (Before commit,
+        frames with no output past MAX_PENDING_FRAMES are not kept: they carry nothing.)
         """
         st, t, req = self.st, self.t, self.req
         if frame is not None and self.seam is not None:
@@ -5456,7 +5482,8 @@ class Attempt:
         give the upstream its deadline back, extended by the time the write took: a
         client slow to read is never an upstream stall, and one that stops reading is
         dropped after client_write_timeout_s. A client that is reading takes the
-        frame at once, without a deadline move or a checkpoint."""
+        frame at once, in one write(2) and without a checkpoint (the upstream's deadline
+        is simply set to the one this output earned)."""
         reply = self.req.reply
         rest = None
         if frame is not None:
@@ -5567,8 +5594,9 @@ class Request:
 
     async def run(self, nursery: trio.Nursery) -> None:
         """Race the chain, then deliver the reply. Attempts that run beside another (a
-        hedge, a probe's race, a continuation) are started in `nursery`, which the
-        caller keeps open until this returns; the sequential case spawns nothing."""
+        hedge, a probe's racing partner, a continuation) are started in `nursery`, which
+        the caller keeps open until this returns; probes run in the daemon's nursery
+        (they may outlive the request); the sequential case spawns nothing."""
         self.d.begin(self)
         try:
             self.nursery, self.racing = nursery, True
@@ -5603,7 +5631,8 @@ class Request:
             changed = self.changed
             with trio.move_on_at(self.hedge_at(newest)) as timer:
                 await changed.wait()
-            if timer.cancelled_caught:
+            # A timer that fired as `newest` failed starts no hedge: the failover does.
+            if timer.cancelled_caught and not newest.ended and not self.failed_over:
                 newest = await self.hedge(newest) or newest
 
     async def go(self, a: Attempt | None) -> Attempt | None:
@@ -5620,20 +5649,24 @@ class Request:
     def spawn(self, a: Attempt) -> None:
         # A probe may outlive its request (see Attempt.detach): it runs in the daemon's
         # nursery, everything else in the request's.
-        nursery = self.d.background if a.probe and self.d.background else self.nursery
-        assert nursery is not None
-        nursery.start_soon(a.run)
+        if a.probe and self.d.background is not None:
+            self.d.background.start_soon(in_background, a.run, f"the probe of {a.slot.key}")
+            return
+        assert self.nursery is not None
+        self.nursery.start_soon(a.run)
 
     def hedge_at(self, newest: Attempt | None) -> float:
-        """When to start an attempt beside `newest`, if it is still alone and silent: a
-        probe is raced after probe_hedge_after_s, any other after the route's hedge
-        delay; once per request, and never after a winner."""
-        if newest is None or newest.ended or self.extra_used or self.winner is not None \
-                or len(self.running) != 1:
+        """When to start an attempt beside `newest`, if it is still silent: every probe is
+        raced after probe_hedge_after_s (a hung probe costs its client no more); any other
+        attempt, alone, after the route's hedge delay, once per request. Never after a
+        winner."""
+        if newest is None or newest.ended or self.winner is not None:
             return math.inf
         t = self.route.timing
         if newest.probe:
-            return newest.t.began + t.probe_hedge_after_s
+            return math.inf if newest.raced else newest.t.began + t.probe_hedge_after_s
+        if self.extra_used or len(self.running) != 1:
+            return math.inf
         delay = self.hedge_delay(newest)
         return math.inf if delay is None else newest.t.began + delay
 
@@ -5648,12 +5681,13 @@ class Request:
         return t.hedge_after_s
 
     async def hedge(self, newest: Attempt) -> Attempt | None:
-        self.extra_used = True
         if newest.probe:
+            newest.raced = True
             a = await self.start_next(hedge=True)
             if a is not None:
                 self.spawn(a)
             return a
+        self.extra_used = True
         window = self.d.hedges[self.route.name]
         now = trio.current_time()
         if not window.may_hedge(now, self.route.timing.hedge_max_share):
@@ -5670,6 +5704,7 @@ class Request:
         if self.winner is not None:
             return self.winner is a
         self.winner = a
+        self.retry_due = None  # a loser's retry is moot now
         self.stop_others(a)
         self.notify()
         return True
@@ -5755,9 +5790,10 @@ class Request:
         """Claim the slot's half-open probe (if trying it is one) and make the attempt in
         the same step; the caller starts it (go, spawn) before any checkpoint, and the
         attempt's own `finally` releases what it holds."""
-        if probe:
-            claim = self.d.health.claim(slot, self.snap.credential(slot.provider))
         a = Attempt(self, slot, claim=claim, hedge=hedge, retry=retry, continues=continues)
+        if probe:
+            a.claim = self.d.health.claim(slot, self.snap.credential(slot.provider))
+            a.probe = bool(a.claim)
         self.running.append(a)
         self.redispatched = self.tripped
         return a
@@ -5796,6 +5832,8 @@ class Request:
 
     def _failed(self, a: Attempt, f: Failure) -> None:
         self.failures.append((a.slot, f))
+        if self.winner is not None and a is not self.winner and a.continues is None:
+            return  # it failed as it lost the race: the winner decides the request
         if self.committed:  # only the answer being streamed (or its continuation) decides
             if a is self.winner or a.continues is not None:
                 self.winner = None
@@ -5810,6 +5848,8 @@ class Request:
             self.winner = None  # it failed before anything reached the client
         if is_timeout(f):
             self.timed_out.add(a.slot.provider)
+        if any(o.index > a.index and o.cancel_reason is None for o in self.running):
+            return  # its hedge, started after it, is already the next slot
         self.failed_over = True
         now = trio.current_time()
         wait = None if a.retried else retry_wait(
@@ -5887,7 +5927,7 @@ class Request:
             a, f = self.verdict
             if f.outcome == "client_disconnected":
                 self.status = STATUS_CLIENT_CLOSED
-            elif f.outcome == "bad_request":
+            elif f.outcome == "bad_request" and not self.committed:
                 await self._pass_through(a, f)
             else:
                 await self._in_band(a, f)
@@ -6247,7 +6287,8 @@ class Shadows:
         self.running.add(sreq)
         self.started += 1
         assert d.background is not None
-        d.background.start_soon(self._run, sreq)
+        d.background.start_soon(in_background, functools.partial(self._run, sreq),
+                                f"the shadow call of request {live.request_id}")
 
     async def _run(self, sreq: ShadowRequest) -> None:
         try:
@@ -6596,7 +6637,10 @@ async def _read_body(
                             f"daemon.max_body_bytes = {limit}", code="body_too_large", close=True)
         return None
     if conn.they_are_waiting_for_100_continue:
-        await reply._write([h11.InformationalResponse(status_code=100, headers=[])])
+        try:
+            await reply._write([h11.InformationalResponse(status_code=100, headers=[])])
+        except ClientGone:
+            return None  # it left before the body: nothing to answer
     parts, size = [], 0
     with trio.move_on_after(dc.body_timeout_s) as scope:
         while True:
@@ -7762,7 +7806,8 @@ async def run_demo(echo: Callable[[str], None] = print) -> int:
             d.shutdown.set()
             ledger.close()
             echo(f"ledger rows written: {sum(1 for _ in read_ledger(cfg.daemon.ledger))} "
-                 "(one per attempt, one per request); see `failoverd tail LEDGER`")
+                 "(one per attempt, one per request), in a temporary ledger deleted now; "
+                 "a daemon's own: `failoverd tail`")
             nursery.cancel_scope.cancel()
     return 0 if ok else 1
 
@@ -7977,10 +8022,14 @@ def format_row(row: LedgerRow) -> str:
             + (f" (open until {local_time(row.open_until)})" if row.open_until else ""))
 
 
-def _default_ledger() -> str:
-    with contextlib.suppress(ConfigError):
-        return load_config(_config_path(None)).daemon.ledger
-    return DaemonConfig().ledger
+def _default_ledger(config_path: str | None) -> str:
+    """daemon.ledger of the config (--config, $FAILOVERD_CONFIG, the default path); the
+    built-in default only when no config file exists. A config that exists but does not
+    load is an error: falling back would show some other ledger without saying so."""
+    path = _config_path(config_path)
+    if config_path is None and not os.path.exists(path):
+        return DaemonConfig().ledger
+    return _load_or_exit(path).daemon.ledger
 
 
 @cli.command("tail")
@@ -7997,12 +8046,14 @@ def _default_ledger() -> str:
               "..., skipped, or a skip reason such as breaker_open (repeatable).")
 @click.option("--request-id", "request_ids", multiple=True,
               help="Only the rows of this request (repeatable).")
+@click.option("--config", "config_path", help="Config to find daemon.ledger in [default: "
+              f"$FAILOVERD_CONFIG or {DEFAULT_CONFIG_PATH}].")
 def tail_cmd(ledger: str | None, lines: int, follow: bool, as_json: bool,
              routes: tuple[str, ...], outcomes: tuple[str, ...],
-             request_ids: tuple[str, ...]) -> None:
+             request_ids: tuple[str, ...], config_path: str | None) -> None:
     """Print the last rows of the ledger, like tail(1): human-readable (local time) by
     default. With a filter, breaker rows are left out (they belong to no request)."""
-    path = ledger or _default_ledger()
+    path = ledger or _default_ledger(config_path)
     wanted = row_filter(routes, outcomes, request_ids)
     try:
         _tail(path, lines, follow, lambda line, row: click.echo(
@@ -8014,8 +8065,17 @@ def tail_cmd(ledger: str | None, lines: int, follow: bool, as_json: bool,
     except IsADirectoryError:
         click.echo(f"failoverd: {path} is a directory; pass the ledger file", err=True)
         sys.exit(1)
+    except PermissionError:
+        click.echo(_unreadable(path), err=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         pass
+
+
+def _unreadable(path: str) -> str:
+    return (f"failoverd: cannot read {path}: permission denied; under the unit the ledger "
+            "belongs to the failoverd user (mode 0600): run this as root, e.g. "
+            "`sudo failoverd tail`")
 
 
 def row_filter(routes: Iterable[str], outcomes: Iterable[str], request_ids: Iterable[str]
@@ -9179,10 +9239,7 @@ def _audit_paths(ledgers: tuple[str, ...], config_path: str | None) -> list[str]
         if missing:
             raise click.UsageError(f"no ledger file at {', '.join(missing)}")
         return _oldest_first(ledgers)
-    try:
-        path = load_config(_config_path(config_path)).daemon.ledger
-    except ConfigError:
-        path = DaemonConfig().ledger
+    path = _default_ledger(config_path)
     found = ledger_files(path)
     if not found:
         raise click.UsageError(f"no ledger at {path} (nor rotated ones beside it); pass the "
@@ -9233,8 +9290,12 @@ def audit_cmd(ledgers: tuple[str, ...], since: str | None, by: str | None,
                   assume_cliff_s=assume_cliff, points=html_path is not None)
     problems: list[str] = []
     for path in paths:
-        for row in read_rows(path, problems):
-            audit.add(row)
+        try:
+            for row in read_rows(path, problems):
+                audit.add(row)
+        except PermissionError:
+            click.echo(_unreadable(path).replace("failoverd tail", "failoverd audit"), err=True)
+            sys.exit(1)
     report = audit.report()
     report["files"] = paths
     for problem in problems:

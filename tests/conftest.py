@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 from collections.abc import Callable
@@ -302,3 +303,20 @@ def ok_script(text: str = "hi there", **kw: Any) -> fo.Script:
 
 
 Scripts = dict[str, Callable[..., fo.Script] | fo.Script]
+
+
+HOST_PATHS = ("/var/lib/failoverd/ledger.jsonl", "/var/lib/failoverd/state.json",
+              "/run/failoverd/failoverd.sock")
+
+
+def _host_files() -> dict[str, float | None]:
+    return {p: os.stat(p).st_mtime if os.path.exists(p) else None for p in HOST_PATHS}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_test_touches_the_hosts_failoverd():
+    """The suite must never write the ledger, state or socket of a failoverd installed on
+    this host (a config without [daemon] paths means the defaults: tests give their own)."""
+    before = _host_files()
+    yield
+    assert _host_files() == before, "a test wrote to the host's failoverd paths"

@@ -113,6 +113,7 @@ async def test_reload_with_a_new_key_clears_the_credential_isolation(
     assert (await h.chat()).text == "b"
     config = tmp_path / "failoverd.toml"
     config.write_text(
+        f'[daemon]\nledger = "{h.ledger_path}"\n'
         '[providers.a]\nbase_url = "http://a.test/v1"\napi_key_env = "A_KEY"\n'
         '[providers.b]\nbase_url = "http://b.test/v1"\n'
         '[routes.r]\nchain = ["a/m1", "b/m2"]\n')

@@ -72,6 +72,16 @@ async def test_at_most_one_hedge_per_request(harness, autojump_clock):
     assert h.upstreams.calls == [(0.0, "a/m1"), (2.0, "b/m2")]
 
 
+async def test_a_primary_that_fails_while_its_hedge_runs_starts_nothing_more(harness,
+                                                                            autojump_clock):
+    h = harness({"a/m1": [("sleep", 3.0), *respond(503)], "b/m2": ok_script("b", first=2.0),
+                 "c/m3": ok_script("c")},
+                routes={"r": ["a/m1", "b/m2", "c/m3"]}, retry_same=0, **HEDGE)
+    r = await h.chat()
+    assert (r.text, r.t_first) == ("b", 4.0)
+    assert h.upstreams.calls == [(0.0, "a/m1"), (2.0, "b/m2")]  # the hedge is the next slot
+
+
 async def test_a_failed_hedge_starts_the_next_slot_at_once(harness, autojump_clock):
     h = harness({"a/m1": ok_script("a", first=20.0), "b/m2": respond(400, {"error": {
         "message": "x", "code": "model_not_found"}}), "c/m3": ok_script("c", first=1.0)},
@@ -290,7 +300,8 @@ async def test_reload_that_drops_a_provider_leaves_requests_in_flight_alone(
     nursery.start_soon(chat)
     await trio.sleep(5.0)  # a hangs; at 30 s the request fails over to b
     config = tmp_path / "new.toml"
-    config.write_text('[providers.a]\nbase_url = "http://a.test/v1"\n'
+    config.write_text(f'[daemon]\nledger = "{h.ledger_path}"\n'
+                      '[providers.a]\nbase_url = "http://a.test/v1"\n'
                       '[providers.c]\nbase_url = "http://c.test/v1"\n'
                       '[routes.r]\nchain = ["c/m3"]\n')
     assert h.d.reload(str(config)) is None
@@ -315,7 +326,8 @@ async def test_reload_closes_only_the_pools_nobody_uses(harness, autojump_clock,
     nursery.start_soon(h.chat)
     await trio.sleep(1.0)
     config = tmp_path / "new.toml"
-    config.write_text('[providers.a]\nbase_url = "http://a2.test/v1"\n'
+    config.write_text(f'[daemon]\nledger = "{h.ledger_path}"\n'
+                      '[providers.a]\nbase_url = "http://a2.test/v1"\n'
                       '[providers.b]\nbase_url = "http://b.test/v1"\n'
                       '[routes.r]\nchain = ["a/m1", "b/m2"]\n')
     assert h.d.reload(str(config)) is None
@@ -437,3 +449,94 @@ async def test_a_late_frame_after_the_stall_fired_is_reported_as_the_stall(
     assert h.outcomes() == [("a/m1", "stall_timeout")]
     assert h.rows("attempt")[0]["latency_ms"] == 11000.0  # ended when the late frame came
     assert r.events[-1]["error"]["code"] == "stall_timeout"
+
+
+# -- found in review ----------------------------------------------------------------
+
+async def test_every_hung_probe_is_raced_so_two_cost_a_client_two_seconds(harness,
+                                                                          autojump_clock):
+    h = harness({"a/m1": [respond(503), HUNG], "b/m2": [respond(503), HUNG],
+                 "c/m3": ok_script("c")},
+                routes={"r": ["a/m1", "b/m2", "c/m3"]}, retry_same=0,
+                breakers=fo.BreakerConfig(consecutive_failures=1, jitter=0.0))
+    assert (await h.chat()).text == "c"  # a and b open for 1 s
+    await trio.sleep_until(5.0)
+    r = await h.chat()
+    assert (r.text, r.t_first) == ("c", 7.0)  # a's probe at 5, b's raced at 6, c raced at 7
+    assert [c for c in h.upstreams.calls if c[0] >= 5.0] == [
+        (5.0, "a/m1"), (6.0, "b/m2"), (7.0, "c/m3")]
+
+
+async def test_a_detached_probe_keeps_its_generations_pools_open(harness, autojump_clock,
+                                                                 tmp_path, nursery, monkeypatch):
+    closed = []
+
+    async def aclose(self) -> None:
+        closed.append((trio.current_time(), self))
+
+    monkeypatch.setattr(fo.PoolShards, "aclose", aclose)
+    h = harness({"a/m1": [respond(503), ok_script("a", first=3.0)], "b/m2": ok_script("b")},
+                breakers=fo.BreakerConfig(consecutive_failures=1, jitter=0.0), retry_same=0)
+    await h.chat()  # a opens until 1 s
+    await trio.sleep_until(2.0)
+    old_a = h.d.snap.pools["a"]
+    nursery.start_soon(h.chat)  # a probes at 2 s; b at 3 s wins; a runs on to 5 s
+    await trio.sleep_until(2.5)
+    config = tmp_path / "new.toml"
+    config.write_text(f'[daemon]\nledger = "{h.ledger_path}"\n'
+                      '[providers.a]\nbase_url = "http://a.test/v1"\nconnect_timeout_s = 4\n'
+                      '[providers.b]\nbase_url = "http://b.test/v1"\n'
+                      '[routes.r]\nchain = ["a/m1", "b/m2"]\n')
+    assert h.d.reload(str(config)) is None
+    await trio.sleep_until(4.0)  # the request ended at 3 s; its probe runs on
+    assert [t for t, p in closed if p is old_a] == []
+    await trio.sleep_until(6.0)
+    assert [t for t, p in closed if p is old_a] == [5.0]  # after the probe, its last user
+
+
+async def test_a_loser_cannot_overturn_a_won_race(harness, autojump_clock, monkeypatch):
+    """A hedge whose 400 arrives just before the primary's first token, still closing its
+    response when it loses, does not take the request from the winner."""
+    import conftest
+
+    async def slow_close(self) -> None:
+        self.upstream.closed.append((trio.current_time(), self.key))
+        if self.key == "b/m2":
+            with trio.CancelScope(shield=True):
+                await trio.sleep(0.5)
+
+    monkeypatch.setattr(conftest._ScriptStream, "aclose", slow_close)
+    bad = [("head", 400, {"content-type": "application/json"}),
+           ("raw", b'{"error": {"message": "bad tool schema", "type": "invalid_request_error"}}')]
+    h = harness({"a/m1": ok_script("the answer is here", first=2.2, gap=0.5), "b/m2": bad},
+                hedge_after_s=2.0, hedge_max_share=1.0)
+    r = await h.chat(stream=False)
+    assert (r.status, r.text) == (200, "the answer is here")
+
+
+async def test_a_primary_failing_as_the_hedge_timer_fires_starts_one_attempt(harness,
+                                                                              autojump_clock):
+    h = harness({"a/m1": [("sleep", 2.0), *respond(503)], "b/m2": ok_script("b", first=1.0),
+                 "c/m3": ok_script("c", first=1.0)},
+                routes={"r": ["a/m1", "b/m2", "c/m3"]}, retry_same=0,
+                hedge_after_s=2.0, hedge_max_share=1.0)
+    r = await h.chat()
+    assert (r.text, r.t_first) == ("b", 3.0)
+    # One next slot, whichever came first at 2 s: the failure (b is the failover) or the
+    # hedge timer (b is the hedge, and a's failure needs no other).
+    assert h.upstreams.calls == [(0.0, "a/m1"), (2.0, "b/m2")]
+
+
+async def test_a_forced_probe_does_not_release_the_probe_in_flight(harness, autojump_clock):
+    """Never-blank can force a request onto a slot whose probe another request holds:
+    the forced attempt rides along without owning the probe, so its end cannot free it."""
+    h = harness({"a/m1": HUNG}, routes={"r": ["a/m1"]})
+    health, slot = h.d.health, fo.Slot("a", "m1")
+    cred = h.d.snap.credential("a")
+    health._trip(("model", "a/m1"), 1.0, "test")
+    await trio.sleep(2.0)
+    assert health.gate(slot, cred).probe
+    assert health.claim(slot, cred)  # one request's probe, in flight
+    forced = health.force(slot, cred, "r")  # another request, never blank
+    health.release(forced)  # ... whose client went away
+    assert health.breakers[("model", "a/m1")].probing

@@ -228,3 +228,17 @@ async def test_the_stream_reads_as_one_answer_to_an_h11_client(harness, autojump
     r = await read_response(client, ClientResult())
     assert r.body.endswith(b"data: [DONE]\n\n")
     assert r.text == ANSWER
+
+
+async def test_a_continuation_refused_with_a_plain_400_ends_with_the_in_band_error(
+        harness, autojump_clock):
+    """After commit a failure is one in-band error event: a continuation's 400 that is
+    not about the prefill is no pass-through (a second response head is impossible)."""
+    plain_400 = [("respond", 400, {}, msgspec.json.encode({"error": {
+        "message": "temperature must be at most 1.0", "type": "invalid_request_error"}}))]
+    h = rescue_harness(harness, fo.ContinuingModel(PARTS, cut_after=3), plain_400)
+    r = await h.chat(stream=True)
+    error = r.events[-1]["error"]
+    assert error["code"] == "truncated"
+    assert "continuing the answer on b/m2 failed too: bad_request" in error["message"]
+    assert h.rows("request")[0]["status"] == 502

@@ -11,6 +11,7 @@ import time
 
 import msgspec
 import pytest
+from click.testing import CliRunner
 from test_cli import ROWS, TS, Sleeps, append, run
 
 import failoverd as fo
@@ -184,3 +185,36 @@ def test_tail_n_0_f_prints_only_new_rows(tmp_path):
         proc.terminate()
         proc.wait(timeout=10)
     assert [msgspec.json.decode(x) for x in line.splitlines()] == [msgspec.to_builtins(new)]
+
+
+def test_tail_finds_the_ledger_through_config_and_never_guesses(tmp_path, monkeypatch):
+    ledger = tmp_path / "ledger.jsonl"
+    ledger.write_bytes(msgspec.json.encode(fo.RequestRow(
+        ts="2026-01-01T00:00:00.000Z", request_id="r1", route="desk", outcome="ok",
+        served_by="a/m", attempts=1, total_ms=1.0, ttft_ms=1.0, status=200)) + b"\n")
+    config = tmp_path / "failoverd.toml"
+    config.write_text(f'[daemon]\nledger = "{ledger}"\n')
+    runner = CliRunner()
+    ok = runner.invoke(fo.cli, ["tail", "--config", str(config)])
+    assert ok.exit_code == 0, ok.output
+    assert "r1" in ok.output
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[daemon\n")
+    monkeypatch.setenv("FAILOVERD_CONFIG", str(broken))
+    bad = runner.invoke(fo.cli, ["tail"])
+    assert bad.exit_code == 1
+    assert "not valid TOML" in bad.output  # said, not a silent fall back to another ledger
+
+
+def test_an_unreadable_ledger_says_who_may_read_it(tmp_path, monkeypatch):
+    ledger = tmp_path / "ledger.jsonl"
+    ledger.write_text("")
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(fo, "_tail", refuse)
+    r = CliRunner().invoke(fo.cli, ["tail", str(ledger)])
+    assert r.exit_code == 1
+    assert "permission denied" in r.output
+    assert "sudo failoverd tail" in r.output
