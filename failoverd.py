@@ -5548,7 +5548,7 @@ class Request:
         self.cursor = 0  # the next chain position to consider
         self.retry_due: tuple[Slot, float] | None = None  # (slot, wait) after a failure
         self.failed_over = False  # a failure the launch loop has not acted on yet
-        self.extra_used = False  # the one hedge (or probe race) of this request
+        self.extra_used = False  # the one hedge of this request (probes are raced apart)
         self.winner: Attempt | None = None
         self.answer: Attempt | None = None  # the winner, once its answer is complete
         self.verdict: tuple[Attempt, Failure] | None = None  # a failure that ends the request

@@ -20,6 +20,21 @@ import failoverd as fo
 HEDGE = {"hedge_after_s": 2.0, "hedge_max_share": 1.0}
 
 
+def reload_to(h, tmp_path, providers: dict[str, str], chain: list[str], *,
+              daemon: str = "") -> None:
+    """Reload `h`'s daemon with a config of these providers (name: its TOML lines; the
+    base_url is http://NAME.test/v1 unless they give one) and route r = `chain`; the
+    ledger stays the test's unless `daemon` says otherwise."""
+    daemon = daemon or f'ledger = "{h.ledger_path}"\n'
+    config = tmp_path / "new.toml"
+    config.write_text(f"[daemon]\n{daemon}" + "".join(
+        f"[providers.{name}]\n" + ("" if "base_url" in lines
+                                   else f'base_url = "http://{name}.test/v1"\n') + lines
+        for name, lines in providers.items())
+        + f"[routes.r]\nchain = {msgspec.json.encode(chain).decode()}\n")
+    assert h.d.reload(str(config)) is None  # None: reloaded
+
+
 def rows_by_slot(h) -> dict[str, dict]:
     return {f"{r['provider']}/{r['model']}": r for r in h.rows("attempt")}
 
@@ -299,12 +314,7 @@ async def test_reload_that_drops_a_provider_leaves_requests_in_flight_alone(
 
     nursery.start_soon(chat)
     await trio.sleep(5.0)  # a hangs; at 30 s the request fails over to b
-    config = tmp_path / "new.toml"
-    config.write_text(f'[daemon]\nledger = "{h.ledger_path}"\n'
-                      '[providers.a]\nbase_url = "http://a.test/v1"\n'
-                      '[providers.c]\nbase_url = "http://c.test/v1"\n'
-                      '[routes.r]\nchain = ["c/m3"]\n')
-    assert h.d.reload(str(config)) is None
+    reload_to(h, tmp_path, {"a": "", "c": ""}, ["c/m3"])
     assert h.d.status()["config_generations"] == 2  # the old one is still in use
     assert (await h.chat()).text == "c, new config"  # new requests see the new config
     await trio.sleep(30.0)
@@ -325,12 +335,8 @@ async def test_reload_closes_only_the_pools_nobody_uses(harness, autojump_clock,
     pools = dict(h.d.snap.pools)
     nursery.start_soon(h.chat)
     await trio.sleep(1.0)
-    config = tmp_path / "new.toml"
-    config.write_text(f'[daemon]\nledger = "{h.ledger_path}"\n'
-                      '[providers.a]\nbase_url = "http://a2.test/v1"\n'
-                      '[providers.b]\nbase_url = "http://b.test/v1"\n'
-                      '[routes.r]\nchain = ["a/m1", "b/m2"]\n')
-    assert h.d.reload(str(config)) is None
+    reload_to(h, tmp_path, {"a": 'base_url = "http://a2.test/v1"\n', "b": ""},
+              ["a/m1", "b/m2"])  # a changes, b stays
     assert h.d.snap.pools["b"] is pools["b"]  # unchanged: its connections are kept
     assert h.d.snap.pools["a"] is not pools["a"]
     await trio.sleep(1.0)
@@ -343,11 +349,8 @@ async def test_reload_applies_a_new_ledger_path_and_names_keys_needing_a_restart
         harness, autojump_clock, tmp_path, caplog):
     h = harness({"a/m1": ok_script("a")})
     new_ledger = tmp_path / "moved.jsonl"
-    config = tmp_path / "new.toml"
-    config.write_text(f'[daemon]\nledger = "{new_ledger}"\nsocket = "/tmp/elsewhere.sock"\n'
-                      '[providers.a]\nbase_url = "http://a.test/v1"\n'
-                      '[routes.r]\nchain = ["a/m1"]\n')
-    assert h.d.reload(str(config)) is None
+    reload_to(h, tmp_path, {"a": ""}, ["a/m1"],
+              daemon=f'ledger = "{new_ledger}"\nsocket = "/tmp/elsewhere.sock"\n')
     await h.chat()
     assert [r["kind"] for r in map(msgspec.json.decode, new_ledger.read_bytes().splitlines())] \
         == ["attempt", "request"]
@@ -482,12 +485,7 @@ async def test_a_detached_probe_keeps_its_generations_pools_open(harness, autoju
     old_a = h.d.snap.pools["a"]
     nursery.start_soon(h.chat)  # a probes at 2 s; b at 3 s wins; a runs on to 5 s
     await trio.sleep_until(2.5)
-    config = tmp_path / "new.toml"
-    config.write_text(f'[daemon]\nledger = "{h.ledger_path}"\n'
-                      '[providers.a]\nbase_url = "http://a.test/v1"\nconnect_timeout_s = 4\n'
-                      '[providers.b]\nbase_url = "http://b.test/v1"\n'
-                      '[routes.r]\nchain = ["a/m1", "b/m2"]\n')
-    assert h.d.reload(str(config)) is None
+    reload_to(h, tmp_path, {"a": "connect_timeout_s = 4\n", "b": ""}, ["a/m1", "b/m2"])
     await trio.sleep_until(4.0)  # the request ended at 3 s; its probe runs on
     assert [t for t, p in closed if p is old_a] == []
     await trio.sleep_until(6.0)
