@@ -4570,8 +4570,8 @@ class Daemon:
         self.connections = 0  # open client connections (admit_connection); a drain waits
         self.no_connections = trio.Event()
         self.no_connections.set()
-        self.max_connections = cfg.daemon.max_connections or connection_cap(
-            resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        # daemon.max_connections when unset (read at start: the limit is raised before)
+        self.fd_cap = connection_cap(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
         self.refusals: dict[int | None, tuple[float, int]] = {}  # uid: (last logged, since)
         self.draining = False
         self.loop_lag = 0.0  # seconds the event loop runs late (see watch_lag)
@@ -4604,6 +4604,11 @@ class Daemon:
     @property
     def cfg(self) -> Config:
         return self.snap.cfg
+
+    @property
+    def max_connections(self) -> int:
+        """The cap on client connections: a reload that sets it applies at once."""
+        return self.cfg.daemon.max_connections or self.fd_cap
 
     @property
     def routes(self) -> dict[str, Route]:
@@ -8022,14 +8027,21 @@ def format_row(row: LedgerRow) -> str:
             + (f" (open until {local_time(row.open_until)})" if row.open_until else ""))
 
 
-def _default_ledger(config_path: str | None) -> str:
-    """daemon.ledger of the config (--config, $FAILOVERD_CONFIG, the default path); the
-    built-in default only when no config file exists. A config that exists but does not
-    load is an error: falling back would show some other ledger without saying so."""
+def _daemon_config(config_path: str | None) -> DaemonConfig:
+    """[daemon] of the config (--config, $FAILOVERD_CONFIG, the default path), for the
+    commands that find the ledger or the socket in it; the built-in defaults only when no
+    config was named and the default file does not exist. A config that exists but does
+    not load is an error: falling back would read some other ledger, or ask some other
+    daemon, without saying so."""
     path = _config_path(config_path)
-    if config_path is None and not os.path.exists(path):
-        return DaemonConfig().ledger
-    return _load_or_exit(path).daemon.ledger
+    if config_path is None and not os.environ.get("FAILOVERD_CONFIG") \
+            and not os.path.exists(path):
+        return DaemonConfig()
+    return _load_or_exit(path).daemon
+
+
+def _default_ledger(config_path: str | None) -> str:
+    return _daemon_config(config_path).ledger
 
 
 @cli.command("tail")
@@ -8259,10 +8271,11 @@ class _Margins:
         self.to_cliff = min(self.to_cliff, cliff - total_s)
 
     def report(self) -> dict[str, Any]:
+        # "timed": the requests these margins are over (those that reached an upstream).
         if not self.n:
-            return {"requests": 0, "slowest_s": None, "margin_to_total_s": None,
+            return {"timed": 0, "slowest_s": None, "margin_to_total_s": None,
                     "margin_to_cliff_s": None, "assumed": 0}
-        return {"requests": self.n, "slowest_s": round(self.slowest, 3),
+        return {"timed": self.n, "slowest_s": round(self.slowest, 3),
                 "margin_to_total_s": round(self.to_total, 3),
                 "margin_to_cliff_s": round(self.to_cliff, 3), "assumed": self.assumed}
 
@@ -8445,27 +8458,24 @@ class Audit:
         route = self._route(row.route)
         total_s = row.total_ms / 1000
         ok = row.outcome == "ok"
-        route.requests += 1
-        route.ok += ok
         route.continued += row.continued
         route.rescued += row.continued and ok
         if row.total_timeout_s is not None:
             route.total_s = row.total_timeout_s
         if row.client_cliff_s is not None:
             route.cliff_s = row.client_cliff_s
-        if not row.attempts:
-            return  # refused before any upstream (overload): no latency to speak of
-        args = (row, total_s, self.assume_total_s, self.assume_cliff_s)
-        route.latency.append(total_s)
-        route.margins.add(*args)
-        if row.served_by is not None and row.served_by in route.slots:
-            route.slots[row.served_by].served.add(*args)
         bucket = self._trend(route, row.ts)
-        if bucket is not None:
-            bucket.requests += 1
-            bucket.ok += ok
-            bucket.latency.append(total_s)
-            bucket.margins.add(*args)
+        # Every request counts in n and ok%, the route's and its --by bucket's alike; one
+        # refused before any upstream (overload) has no latency to speak of.
+        args = (row, total_s, self.assume_total_s, self.assume_cliff_s)
+        for tally in (route, bucket) if bucket is not None else (route,):
+            tally.requests += 1
+            tally.ok += ok
+            if row.attempts:
+                tally.latency.append(total_s)
+                tally.margins.add(*args)
+        if row.attempts and row.served_by is not None and row.served_by in route.slots:
+            route.slots[row.served_by].served.add(*args)
 
     def report(self) -> dict[str, Any]:
         routes = []
@@ -8539,7 +8549,7 @@ def _audit_tables(route: dict[str, Any], threshold: float) -> list[Any]:
         ("to total_timeout_s", "right"), ("to cliff", "right")])
     whole = route["latency_s"]
     latency.add_row("", "all requests", "", *_dist_cells(whole), _secs(route["total_timeout_s"]))
-    margins.add_row("", "all requests", f"{route['requests']:,}", _secs(route["slowest_s"]),
+    margins.add_row("", "all requests", f"{route['timed']:,}", _secs(route["slowest_s"]),
                     _margin(route, "margin_to_total_s"), _margin(route, "margin_to_cliff_s"))
     for m in route["models"]:
         pos = str(m["position"])
@@ -8552,7 +8562,7 @@ def _audit_tables(route: dict[str, Any], threshold: float) -> list[Any]:
                         _secs(m["first_token_deadline_s"]))
         latency.add_row("", "", "longest gap", "", "", "", "", "", _secs(m["stall_deadline_s"]))
         served = m["served"]
-        margins.add_row(pos, m["model"], f"{served['requests']:,}", _secs(served["slowest_s"]),
+        margins.add_row(pos, m["model"], f"{served['timed']:,}", _secs(served["slowest_s"]),
                         _margin(served, "margin_to_total_s"), _margin(served, "margin_to_cliff_s"))
     return [attempts, latency, margins]
 
@@ -8958,10 +8968,7 @@ def status_cmd(socket_path: str | None, config_path: str | None, as_json: bool,
     """Ask a running daemon which slot answers each route now, what is in flight and
     how long it has left, its breakers and token divisors."""
     if socket_path is None:
-        try:
-            socket_path = load_config(_config_path(config_path)).daemon.socket
-        except ConfigError:
-            socket_path = DaemonConfig().socket
+        socket_path = _daemon_config(config_path).socket
     transport = httpx2.HTTPTransport(uds=socket_path)
     try:
         with httpx2.Client(transport=transport, base_url="http://failoverd", timeout=5) as c:

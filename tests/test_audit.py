@@ -481,3 +481,18 @@ async def test_audit_counts_answers_rescued_by_continuation(harness, autojump_cl
     [route] = report(rows)["routes"]
     assert (route["continued"], route["rescued"]) == (2, 1)
     assert "1 of 2 broken answers rescued by continuation" in fo.render_audit(report(rows), 120)
+
+
+def test_a_refused_request_counts_in_n_and_ok_but_not_in_the_latencies():
+    led = Ledger()
+    led.attempt("r", "a/m1", latency_ms=2000.0, ttft_ms=1000.0)
+    led.request("r", 2.0, served_by="a/m1")
+    led.rows.append(fo.RequestRow(  # shed at once: no attempt
+        ts=led.rows[-1].ts, request_id="shed", route="desk", outcome="error", served_by=None,
+        attempts=0, total_ms=0.0, ttft_ms=None, status=503, total_timeout_s=300.0,
+        client_cliff_s=660.0))
+    rep = report(led.rows)
+    [route] = rep["routes"]
+    assert (route["requests"], route["success_pct"], route["timed"]) == (2, 50.0, 1)
+    assert route["latency_s"]["n"] == 1
+    assert "2 requests, 50.0% ok" in fo.render_audit(rep, 120)

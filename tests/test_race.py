@@ -538,3 +538,12 @@ async def test_a_forced_probe_does_not_release_the_probe_in_flight(harness, auto
     forced = health.force(slot, cred, "r")  # another request, never blank
     health.release(forced)  # ... whose client went away
     assert health.breakers[("model", "a/m1")].probing
+
+
+async def test_a_reload_applies_a_new_max_connections_at_once(harness, autojump_clock, tmp_path):
+    h = harness({"a/m1": ok_script("a")})
+    assert h.d.max_connections == h.d.fd_cap  # unset: derived from the open-file limit
+    reload_to(h, tmp_path, {"a": ""}, ["a/m1"],
+              daemon=f'ledger = "{h.ledger_path}"\nmax_connections = 7\n')
+    assert h.d.max_connections == 7
+    assert h.d.status()["connections"]["max"] == 7

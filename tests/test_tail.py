@@ -218,3 +218,11 @@ def test_an_unreadable_ledger_says_who_may_read_it(tmp_path, monkeypatch):
     assert r.exit_code == 1
     assert "permission denied" in r.output
     assert "sudo failoverd tail" in r.output
+
+
+def test_status_with_a_config_that_does_not_load_says_so(tmp_path):
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[daemon\n")
+    r = CliRunner().invoke(fo.cli, ["status", "--config", str(broken)])
+    assert r.exit_code == 1
+    assert "not valid TOML" in r.output  # not a question to some other daemon's socket
