@@ -2438,18 +2438,21 @@ class Ledger:
             self.fd = None
 
 
+def _decoded(line: bytes, decoder: msgspec.json.Decoder) -> tuple[bytes, LedgerRow] | None:
+    line = line.strip()
+    try:
+        return line, decoder.decode(line)
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
+        return None  # a torn or foreign line
+
+
 def read_ledger(path: str) -> Iterable[tuple[bytes, LedgerRow | None]]:
     """Each line with its decoded row, or None for a torn or foreign line."""
     decoder = msgspec.json.Decoder(LedgerRow)
     with open(path, "rb") as f:
         for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                yield line, decoder.decode(line)
-            except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
-                yield line, None
+            if line.strip():
+                yield _decoded(line, decoder) or (line.strip(), None)
 
 
 # ---------------------------------------------------------------------------
@@ -6169,9 +6172,8 @@ class ShadowRequest(Request):
         self.cancel_reason = "shutdown"  # the only thing that cancels a shadow
         self.scope = trio.CancelScope()
         self.live_id = live.request_id
-        st = live.answer.st if live.answer is not None else None
-        self.live_tokens_out = None if st is None else st.tokens_out if st.tokens_out \
-            is not None else math.ceil(st.out_chars / OUTPUT_CHARS_PER_TOKEN) or None
+        # The live answer's output tokens, reported or estimated (its row has them).
+        self.live_tokens_out = live.answer.tokens[1] if live.answer is not None else None
         self.reserved, self.reserved_day = 0.0, ""
 
     async def run(self, nursery: trio.Nursery) -> None:
@@ -8110,14 +8112,6 @@ def row_filter(routes: Iterable[str], outcomes: Iterable[str], request_ids: Iter
     return wanted
 
 
-def _decoded(line: bytes, decoder: msgspec.json.Decoder) -> tuple[bytes, LedgerRow] | None:
-    line = line.strip()
-    try:
-        return line, decoder.decode(line)
-    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
-        return None  # a torn or foreign line
-
-
 # `tail` reads the ledger backwards in blocks of this size.
 TAIL_BLOCK = 64 * 1024
 # How often `tail -f` looks for new rows and for rotation (tail(1)'s default is 1 s).
@@ -8211,7 +8205,7 @@ def _follow(path: str, f: Any, partial: bytes, emit: Emit,
 
 
 # Outcomes that mean the upstream hung: no meaningful output before a deadline fired.
-HANG_OUTCOMES = frozenset({"first_token_timeout", "stall_timeout", "total_timeout"})
+HANG_OUTCOMES = TIMEOUT_OUTCOMES
 PERCENTILES = (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))
 # Request rows written before they carried total_timeout_s and client_cliff_s are held
 # to the built-in defaults: `audit` marks every figure that rests on them as assumed.
@@ -8219,12 +8213,14 @@ ASSUMED_TOTAL_S = Timing().total_timeout_s
 ASSUMED_CLIFF_S = DaemonConfig().client_cliff_s
 
 
+def _rank(ordered: list[float], p: float) -> float:
+    """The nearest-rank p-th percentile of a sorted, non-empty list."""
+    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+
+
 def percentile(values: list[float], p: float) -> float | None:
     """Nearest-rank percentile of an unsorted list; None when empty."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
+    return _rank(sorted(values), p) if values else None
 
 
 def distribution(values: Iterable[float]) -> dict[str, Any]:
@@ -8232,8 +8228,7 @@ def distribution(values: Iterable[float]) -> dict[str, Any]:
     ordered = sorted(values)
     out: dict[str, Any] = {"n": len(ordered)}
     for name, p in PERCENTILES:
-        out[name] = round(ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)], 3) \
-            if ordered else None
+        out[name] = round(_rank(ordered, p), 3) if ordered else None
     return out
 
 
