@@ -1569,7 +1569,7 @@ def _without_fragments(text: str, secret: str) -> str:
     n = KEY_FRAGMENT
     if len(secret) < n or len(text) < n:
         return text
-    pieces = {secret[i:i + n] for i in range(len(secret) - n + 1)}
+    pieces = _key_pieces(secret, n)
     spans: list[list[int]] = []
     for i in range(len(text) - n + 1):
         if text[i:i + n] in pieces:
@@ -1586,12 +1586,44 @@ def _without_fragments(text: str, secret: str) -> str:
     return "".join([*out, text[last:]])
 
 
+@functools.lru_cache(maxsize=256)
+def _key_pieces(secret: str, n: int) -> frozenset[str]:
+    """Every n-character piece of a key (keys change only with the config)."""
+    return frozenset(secret[i:i + n] for i in range(len(secret) - n + 1))
+
+
+@functools.lru_cache(maxsize=64)
+def _key_quads(known: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    """Each 4-character piece of the known keys, and the keys it is a piece of."""
+    quads: dict[str, tuple[str, ...]] = {}
+    for key in known:
+        if len(key) >= KEY_FRAGMENT:
+            for quad in _key_pieces(key, 4):
+                quads[quad] = (*quads.get(quad, ()), key)
+    return quads
+
+
+def keys_in_pieces(text: str, known: tuple[str, ...]) -> set[str]:
+    """The known keys of which `text` may hold KEY_FRAGMENT characters: any such run
+    holds one of the key's 4-character pieces at a position divisible by 4, so a quarter
+    of the text's positions are looked at once, not all of them once per key."""
+    quads = _key_quads(known)
+    found: set[str] = set()
+    for i in range(0, len(text) - 3, 4):
+        found.update(quads.get(text[i:i + 4], ()))
+    return found
+
+
 def scrub(text: str, known: Iterable[str] = ()) -> str:
     """Remove API keys, and fragments of known keys, from text bound for the ledger, a
     log line, a status page or a client."""
+    known = tuple(known)
+    suspects = keys_in_pieces(text, known)
     for secret in known:
         if secret and len(secret) >= 6:
-            text = _without_fragments(text.replace(secret, "[redacted]"), secret)
+            text = text.replace(secret, "[redacted]")
+            if secret in suspects:
+                text = _without_fragments(text, secret)
     return _SECRET_PATTERNS.sub(
         lambda m: (m.group(1) or m.group(2) or m.group(3) or "") + "[redacted]", text
     )
