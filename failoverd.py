@@ -39,7 +39,15 @@ import sys
 import time
 import types
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from typing import Annotated, Any, Literal
 
 import click
@@ -979,7 +987,7 @@ def classify_status(status: int, body: bytes, known: Iterable[str] = ()) -> tupl
     error = f"HTTP {status}: {message}"
     if status == 429:
         return "rate_limited", error
-    if status in (401, 403) or status == 402:  # 402: out of credits, a credential problem
+    if status in (401, 402, 403):  # 402: out of credits, a credential problem
         return "auth_error", error
     if status == 404 or code == "model_not_found":
         return "not_found", error
@@ -1033,7 +1041,7 @@ _DURATION_UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
 
 
 def parse_duration(text: str) -> float | None:
-    """Go-style durations (x-ratelimit-reset-*, `audit --since`): `6m0s`, `20ms`, `2d`."""
+    """Go-style durations, as in x-ratelimit-reset-*: `6m0s`, `20ms`, `2d`."""
     text = text.strip()
     parts = _DURATION.findall(text)
     if not parts or "".join(n + u for n, u in parts) != text:
@@ -1233,7 +1241,7 @@ class Gate(msgspec.Struct, frozen=True):
     probe: bool = False
 
 
-def gate(breakers: Iterable[Breaker], now: float) -> Gate:
+def gate(breakers: Sequence[Breaker], now: float) -> Gate:
     """A slot is blocked until its last blocking breaker lets go (a half-open one being
     probed lets go soon); otherwise trying it probes every half-open breaker it has."""
     blocking = [b for b in breakers if b.blocks()]
@@ -1495,11 +1503,15 @@ class Throttle:
 
     def __init__(self) -> None:
         self.sent: dict[str, collections.deque[tuple[float, int]]] = {}
+        self.tokens: dict[str, int] = {}  # the sum over `sent`, kept as it changes
 
     def _recent(self, model: str, now: float) -> collections.deque[tuple[float, int]]:
-        entries = self.sent.setdefault(model, collections.deque())
+        entries = self.sent.get(model)
+        if entries is None:
+            entries = self.sent[model] = collections.deque()
+            self.tokens[model] = 0
         while entries and entries[0][0] <= now - self.WINDOW_S:
-            entries.popleft()
+            self.tokens[model] -= entries.popleft()[1]
         return entries
 
     def over(self, model: str, now: float, tokens: int, cfg: ModelConfig) -> str | None:
@@ -1509,7 +1521,7 @@ class Throttle:
         recent = self._recent(model, now)
         if cfg.rpm_limit is not None and len(recent) + 1 > cfg.rpm_limit:
             return f"{len(recent)} requests in the last minute, rpm_limit {cfg.rpm_limit}"
-        used = sum(t for _, t in recent)
+        used = self.tokens[model]
         if cfg.tpm_limit is not None and used + tokens > cfg.tpm_limit:
             return (f"{used} + {tokens} tokens in the last minute would pass tpm_limit "
                     f"{cfg.tpm_limit}")
@@ -1517,7 +1529,8 @@ class Throttle:
 
     def add(self, model: str, now: float, tokens: int, cfg: ModelConfig) -> None:
         if cfg.rpm_limit is not None or cfg.tpm_limit is not None:
-            self.sent.setdefault(model, collections.deque()).append((now, tokens))
+            self._recent(model, now).append((now, tokens))
+            self.tokens[model] += tokens
 
 
 def output_reserve(body: Mapping[str, Any], cfg: ModelConfig) -> int:
@@ -3477,18 +3490,24 @@ class AnthropicAdapter:
     @staticmethod
     def _chunk(st: StreamState, delta: dict[str, Any] | None, finish: str | None = None,
                usage: dict[str, Any] | None = None) -> bytes:
-        return _json_encode({
+        chunk: dict[str, Any] = {
             "id": st.id, "object": "chat.completion.chunk", "created": st.created,
             "model": st.model,
             "choices": [] if delta is None else
             [{"index": 0, "delta": delta, "finish_reason": finish}],
-            **({"usage": usage} if usage is not None else {}),
-        })
+        }
+        if usage is not None:
+            chunk["usage"] = usage
+        return _json_encode(chunk)
 
     @staticmethod
     def on_event(event: bytes | None, data: bytes, st: StreamState) -> bytes | None:
         ev = _anthropic_event(event, data)
-        acc = st.choices.setdefault(0, ChoiceAcc()) if st.choices is not None else None
+        acc = None
+        if st.choices is not None:  # assembling a reply: choice 0, made once
+            acc = st.choices.get(0)
+            if acc is None:
+                acc = st.choices[0] = ChoiceAcc()
         return None if ev is None else _ANTHROPIC_EVENTS[type(ev)](ev, st, acc)
 
     @staticmethod
@@ -4067,7 +4086,11 @@ class H11Body:
 
     async def __anext__(self) -> bytes:
         h = self._h11
-        read = self._gap and h.trailing_data[0] in _CHUNK_GAP
+        # trailing_data copies h11's whole buffer: look at it only when it is this short
+        # (h11's buffer length is private; without it, always look).
+        held = getattr(h, "_receive_buffer", None)
+        read = self._gap and (held is None or len(held) <= 2) \
+            and h.trailing_data[0] in _CHUNK_GAP
         while True:
             if not read:
                 try:
