@@ -1356,10 +1356,6 @@ def retry_wait(
     return wait if wait + min(timing.first_token_timeout_s, 1.0) < remaining else None
 
 
-# continue_blocker()'s reasons that are about the candidate slot, not the request: the
-# next slot may still continue the answer.
-_SLOT_BLOCKERS = frozenset({"the model declares no prefill",
-                            "the model rejected a prefill before"})
 # Failures after commit that leave a partial answer another model may continue: the
 # stream broke. A timeout of the whole request, a client gone or a bad request did not.
 CONTINUABLE_OUTCOMES = frozenset({
@@ -1367,13 +1363,11 @@ CONTINUABLE_OUTCOMES = frozenset({
 
 
 def continue_blocker(
-    *, enabled: bool, outcome: str, committed: bool, relayed: Relayed, continued: bool,
-    prefill: str, unable: bool,
+    *, enabled: bool, outcome: str, committed: bool, relayed: Relayed | None, continued: bool,
 ) -> str | None:
-    """Why a request whose attempt failed may not be continued on a candidate slot (the
-    slot's model declares `prefill`; `unable`: it rejected a prefill before), or None
-    when it may (SPEC section 11)."""
-    if not enabled:
+    """Why a request whose attempt failed may not have its answer continued at all, or
+    None when it may (SPEC section 11); slot_blocker() then says which slots can."""
+    if not enabled or relayed is None:
         return "continuation is off for this route"
     if not committed:
         return "nothing was relayed yet (an ordinary failover)"
@@ -1383,6 +1377,12 @@ def continue_blocker(
         return relayed.blocker
     if continued:
         return "the request was continued once already"
+    return None
+
+
+def slot_blocker(*, prefill: str, unable: bool) -> str | None:
+    """Why a slot cannot continue an answer: its model declares no prefill, or it
+    rejected one before (`unable`); None when it can."""
     if prefill == "none":
         return "the model declares no prefill"
     if unable:
@@ -5930,23 +5930,21 @@ class Request:
         what is left of the total. At most once per request."""
         if not self.racing:  # a probe's task, ending after its request did
             return False
+        blocker = continue_blocker(enabled=self.route.timing.continuation, outcome=f.outcome,
+                                   committed=True, relayed=self.relayed,
+                                   continued=self.continued)
+        if blocker is not None:
+            log.info("request %s: not continued: %s", self.request_id, blocker)
+            return False
         if is_timeout(f):
             self.timed_out.add(a.slot.provider)
         slots = self.route.slots
         start = slots.index(a.slot) + 1 if a.slot in slots else 0
         for i in range(start, len(slots)):
             slot = slots[i]
-            blocker = continue_blocker(
-                enabled=self.relayed is not None, outcome=f.outcome, committed=True,
-                relayed=self.relayed or Relayed({}), continued=self.continued,
-                prefill=self.snap.model_cfg(slot).prefill,
-                unable=not self.d.can_continue(self.snap, slot))
-            if blocker is not None:
-                if blocker not in _SLOT_BLOCKERS:
-                    log.info("request %s: not continued: %s", self.request_id, blocker)
-                    return False
-                continue
-            if slot == a.slot or trio.current_time() >= self.deadline:
+            if slot == a.slot or trio.current_time() >= self.deadline or slot_blocker(
+                    prefill=self.snap.model_cfg(slot).prefill,
+                    unable=not self.d.can_continue(self.snap, slot)) is not None:
                 continue
             if (a2 := self.try_slot(slot, i, hedge=False, continues=(a, f))) is not None:
                 self.spawn(a2)

@@ -302,8 +302,7 @@ def test_seam_continues_reasoning_cut_inside_it():
 
 # -- what may be continued ------------------------------------------------------
 
-ALLOWED = {"enabled": True, "outcome": "truncated", "committed": True, "continued": False,
-           "prefill": "trailing", "unable": False}
+ALLOWED = {"enabled": True, "outcome": "truncated", "committed": True, "continued": False}
 
 
 @pytest.mark.parametrize("outcome", sorted(fo.CONTINUABLE_OUTCOMES))
@@ -322,11 +321,22 @@ def test_a_broken_stream_may_be_continued(outcome):
     ({"outcome": "bad_request"}, "bad_request is not a stream that broke"),
     ({"outcome": "http_error"}, "http_error is not a stream that broke"),
     ({"continued": True}, "the request was continued once already"),
-    ({"prefill": "none"}, "the model declares no prefill"),
-    ({"unable": True}, "the model rejected a prefill before"),
 ])
 def test_each_condition_blocks_a_continuation(change, reason):
     assert fo.continue_blocker(**{**ALLOWED, **change}, relayed=CUT) == reason
+
+
+def test_continuation_off_is_a_request_without_relayed_text():
+    assert fo.continue_blocker(**ALLOWED, relayed=None) == "continuation is off for this route"
+
+
+@pytest.mark.parametrize(("prefill", "unable", "reason"), [
+    ("trailing", False, None), ("prefix", False, None), ("vllm", False, None),
+    ("none", False, "the model declares no prefill"),
+    ("trailing", True, "the model rejected a prefill before"),
+])
+def test_which_slots_can_continue(prefill, unable, reason):
+    assert fo.slot_blocker(prefill=prefill, unable=unable) == reason
 
 
 TOOL_DELTA = {"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
