@@ -1969,14 +1969,22 @@ class Histogram:
             self.above += self.answers[self.qbin]
             self.qbin -= 1
 
-    def quantile_s(self) -> float | None:
-        """The q-quantile, interpolated within its bin (log scale); None if empty."""
+    def quantile_s(self, q: float | None = None) -> float | None:
+        """The q-quantile (default: the one it tracks), interpolated within its bin (log
+        scale); None if empty."""
         if self.total <= 0:
             return None
-        i = self.qbin
-        below, w = self.total - self.above - self.answers[i], self.answers[i]
+        if q is None or q == self.q:
+            q, i = self.q, self.qbin
+            below = self.total - self.above - self.answers[i]
+        else:
+            found = quantile_bin(self.answers, q, self.total)
+            if found is None:
+                return None
+            i, below = found, sum(self.answers[:found])
+        w = self.answers[i]
         lo, hi = bin_upper_s(i - 1), bin_upper_s(i)
-        share = (self.q * self.total - below) / w if w > 0 else 1.0
+        share = (q * self.total - below) / w if w > 0 else 1.0
         return lo * (hi / lo) ** min(1.0, max(0.0, share))
 
 
@@ -2284,14 +2292,10 @@ class DeadlineLearner:
             return None
         raw = state.raw[token_band(est_tokens)]
         pooled = state.first_token
-        i = quantile_bin(pooled.answers, q, pooled.total)
-        if raw is None or i is None or pooled.learned is None:
+        value = pooled.quantile_s(q)
+        if raw is None or value is None or pooled.learned is None:
             return None
-        shift = raw[0] - pooled.learned
-        below = sum(pooled.answers[:i])
-        lo, hi = bin_upper_s(i - 1), bin_upper_s(i)
-        share = (q * pooled.total - below) / pooled.answers[i]
-        return shift + lo * (hi / lo) ** min(1.0, max(0.0, share))
+        return raw[0] - pooled.learned + value  # this size's shift, plus the pooled quantile
 
     def learned_stall(self, model: str) -> float | None:
         state = self.models.get(model)
