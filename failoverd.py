@@ -8042,8 +8042,13 @@ def check_cmd(config_path: str | None, no_keys: bool) -> None:
     click.echo("config OK")
 
 
+def _cell(v: float | None, spec: str, suffix: str = "") -> str:
+    """A number formatted for a table or a line; "-" when there is none."""
+    return "-" if v is None else f"{v:{spec}}{suffix}"
+
+
 def _fmt_ms(v: float | None) -> str:
-    return "-" if v is None else f"{v:.0f}ms"
+    return _cell(v, ".0f", "ms")
 
 
 def local_time(ts: str) -> str:
@@ -8275,6 +8280,11 @@ def _rank(ordered: list[float], p: float) -> float:
     return ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)]
 
 
+def _pct(part: int, whole: int) -> float | None:
+    """`part` as a percentage of `whole`, to one decimal; None when there is no whole."""
+    return round(100 * part / whole, 1) if whole else None
+
+
 def percentile(values: list[float], p: float) -> float | None:
     """Nearest-rank percentile of an unsorted list; None when empty."""
     return _rank(sorted(values), p) if values else None
@@ -8353,7 +8363,7 @@ class _SlotAudit:
         decided = n - self.hedges_lost  # a race lost says nothing of the slot's success
         return {
             "model": key, "position": self.position, "n": n, "skipped": self.skipped,
-            "success_pct": round(100 * self.ok / decided, 1) if decided else None,
+            "success_pct": _pct(self.ok, decided),
             "hangs": self.hangs, "hangs_over_threshold": self.long_waits,
             "hedges_lost": self.hedges_lost,
             "latency_s": distribution(self.latency), "ttft_s": distribution(self.ttft),
@@ -8377,7 +8387,7 @@ class _Trend:
 
     def report(self, bucket: str) -> dict[str, Any]:
         return {"bucket": bucket, "requests": self.requests,
-                "success_pct": round(100 * self.ok / self.requests, 1) if self.requests else None,
+                "success_pct": _pct(self.ok, self.requests),
                 "latency_s": distribution(self.latency), **self.margins.report(),
                 "hangs": self.hangs, "failovers": self.failovers, "cost_usd": round(self.cost, 6)}
 
@@ -8537,7 +8547,7 @@ class Audit:
             assumed += r.margins.assumed
             routes.append({
                 "route": name, "requests": r.requests,
-                "success_pct": round(100 * r.ok / r.requests, 1) if r.requests else None,
+                "success_pct": _pct(r.ok, r.requests),
                 "latency_s": distribution(r.latency), **r.margins.report(),
                 "total_timeout_s": r.total_s, "client_cliff_s": r.cliff_s,
                 "continued": r.continued, "rescued": r.rescued,
@@ -8606,7 +8616,7 @@ def _audit_tables(route: dict[str, Any], threshold: float) -> list[Any]:
     for m in route["models"]:
         pos = str(m["position"])
         attempts.add_row(pos, m["model"], f"{m['n']:,}",
-                         "-" if m["success_pct"] is None else f"{m['success_pct']:.1f}",
+                         _cell(m["success_pct"], ".1f"),
                          str(m["hangs"]), str(m["hangs_over_threshold"]), str(m["failovers"]),
                          _secs(m["failed_held_s"]), f"{m['cost_usd']:.4f}")
         latency.add_row(pos, m["model"], "answer", *_dist_cells(m["latency_s"]), "")
@@ -8631,7 +8641,7 @@ def _trend_table(route: dict[str, Any], by: str) -> Any:
     for b in route["trend"]:
         d = b["latency_s"]
         table.add_row(b["bucket"], f"{b['requests']:,}",
-                      "-" if b["success_pct"] is None else f"{b['success_pct']:.1f}",
+                      _cell(b["success_pct"], ".1f"),
                       _secs(d["p50"]), _secs(d["p99"]), _secs(d["max"]),
                       _margin(b, "margin_to_total_s"), _margin(b, "margin_to_cliff_s"),
                       str(b["hangs"]), str(b["failovers"]), f"{b['cost_usd']:.4f}")
@@ -8647,20 +8657,17 @@ def _route_heading(route: dict[str, Any], report: dict[str, Any]) -> str:
     if total is None or cliff is None:
         limits += (f" (assumed {assumed['total_timeout_s']:g} s and "
                    f"{assumed['client_cliff_s']:g} s)")
-    ok = "-" if route["success_pct"] is None else f"{route['success_pct']:.1f}% ok"
+    ok = _cell(route["success_pct"], ".1f", "% ok")
     rescued = (f", {route['rescued']:,} of {route['continued']:,} broken answers rescued by "
                "continuation" if route.get("continued") else "")
     return f"route {route['route']}: {route['requests']:,} requests, {ok}{rescued}\n  {limits}"
 
 
 def render_audit(report: dict[str, Any], width: int | None, *, trend: bool = True) -> str:
-    """The audit as text no wider than `width` columns (default: the terminal's; rich
-    is imported here, by the CLI only). Models are listed in chain order; * marks a
-    margin resting on assumed values."""
-    from rich.console import Console
+    """The audit as text no wider than `width` columns (default: the terminal's).
+    Models are listed in chain order; * marks a margin resting on assumed values."""
 
-    console = Console(width=width, color_system=None, highlight=False, emoji=False)
-    with console.capture() as captured:
+    def draw(console: Any) -> None:
         if not report["routes"]:
             console.print("no attempt or request rows" + (
                 f" since {report['since']}" if report["since"] else ""))
@@ -8673,7 +8680,18 @@ def render_audit(report: dict[str, Any], width: int | None, *, trend: bool = Tru
             console.print()
         _print_shadows(console, report.get("shadows") or [])
         console.print(_audit_notes(report))
-    return "".join(line.rstrip() + "\n" for line in captured.get().splitlines())
+    return "".join(line + "\n" for line in _captured(width, draw))
+
+
+def _captured(width: int | None, draw: Callable[[Any], None]) -> list[str]:
+    """What `draw` prints on a plain rich console `width` columns wide, as lines
+    without trailing blanks (rich is imported here, by the CLI only)."""
+    from rich.console import Console
+
+    console = Console(width=width, color_system=None, highlight=False, emoji=False)
+    with console.capture() as captured:
+        draw(console)
+    return [line.rstrip() for line in captured.get().splitlines()]
 
 
 def _audit_notes(report: dict[str, Any]) -> str:
@@ -8721,11 +8739,11 @@ def _agreement(pairs: list[tuple[AttemptRow, AttemptRow]]) -> dict[str, Any]:
     same = sum(sorted(p.tool_names or []) == sorted(s.tool_names or []) for p, s in tools)
     return {
         "compared": len(both),
-        "exact_match_pct": round(100 * exact / len(both), 1) if both else None,
+        "exact_match_pct": _pct(exact, len(both)),
         "length_ratio": round(sum(s.answer_chars or 0 for _, s in both) / chars, 3)
         if chars else None,
         "tool_turns": len(tools),
-        "same_tools_pct": round(100 * same / len(tools), 1) if tools else None,
+        "same_tools_pct": _pct(same, len(tools)),
     }
 
 
@@ -8793,14 +8811,12 @@ def _shadow_table(r: dict[str, Any]) -> Any:
 
 
 def _agreement_line(r: dict[str, Any]) -> str:
-    def pct(v: float | None) -> str:
-        return "-" if v is None else f"{v:.1f}%"
-
-    ratio = "-" if r["length_ratio"] is None else f"{r['length_ratio']:.2f}"
-    tools = (f"same tools {pct(r['same_tools_pct'])} of {r['tool_turns']:,} tool-call "
+    ratio = _cell(r["length_ratio"], ".2f")
+    same, exact = _cell(r["same_tools_pct"], ".1f", "%"), _cell(r["exact_match_pct"], ".1f", "%")
+    tools = (f"same tools {same} of {r['tool_turns']:,} tool-call "
              "turns") if r["tool_turns"] else "no tool calls"
     return (f"agreement over {r['compared']:,} answered pairs: exact match "
-            f"{pct(r['exact_match_pct'])}, length {ratio}x the primary's, {tools}")
+            f"{exact}, length {ratio}x the primary's, {tools}")
 
 
 def _print_shadows(console: Any, shadows: list[dict[str, Any]]) -> None:
@@ -8817,27 +8833,22 @@ def _print_shadows(console: Any, shadows: list[dict[str, Any]]) -> None:
 
 def format_shadow_report(report: list[dict[str, Any]], width: int | None = None) -> list[str]:
     """The shadow report as text no wider than `width` (`failoverd audit --shadows`)."""
-    from rich.console import Console
-
-    console = Console(width=width, color_system=None, highlight=False, emoji=False)
-    with console.capture() as captured:
+    def draw(console: Any) -> None:
         _print_shadows(console, report)
         if not report:
             console.print("no shadow rows")
-    return [line.rstrip() for line in captured.get().splitlines()]
+    return _captured(width, draw)
 
 
 def relative(seconds: float) -> str:
     """A duration as people say it: 46 s, 3 min 5 s, 2 h 4 min, 3 d 4 h."""
     s = max(0, round(seconds))
-    if s < 60:
-        return f"{s} s"
     for unit, size, sub, subsize in (("d", 86400, "h", 3600), ("h", 3600, "min", 60),
                                      ("min", 60, "s", 1)):
         if s >= size:
             rest = (s % size) // subsize
             return f"{s // size} {unit}" + (f" {rest} {sub}" if rest else "")
-    return f"{s} s"  # unreachable
+    return f"{s} s"
 
 
 def _until(iso: str | None, now: float) -> float | None:
@@ -8933,12 +8944,10 @@ def format_status(status: dict[str, Any], width: int | None = None,
     """`failoverd status` as text no wider than `width`: routes (who answers now),
     in-flight requests with the time they have left, breakers with relative times and
     only the current reason, token divisors. `now` defaults to the daemon's time."""
-    from rich.console import Console
-
     if now is None:
         now = _until(status.get("time"), 0.0) or time.time()
-    console = Console(width=width, color_system=None, highlight=False, emoji=False)
-    with console.capture() as captured:
+
+    def draw(console: Any) -> None:
         for line in _status_lines(status):
             console.print(line)
         if status.get("routes"):
@@ -8956,7 +8965,7 @@ def format_status(status: dict[str, Any], width: int | None = None,
             console.print(_deadlines_table(status["deadlines"]))
         for table in _budget_tables(status):
             console.print(table)
-    return [line.rstrip() for line in captured.get().splitlines()]
+    return _captured(width, draw)
 
 
 def _deadlines_table(deadlines: dict[str, Any]) -> Any:
@@ -8980,8 +8989,8 @@ def _budget_tables(status: dict[str, Any]) -> list[Any]:
 
     def cells(b: dict[str, Any]) -> list[str]:
         budget = b["budget_usd_per_day"]
-        return [f"{b['spent_usd']:.4f}", "-" if budget is None else f"{budget:g}",
-                "-" if b["left_usd"] is None else f"{b['left_usd']:.4f}",
+        return [f"{b['spent_usd']:.4f}", _cell(budget, "g"),
+                _cell(b["left_usd"], ".4f"),
                 "spent" if b["exhausted"] else ""]
 
     tables = []
