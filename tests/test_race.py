@@ -158,6 +158,12 @@ async def test_a_flapping_primary_is_probed_once_per_cooldown_and_back_soon(harn
     back = next(t for t, _, key, _ in served if key == "a/m1" and t >= 60.0)
     assert back - 60.0 <= 10.0
     assert all(key == "a/m1" for t, _, key, _ in served if t >= back)
+    # a/m1 is tried at 0 s and retried at 0.3 s, opening; then only probes, each at the
+    # first request after its cooldown (1, 2, 4, then 5 s, jitter at its middle): 4, 8,
+    # 12, then every other request, 16 ... 56; it answers the probe at 64 s.
+    assert [t for t, key in h.upstreams.calls if key == "a/m1" and t < 64.0] == \
+        [0.0, 0.3, 4.0, 8.0, 12.0, 16.0, 24.0, 32.0, 40.0, 48.0, 56.0]
+    assert back == 64.0
     # At most one probe per cooldown: every probe starts after the previous one
     # reopened the breaker, and none while it was open.
     opens = [b for b in h.rows("breaker") if b["scope"] == "model" and b["to"] == "open"]
@@ -167,6 +173,23 @@ async def test_a_flapping_primary_is_probed_once_per_cooldown_and_back_soon(harn
     assert len(probes) == len(opens)
     assert [(b["from"], b["to"]) for b in h.rows("breaker") if b["scope"] == "model"][-2:] == \
         [("open", "half_open"), ("half_open", "closed")]
+
+
+async def test_a_primary_back_from_ten_minutes_down_serves_within_ten_seconds(harness,
+                                                                            autojump_clock):
+    h = harness({"a/m1": lambda now: respond(503) if now < 600.0 else ok_script("primary"),
+                 "b/m2": ok_script("fallback")})
+    served = []
+    for i in range(161):  # a request every 4 s for 640 s
+        await trio.sleep_until(4.0 * i)
+        r = await h.chat()
+        served.append((4.0 * i, r.headers["x-failoverd-served-by"], r.t_first - 4.0 * i))
+    assert max(wait for _, _, wait in served) < 1.0  # no client paid for the outage
+    # The cooldown stays at its 5 s bound however long the outage: a probe every other
+    # request (16, 24 ... 592), never a growing gap; the one at 600 s finds it back.
+    tried = [t for t, key in h.upstreams.calls if key == "a/m1" and t >= 16.0]
+    assert tried == [16.0 + 8.0 * i for i in range(74)] + [604.0 + 4.0 * i for i in range(10)]
+    assert [t for t, key, _ in served if key == "a/m1"] == [600.0 + 4.0 * i for i in range(11)]
 
 
 def test_cooldowns_are_bounded_so_recovery_is_seen_within_ten_seconds():
