@@ -15,7 +15,10 @@ one-write fast path (`H11Reply.relay_now`) is the one under test.
 
 from __future__ import annotations
 
+import contextlib
 import socket
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 import httpcore2
@@ -344,8 +347,9 @@ async def test_a_client_gone_mid_body_hangs_up_on_the_upstream_at_once(rig, auto
 # -- the SSE parser: work in proportion to the bytes fed ------------------------------
 
 class CountingBytes(bytes):
-    """bytes that count what their searching, splitting, slicing and joining methods
-    go through, so the parser's work can be asserted without a clock."""
+    """bytes that count what their searching, splitting, slicing and adding methods
+    go through, so the parser's work can be asserted without a clock (joins, made on
+    a plain separator, are counted by `joins` below)."""
 
     touched = 0
 
@@ -372,6 +376,23 @@ class CountingBytes(bytes):
         return part
 
 
+@contextlib.contextmanager
+def joins() -> Iterator[list[int]]:
+    """Counts the bytes joins made inside the block: sys.setprofile sees each C call."""
+    count = [0]
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if event == "c_call" and getattr(arg, "__name__", "") == "join" and \
+                isinstance(getattr(arg, "__self__", None), bytes):
+            count[0] += 1
+
+    sys.setprofile(profile)
+    try:
+        yield count
+    finally:
+        sys.setprofile(None)
+
+
 def test_sse_parser_searches_each_byte_once():
     """A long line fed in small pieces costs work in proportion to its length (it was
     re-searched from its start on every piece: 7.9 MiB cost ~1.1 s of loop time)."""
@@ -381,12 +402,16 @@ def test_sse_parser_searches_each_byte_once():
     first = CountingBytes(b"data: {\"content\": \"")
     parser.feed(first)
     fed += len(first)
-    for _ in range(1024):
-        piece = CountingBytes(b"y" * 256)
-        assert parser.feed(piece) == []
-        fed += len(piece)
+    with joins() as held_joins:
+        for _ in range(1024):
+            piece = CountingBytes(b"y" * 256)
+            assert parser.feed(piece) == []
+            fed += len(piece)
+    assert held_joins == [0]  # the held start is never re-joined while the line grows
     last = CountingBytes(b"\"}\n\n")
-    [(event, data)] = parser.feed(last)
+    with joins() as line_joins:
+        [(event, data)] = parser.feed(last)
+    assert line_joins == [1]  # joined once, when its end came
     fed += len(last)
     assert (event, data) == (None, b"{\"content\": \"" + b"y" * 256 * 1024 + b"\"}")
     assert CountingBytes.touched <= 3 * fed  # was ~1000x: quadratic in the line
@@ -396,8 +421,10 @@ def test_an_endless_line_trips_the_cap_after_linear_work():
     parser = fo.SSEParser()
     CountingBytes.touched = 0
     piece = CountingBytes(b"z" * 65536)
-    for _ in range(fo.MAX_SSE_LINE // 65536):
-        parser.feed(piece)  # up to the cap: held
+    with joins() as held_joins:
+        for _ in range(fo.MAX_SSE_LINE // 65536):
+            parser.feed(piece)  # up to the cap: held
+    assert held_joins == [0]
     with pytest.raises(fo.Failure, match="SSE line longer than") as e:
         parser.feed(piece)
     assert e.value.outcome == "protocol_error"
