@@ -159,4 +159,9 @@ async def test_status_and_audit_show_the_deadlines(harness, autojump_clock):
     [route] = audit.report()["routes"]
     a = next(m for m in route["models"] if m["model"] == "a/m1")
     assert (a["first_token_deadline_s"], a["stall_deadline_s"]) == (10.0, 60.0)
-    assert "deadline" in fo.render_audit(audit.report(), 120)
+    lines = [line.split() for line in fo.render_audit(audit.report(), 120).splitlines()]
+    # The deadline column, on each model's first-token line (a/m1's, then b/m2's): the
+    # learned 10 s, then the configured 30 s.
+    first_tokens = [line for line in lines if line[:2] == ["first", "token"]]
+    assert first_tokens == [["first", "token", "100", "2.00", "2.00", "2.00", "2.00", "10.0"],
+                            ["first", "token", "1", "0.00", "0.00", "0.00", "0.00", "30.0"]]

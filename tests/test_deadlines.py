@@ -207,7 +207,8 @@ def test_timeouts_the_answers_vouch_for_lift_a_thinking_models_deadline():
             now += 60
 
     assert seen[-300:] == pytest.approx([1.5 * 32] * 300)
-    assert learner.snapshot()["m"]["first_token"]["timeouts_counted"] > 0.005
+    # 7.5 timeouts a window, vouched for by the one answer near the cut: 0.69 % > 0.5 %
+    assert learner.snapshot()["m"]["first_token"]["timeouts_counted"] == 0.0069
 
 
 # -- bursts ------------------------------------------------------------------------------------
