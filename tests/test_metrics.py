@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import httpx2
 import pytest
@@ -227,24 +228,32 @@ async def test_metrics_on_the_unix_socket_and_the_tcp_listener(tmp_path):
         d.shutdown.set()
 
 
-def test_cli_commands_and_the_module_do_not_import_the_daemons_extras(tmp_path):
+@pytest.mark.parametrize(("command", "loads"), [
+    (["tail"], []), (["audit"], ["rich"]), (["audit", "--shadows"], ["rich"]),
+    (["check", "--no-keys", "--config", "examples/failoverd.toml"], ["tomllib"])])
+def test_cli_commands_and_the_module_do_not_import_the_daemons_extras(tmp_path, command,
+                                                                      loads):
     """Neither the metrics and report extras nor the network libraries (loaded on first
-    use: failoverd's _library) are loaded by importing failoverd or by `tail`. A module
-    still waiting for its first use is a _LazyModule (type() does not load it)."""
+    use: failoverd's _library) are loaded by importing failoverd; a CLI command loads
+    only what it shows or reads with (rich for the audit's tables, tomllib for a
+    config). A module still waiting for its first use is a _LazyModule (type() does not
+    load it)."""
     path = tmp_path / "ledger.jsonl"
     path.write_text("")
+    args = command + ([] if command[0] == "check" else [str(path)])
     code = ("import sys, failoverd\n"
             "loaded = lambda: sorted(m for m in ('prometheus_client', 'pygal', 'rich', 'trio', "
             "'httpx2', 'httpcore2', 'h11', 'anyio', 'ssl', 'tomllib') if m in sys.modules "
             "and type(sys.modules[m]).__name__ != '_LazyModule')\n"
             "print('import', loaded())\n"
             "from click.testing import CliRunner\n"
-            f"r = CliRunner().invoke(failoverd.cli, ['tail', {str(path)!r}])\n"
+            f"r = CliRunner().invoke(failoverd.cli, {args!r})\n"
             "assert r.exit_code == 0, r.output\n"
-            "print('tail', loaded())\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, timeout=60).stdout.splitlines()
-    assert out == ["import []", "tail []"]
+            "print(sys.argv[1], loaded())\n")
+    out = subprocess.run([sys.executable, "-c", code, command[0]], capture_output=True,
+                         text=True, check=True, timeout=60,
+                         cwd=Path(__file__).parent.parent).stdout.splitlines()
+    assert out == ["import []", f"{command[0]} {loads}"]
 
 
 # -- what rows carry for the operator's view ---------------------------------------------
